@@ -1,0 +1,198 @@
+"""Pruning methods on torch.nn.utils.prune that keep one bool mask per tensor.
+
+torch's own methods store the mask in the weight's dtype (4 bytes per fp32 weight) and
+`CustomFromMask` keeps a second copy on the hook (pytorch#34257). These methods store a
+`torch.bool` mask and only scalars on the hook, and otherwise leave a module exactly as torch's
+API does: a `<name>_orig` parameter, a `<name>_mask` buffer and a forward pre-hook, so
+`prune.is_pruned`, `prune.remove` and chaining a torch method on top all work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from vl_prune.pruning.select import check_amount, count_to_prune, score_keys, split_smallest
+
+_DEAD = 0x7F800000  # the key of +inf: a dead weight is never among the smallest
+
+Parameters = Sequence[tuple[nn.Module, str]]
+Scores = Mapping[tuple[nn.Module, str], torch.Tensor]
+
+
+def _hook(module: nn.Module, name: str) -> tuple[int | None, prune.BasePruningMethod | None]:
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return key, hook
+    return None, None
+
+
+def alive_mask(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The bool mask of weights still alive, or None if the tensor is not pruned."""
+    mask = getattr(module, name + "_mask", None)
+    return None if mask is None else mask.bool()
+
+
+class BoolMaskPruning(prune.BasePruningMethod):
+    """Shared machinery: bool masks, and re-pruning in place among the weights still alive.
+
+    The first application goes through torch's own `apply`. Pruning again with one of these
+    methods updates the bool mask in place and replaces the hook, where torch would wrap both
+    methods in a `PruningContainer` and widen the mask to the weight's dtype. On top of a torch
+    method, torch's path is taken unchanged.
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    @classmethod
+    def apply(cls, module, name, *args, importance_scores=None, **kwargs):
+        key, old = _hook(module, name)
+        if not isinstance(old, BoolMaskPruning):
+            return super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
+        scores = getattr(module, name) if importance_scores is None else importance_scores
+        if scores.shape != getattr(module, name).shape:
+            raise ValueError(
+                f"importance_scores of shape {tuple(scores.shape)} do not fit "
+                f"{name} of shape {tuple(getattr(module, name).shape)}"
+            )
+        method = cls(*args, **kwargs)
+        method._tensor_name = name
+        mask = getattr(module, name + "_mask")
+        mask.copy_(method.compute_mask(scores, default_mask=mask))
+        setattr(module, name, method.apply_mask(module))
+        module._forward_pre_hooks[key] = method
+        return method
+
+
+class KeepMask(BoolMaskPruning):
+    """Keep exactly the weights marked True in `importance_scores` (e.g. a ticket's mask)."""
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        return default_mask.bool() & t.bool()
+
+
+class ScorePruning(BoolMaskPruning):
+    """Prune exactly `amount` of the alive weights, lowest |score| first.
+
+    `amount` follows torch: a float is a fraction of the alive weights, an int a count. Ties
+    are broken by index. `threshold` is an optional hint (the score key of the last weight to
+    prune) that lets group pruning skip the per-tensor selection it has already done.
+    Subclasses choose the scores (`scores`) and how a group's amount is shared out (`split`).
+    """
+
+    def __init__(self, amount: float | int, threshold: int | None = None):
+        check_amount(amount)
+        self.amount = amount
+        self.threshold = threshold
+
+    def scores(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        alive = default_mask.bool().reshape(-1)
+        k = count_to_prune(self.amount, int(torch.count_nonzero(alive)))
+        if k == 0:
+            return alive.view_as(default_mask)
+        keys = score_keys(self.scores(t))
+        threshold = self.threshold
+        if threshold is None:
+            threshold, _ = split_smallest([lambda: keys.masked_fill(~alive, _DEAD)], k)
+        doomed = alive & (keys < threshold)
+        ties = k - int(torch.count_nonzero(doomed))
+        if ties > 0:
+            doomed[(alive & (keys == threshold)).nonzero().squeeze(1)[:ties]] = True
+        return (alive ^ doomed).view_as(default_mask)
+
+    @classmethod
+    def split(cls, parameters: Parameters, scores: Scores, alive: Sequence[int], k: int, **kwargs):
+        """Constructor arguments for each tensor so that the group loses exactly k alive weights.
+
+        `scores` are zero on dead weights.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def prune_group(
+        cls,
+        parameters: Parameters,
+        amount: float | int,
+        importance_scores: Scores | None = None,
+        **kwargs,
+    ) -> None:
+        """Prune `amount` of the group's alive weights (fraction or count), as
+        `prune.global_unstructured` does, sharing it out among the tensors as the method decides."""
+        parameters = list(parameters)
+        scores, alive = {}, []
+        for param in parameters:
+            mask = alive_mask(*param)
+            given = (importance_scores or {}).get(param)
+            # The masked weight (torch's default score) is already zero where the mask is.
+            scores[param] = getattr(*param) if given is None else _zero_dead(given, mask)
+            alive.append(scores[param].numel() if mask is None else int(torch.count_nonzero(mask)))
+        k = count_to_prune(amount, sum(alive))
+        per_tensor = cls.split(parameters, scores, alive, k, **kwargs)
+        for (module, name), init in zip(parameters, per_tensor):
+            cls.apply(module, name, importance_scores=scores[module, name], **init)
+
+
+def _zero_dead(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return scores if mask is None else scores * mask
+
+
+class GlobalMagnitude(ScorePruning):
+    """Global magnitude pruning (IMP): the lowest |w| among all alive weights of the group go."""
+
+    @classmethod
+    def split(cls, parameters, scores, alive, k, **kwargs):
+        if k == 0:
+            return [{"amount": 0} for _ in parameters]
+        # Dead weights score 0, so they are the first of the k + dead smallest: selecting those
+        # over all weights selects exactly the k smallest alive ones.
+        dead = [scores[p].numel() - n for p, n in zip(parameters, alive)]
+        key_fns = [lambda s=scores[p]: score_keys(s) for p in parameters]
+        threshold, counts = split_smallest(key_fns, k + sum(dead))
+        return [{"amount": n - d, "threshold": threshold} for n, d in zip(counts, dead)]
+
+
+class LayerwiseMagnitude(ScorePruning):
+    """Layer-wise magnitude pruning: every tensor loses the same fraction of its alive weights."""
+
+    @classmethod
+    def split(cls, parameters, scores, alive, k, **kwargs):
+        total = sum(alive)
+        exact = np.array(alive, dtype=np.float64) * (k / total if total else 0.0)
+        counts = np.floor(exact).astype(np.int64)
+        # Largest remainders get the leftover weights, so the group total is exactly k.
+        leftover = k - int(counts.sum())
+        counts[np.argsort(-(exact - counts), kind="stable")[:leftover]] += 1
+        return [{"amount": int(n)} for n in counts]
+
+
+class GlobalRandom(ScorePruning):
+    """Random pruning (the paper's baseline): k alive weights drawn uniformly from the group."""
+
+    def __init__(self, amount: float | int, threshold: int | None = None, seed: int | None = None):
+        super().__init__(amount, threshold)
+        self.seed = seed
+
+    def scores(self, t: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device=t.device)
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        return torch.rand(t.shape, generator=generator, device=t.device)
+
+    @classmethod
+    def split(cls, parameters, scores, alive, k, seed: int | None = None, **kwargs):
+        # A uniform draw of k from the group puts a multivariate hypergeometric number in each
+        # tensor; drawing those counts first lets each tensor be pruned on its own.
+        sequence = np.random.SeedSequence(seed)
+        rng = np.random.default_rng(sequence)
+        counts = rng.multivariate_hypergeometric(alive, k, method="marginals") if alive else []
+        seeds = [int(s.generate_state(1)[0]) for s in sequence.spawn(len(alive))]
+        return [{"amount": int(n), "seed": s} for n, s in zip(counts, seeds)]
