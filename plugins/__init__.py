@@ -1,1 +1,1 @@
-"""vl_prune's built-in plugins (installed as `vl_prune_plugins`), registered through entry points."""
+"""vl_prune's built-in plugins, installed as `vl_prune_plugins` and registered as entry points."""

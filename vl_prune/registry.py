@@ -92,7 +92,7 @@ def load(kind: str, name: str) -> Any:
 
 
 def describe(obj: Any) -> str:
-    """A plugin's one-line description: its `description` attribute, else its docstring's first line."""
+    """One line about a plugin: its `description` attribute, else its docstring's first line."""
     text = getattr(obj, "description", None) or (getattr(obj, "__doc__", None) or "")
     return text.strip().splitlines()[0] if text.strip() else ""
 

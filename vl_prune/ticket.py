@@ -105,7 +105,9 @@ class Ticket:
             ]
         parameters = list(parameters)
         masks = {}
-        for name, (module, attr) in zip(named_parameters(model, parameters), parameters):
+        for name, (module, attr) in zip(
+            named_parameters(model, parameters), parameters, strict=True
+        ):
             mask = alive_mask(module, attr)
             if mask is None:
                 mask = torch.ones_like(getattr(module, attr), dtype=torch.bool)

@@ -135,7 +135,7 @@ class ScorePruning(BoolMaskPruning):
             alive.append(scores[param].numel() if mask is None else int(torch.count_nonzero(mask)))
         k = count_to_prune(amount, sum(alive))
         per_tensor = cls.split(parameters, scores, alive, k, **kwargs)
-        for (module, name), init in zip(parameters, per_tensor):
+        for (module, name), init in zip(parameters, per_tensor, strict=True):
             cls.apply(module, name, importance_scores=scores[module, name], **init)
 
 
@@ -152,10 +152,12 @@ class GlobalMagnitude(ScorePruning):
             return [{"amount": 0} for _ in parameters]
         # Dead weights score 0, so they are the first of the k + dead smallest: selecting those
         # over all weights selects exactly the k smallest alive ones.
-        dead = [scores[p].numel() - n for p, n in zip(parameters, alive)]
+        dead = [scores[p].numel() - n for p, n in zip(parameters, alive, strict=True)]
         key_fns = [lambda s=scores[p]: score_keys(s) for p in parameters]
         threshold, counts = split_smallest(key_fns, k + sum(dead))
-        return [{"amount": n - d, "threshold": threshold} for n, d in zip(counts, dead)]
+        return [
+            {"amount": n - d, "threshold": threshold} for n, d in zip(counts, dead, strict=True)
+        ]
 
 
 class LayerwiseMagnitude(ScorePruning):
@@ -195,4 +197,4 @@ class GlobalRandom(ScorePruning):
         rng = np.random.default_rng(sequence)
         counts = rng.multivariate_hypergeometric(alive, k, method="marginals") if alive else []
         seeds = [int(s.generate_state(1)[0]) for s in sequence.spawn(len(alive))]
-        return [{"amount": int(n), "seed": s} for n, s in zip(counts, seeds)]
+        return [{"amount": int(n), "seed": s} for n, s in zip(counts, seeds, strict=True)]

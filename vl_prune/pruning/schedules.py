@@ -12,7 +12,7 @@ def _check_final(final: float) -> None:
 
 
 def linear(total: int, final: float = 0.9, step: float = 0.1) -> list[int]:
-    """The paper's grid: step, 2·step, … of the original weights, up to `final` (default 10%…90%)."""
+    """The paper's grid: step, 2·step, … of the original weights up to `final` (10%…90%)."""
     _check_final(final)
     if not 0.0 < step <= final:
         raise ValueError(f"step {step} must be in (0, final={final}]")

@@ -20,7 +20,7 @@ _BUCKETS = 1 << 16
 
 
 def check_amount(amount: float | int) -> None:
-    """Reject amounts torch.nn.utils.prune would reject: a count below 0, a fraction outside [0, 1]."""
+    """Reject what torch.nn.utils.prune rejects: a negative count, a fraction outside [0, 1]."""
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
         raise TypeError(f"amount must be an int or a float, got {amount!r}")
     if isinstance(amount, numbers.Integral) and amount < 0:
