@@ -6,10 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from vl_prune.errors import VLPruneError
+
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise VLPruneError(f"cannot write {path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:

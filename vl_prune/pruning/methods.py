@@ -18,8 +18,6 @@ from torch.nn.utils import prune
 
 from vl_prune.pruning.select import check_amount, count_to_prune, score_keys, split_smallest
 
-_DEAD = 0x7F800000  # the key of +inf: a dead weight is never among the smallest
-
 Parameters = Sequence[tuple[nn.Module, str]]
 Scores = Mapping[tuple[nn.Module, str], torch.Tensor]
 
@@ -35,6 +33,18 @@ def alive_mask(module: nn.Module, name: str) -> torch.Tensor | None:
     """The bool mask of weights still alive, or None if the tensor is not pruned."""
     mask = getattr(module, name + "_mask", None)
     return None if mask is None else mask.bool()
+
+
+def masked_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight with pruned entries zeroed, computed now.
+
+    `module.<name>` itself is refreshed only by the forward pre-hook, so after an optimizer step
+    or a rewind it is stale; magnitudes must come from `<name>_orig`.
+    """
+    mask = alive_mask(module, name)
+    if mask is None:
+        return getattr(module, name).detach()
+    return getattr(module, name + "_orig").detach() * mask
 
 
 class BoolMaskPruning(prune.BasePruningMethod):
@@ -53,7 +63,7 @@ class BoolMaskPruning(prune.BasePruningMethod):
         key, old = _hook(module, name)
         if not isinstance(old, BoolMaskPruning):
             return super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
-        scores = getattr(module, name) if importance_scores is None else importance_scores
+        scores = masked_weight(module, name) if importance_scores is None else importance_scores
         if scores.shape != getattr(module, name).shape:
             raise ValueError(
                 f"importance_scores of shape {tuple(scores.shape)} do not fit "
@@ -78,10 +88,11 @@ class KeepMask(BoolMaskPruning):
 class ScorePruning(BoolMaskPruning):
     """Prune exactly `amount` of the alive weights, lowest |score| first.
 
-    `amount` follows torch: a float is a fraction of the alive weights, an int a count. Ties
-    are broken by index. `threshold` is an optional hint (the score key of the last weight to
-    prune) that lets group pruning skip the per-tensor selection it has already done.
-    Subclasses choose the scores (`scores`) and how a group's amount is shared out (`split`).
+    The scores are torch's: `importance_scores` if given, else the (masked) weight. `amount`
+    follows torch too: a float is a fraction of the alive weights, an int a count. Ties are
+    broken by index. `threshold` is an optional hint (the score key of the last weight to prune)
+    that lets group pruning skip the per-tensor selection it has already done. Subclasses
+    decide how a group's amount is shared out among its tensors (`split`).
     """
 
     def __init__(self, amount: float | int, threshold: int | None = None):
@@ -89,23 +100,21 @@ class ScorePruning(BoolMaskPruning):
         self.amount = amount
         self.threshold = threshold
 
-    def scores(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         alive = default_mask.bool().reshape(-1)
         k = count_to_prune(self.amount, int(torch.count_nonzero(alive)))
         if k == 0:
             return alive.view_as(default_mask)
-        keys = score_keys(self.scores(t))
         threshold = self.threshold
         if threshold is None:
-            threshold, _ = split_smallest([lambda: keys.masked_fill(~alive, _DEAD)], k)
-        doomed = alive & (keys < threshold)
+            dead_last = t.detach().reshape(-1).masked_fill(~alive, float("inf"))
+            threshold, _ = split_smallest([dead_last], k)
+        keys = score_keys(t)
+        doomed = torch.lt(keys, threshold).logical_and_(alive)
         ties = k - int(torch.count_nonzero(doomed))
         if ties > 0:
             doomed[(alive & (keys == threshold)).nonzero().squeeze(1)[:ties]] = True
-        return (alive ^ doomed).view_as(default_mask)
+        return doomed.logical_xor_(alive).view_as(default_mask)
 
     @classmethod
     def split(cls, parameters: Parameters, scores: Scores, alive: Sequence[int], k: int, **kwargs):
@@ -130,8 +139,8 @@ class ScorePruning(BoolMaskPruning):
         for param in parameters:
             mask = alive_mask(*param)
             given = (importance_scores or {}).get(param)
-            # The masked weight (torch's default score) is already zero where the mask is.
-            scores[param] = getattr(*param) if given is None else _zero_dead(given, mask)
+            # Dead weights score zero: the masked weight already does, given scores are masked.
+            scores[param] = masked_weight(*param) if given is None else _zero_dead(given, mask)
             alive.append(scores[param].numel() if mask is None else int(torch.count_nonzero(mask)))
         k = count_to_prune(amount, sum(alive))
         per_tensor = cls.split(parameters, scores, alive, k, **kwargs)
@@ -153,8 +162,7 @@ class GlobalMagnitude(ScorePruning):
         # Dead weights score 0, so they are the first of the k + dead smallest: selecting those
         # over all weights selects exactly the k smallest alive ones.
         dead = [scores[p].numel() - n for p, n in zip(parameters, alive, strict=True)]
-        key_fns = [lambda s=scores[p]: score_keys(s) for p in parameters]
-        threshold, counts = split_smallest(key_fns, k + sum(dead))
+        threshold, counts = split_smallest([scores[p] for p in parameters], k + sum(dead))
         return [
             {"amount": n - d, "threshold": threshold} for n, d in zip(counts, dead, strict=True)
         ]
@@ -181,13 +189,14 @@ class GlobalRandom(ScorePruning):
         super().__init__(amount, threshold)
         self.seed = seed
 
-    def scores(self, t: torch.Tensor) -> torch.Tensor:
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=t.device)
         if self.seed is None:
             generator.seed()
         else:
             generator.manual_seed(self.seed)
-        return torch.rand(t.shape, generator=generator, device=t.device)
+        scores = torch.rand(t.shape, generator=generator, device=t.device)
+        return super().compute_mask(scores, default_mask)
 
     @classmethod
     def split(cls, parameters, scores, alive, k, seed: int | None = None, **kwargs):

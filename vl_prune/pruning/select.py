@@ -11,11 +11,10 @@ temporary is the size of one tensor; the histograms hold 65536 int64 counts.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-KeyFn = Callable[[], torch.Tensor]
 _BUCKETS = 1 << 16
 
 
@@ -39,38 +38,57 @@ def count_to_prune(amount: float | int, alive: int) -> int:
     return round(amount * alive)
 
 
-def score_keys(scores: torch.Tensor) -> torch.Tensor:
+def score_keys(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Flat int32 keys ordered like |scores|: the float32 bit pattern with the sign bit cleared."""
-    return scores.detach().float().reshape(-1).view(torch.int32) & 0x7FFFFFFF
+    bits = scores.detach().float().reshape(-1).view(torch.int32)
+    if out is None:
+        return bits & 0x7FFFFFFF
+    return torch.bitwise_and(bits, 0x7FFFFFFF, out=out[: bits.numel()])
 
 
-def split_smallest(key_fns: Sequence[KeyFn], k: int) -> tuple[int, list[int]]:
-    """The k-th smallest key (1-based) over all tensors, and how many of the k smallest each holds.
+class _Passes:
+    """Walks the keys of every tensor in reused buffers: fresh memory per tensor costs more
+    in page faults than the arithmetic itself."""
 
-    `key_fns` recompute each tensor's keys on demand, so no key tensor outlives its pass. Keys
-    equal to the k-th are taken in tensor order, then index order, so the counts add up to k.
+    def __init__(self, scores: Sequence[torch.Tensor]):
+        self.scores = scores
+        largest = max(s.numel() for s in scores)
+        device = scores[0].device
+        self.keys = torch.empty(largest, dtype=torch.int32, device=device)
+        self.upper = torch.empty(largest, dtype=torch.int32, device=device)
+        self.flags = torch.empty(largest, dtype=torch.bool, device=device)
+
+    def __iter__(self):
+        for s in self.scores:
+            keys = score_keys(s, out=self.keys)
+            upper = torch.bitwise_right_shift(keys, 16, out=self.upper[: keys.numel()])
+            yield keys, upper, self.flags[: keys.numel()]
+
+
+def split_smallest(scores: Sequence[torch.Tensor], k: int) -> tuple[int, list[int]]:
+    """The key of the k-th smallest |score| (1-based) over all tensors, and how many of the k
+    smallest each tensor holds.
+
+    Scores equal to the k-th are taken in tensor order, then index order, so the counts add up
+    to exactly k.
     """
-    if k < 1:
-        raise ValueError(f"k={k} must be at least 1")
-    high = None
-    for key_fn in key_fns:
-        keys = key_fn()
-        counts = torch.bincount(keys >> 16, minlength=_BUCKETS)
-        high = counts if high is None else high + counts
-    if high is None or int(high.sum()) < k:
-        raise ValueError(f"k={k} is more than the number of keys")
+    if not 1 <= k <= sum(s.numel() for s in scores):
+        raise ValueError(f"k={k} must be between 1 and the number of scores")
+    passes = _Passes(scores)
+    high = torch.zeros(_BUCKETS, dtype=torch.int64, device=passes.keys.device)
+    for _, upper, _ in passes:
+        high += torch.bincount(upper, minlength=_BUCKETS)
     cumulative = high.cumsum(0)
     bucket = int(torch.searchsorted(cumulative, k))
     below_bucket = int(cumulative[bucket - 1]) if bucket else 0
 
     per_tensor = []
     low = torch.zeros_like(high)
-    for key_fn in key_fns:
-        keys = key_fn()
-        upper = keys >> 16
-        lows = keys[upper == bucket] & 0xFFFF
+    for keys, upper, flags in passes:
+        lows = keys[torch.eq(upper, bucket, out=flags)] & 0xFFFF
         low += torch.bincount(lows, minlength=_BUCKETS)
-        per_tensor.append((int(torch.count_nonzero(upper < bucket)), lows))
+        below = int(torch.count_nonzero(torch.lt(upper, bucket, out=flags)))
+        per_tensor.append((below, lows))
     offset = int(torch.searchsorted(low.cumsum(0), k - below_bucket))
 
     counts, ties_left = [], k - below_bucket - int(low[:offset].sum())

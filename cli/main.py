@@ -1,0 +1,191 @@
+"""The `vlprune` command: parse arguments, call vl_prune, print results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from vl_prune import __version__, registry
+from vl_prune.errors import VLPruneError
+
+
+class UserError(click.ClickException):
+    """Bad input: one line on stderr and exit code 2 (click's code for usage errors)."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"vlprune: error: {self.message}", err=True)
+
+
+class Group(click.Group):
+    """Turns library errors about user input into one-line errors, unless --debug is given."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (VLPruneError, OSError) as exc:
+            # OSError here is a file the user named: unreadable, missing folder, disk full.
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise UserError(str(exc)) from exc
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vlprune")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Find, inspect and compare lottery tickets in vision-and-language transformers."""
+    ctx.obj = {"debug": debug}
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+@cli.command("list")
+@click.argument("kind", required=False, type=click.Choice(registry.KINDS))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_plugins(kind: str | None, as_json: bool) -> None:
+    """List installed backbones, tasks and pruning methods, and who provides them."""
+    kinds = [kind] if kind else list(registry.KINDS)
+    listings = {k: registry.listing(k) for k in kinds}
+    if as_json:
+        out = {
+            k: [
+                {
+                    "name": row.plugin.name,
+                    "distribution": row.plugin.distribution,
+                    "target": row.plugin.target,
+                    "description": row.description,
+                    "error": row.error,
+                }
+                for row in rows
+            ]
+            for k, rows in listings.items()
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    for i, (k, rows) in enumerate(listings.items()):
+        if i:
+            click.echo()
+        click.echo(f"{k}:")
+        if not rows:
+            click.echo("  (none installed)")
+            continue
+        table = _table(
+            ["name", "provided by", "description"],
+            [
+                [
+                    row.plugin.name,
+                    row.plugin.distribution,
+                    row.description if row.error is None else f"FAILED TO LOAD: {row.error}",
+                ]
+                for row in rows
+            ],
+        )
+        click.echo("\n".join("  " + line for line in table.splitlines()))
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+@cli.command()
+@click.argument("ticket", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(ticket: Path, as_json: bool) -> None:
+    """Show a ticket's metadata and its overall and per-tensor sparsity."""
+    from vl_prune.ticket import Ticket
+
+    loaded = Ticket.load(ticket)
+    layers = loaded.layer_sparsity()
+    if as_json:
+        out = {
+            "path": str(ticket),
+            "metadata": loaded.metadata,
+            "weights": loaded.total,
+            "pruned": loaded.pruned,
+            "sparsity": loaded.sparsity,
+            "tensors": {
+                name: {"shape": list(mask.shape), "weights": mask.numel(), "sparsity": layers[name]}
+                for name, mask in loaded.masks.items()
+            },
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    skip = {"shapes", "history", "sparsity"}
+    meta = [[k, str(v)] for k, v in sorted(loaded.metadata.items()) if k not in skip]
+    rounds = len(loaded.metadata.get("history") or [])
+    meta.append(["history", f"{rounds} round{'s' if rounds != 1 else ''}"])
+    meta.append(
+        [
+            "sparsity",
+            f"{_percent(loaded.sparsity)} ({loaded.pruned:,} of {loaded.total:,} weights pruned)",
+        ]
+    )
+    click.echo(str(ticket))
+    click.echo("\n".join("  " + line for line in _table(["key", "value"], meta).splitlines()[1:]))
+    click.echo()
+    rows = [
+        [name, "x".join(map(str, mask.shape)), f"{mask.numel():,}", _percent(layers[name])]
+        for name, mask in loaded.masks.items()
+    ]
+    click.echo(_table(["tensor", "shape", "weights", "pruned"], rows, right=(2, 3)))
+
+
+@cli.command()
+@click.argument("tickets", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--plot", type=click.Path(path_type=Path), help="Also write the IoU matrix as a heatmap PNG."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def compare(tickets: tuple[Path, ...], plot: Path | None, as_json: bool) -> None:
+    """Pairwise overlap (IoU of kept weights) of two or more tickets."""
+    from vl_prune.ticket import Ticket
+
+    if len(tickets) < 2:
+        raise UserError("compare needs at least two tickets")
+    loaded = [Ticket.load(path) for path in tickets]
+    matrix = [[a.iou(b) for b in loaded] for a in loaded]
+    labels = _labels(tickets)
+    if plot is not None:
+        from vl_prune.plots import iou_heatmap
+
+        iou_heatmap(matrix, labels, plot)
+    if as_json:
+        out = {"tickets": [str(p) for p in tickets], "labels": labels, "iou": matrix}
+        click.echo(json.dumps(out, indent=2))
+        return
+    rows = [[label, *(f"{x:.3f}" for x in row)] for label, row in zip(labels, matrix, strict=True)]
+    right = range(1, len(labels) + 1)
+    click.echo(_table(["IoU", *labels], rows, right=right))
+    if plot is not None:
+        click.echo(f"heatmap written to {plot}")
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Short names for tickets: file stems, or the full paths where stems collide."""
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+def main() -> None:
+    cli(prog_name="vlprune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Shared fixtures: third-party plugin distributions, really pip-installed for the session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """A folder holding the example and the broken plugin distributions, installed by pip.
+
+    Installed with --target rather than into the running environment, so a test run never
+    leaves plugins behind; putting the folder on the path is how the tests "install" them.
+    """
+    target = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--target", str(target)]
+        + [str(PLUGINS / "example-method"), str(PLUGINS / "broken-method")],
+        check=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    return target
+
+
+@pytest.fixture
+def with_plugins(plugin_site, monkeypatch) -> Path:
+    """The plugin distributions visible to this process and to its subprocesses."""
+    monkeypatch.syspath_prepend(str(plugin_site))
+    path = os.pathsep.join(filter(None, [str(plugin_site), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", path)
+    return plugin_site
