@@ -21,9 +21,11 @@ def plugin_site(tmp_path_factory) -> Path:
     """
     target = tmp_path_factory.mktemp("plugin-site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-        + ["--target", str(target)]
-        + [str(PLUGINS / "example-method"), str(PLUGINS / "broken-method")],
+        [
+            *(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"),
+            *("--no-build-isolation", "--target", str(target)),
+            *(str(PLUGINS / "example-method"), str(PLUGINS / "broken-method")),
+        ],
         check=True,
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )

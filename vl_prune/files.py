@@ -17,6 +17,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
+            # mkstemp creates files readable by the owner only; give the usual umask mode.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(out.fileno(), 0o666 & ~umask)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())

@@ -70,13 +70,16 @@ def current_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.T
 
 
 def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module and attribute of a ticket tensor; it must be a parameter (pruned or not)."""
     path, _, attr = name.rpartition(".")
     try:
         module = model.get_submodule(path)
     except AttributeError:
         module = None
-    if module is None or getattr(module, attr, None) is None:
+    if module is None or not isinstance(getattr(module, attr, None), torch.Tensor):
         raise VLPruneError(f"ticket tensor {name!r} has no matching parameter in the model")
+    if attr not in module._parameters and attr + "_orig" not in module._parameters:
+        raise VLPruneError(f"ticket tensor {name!r} is not a parameter of the model")
     return module, attr
 
 
@@ -131,7 +134,10 @@ class Ticket:
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction pruned in each tensor."""
-        return {n: 1.0 - int(torch.count_nonzero(m)) / m.numel() for n, m in self.masks.items()}
+        return {
+            n: 1.0 - int(torch.count_nonzero(m)) / m.numel() if m.numel() else 0.0
+            for n, m in self.masks.items()
+        }
 
     def iou(self, other: Ticket) -> float:
         """Intersection over union of the kept weights of two tickets over the same tensors."""
@@ -189,7 +195,7 @@ class Ticket:
             vl_prune_version=_version(),
             created=metadata.get("created") or _now(),
         )
-        header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        header = {k: v if isinstance(v, str) else _to_json(k, v) for k, v in metadata.items()}
         packed = {n: _pack(m) for n, m in self.masks.items()}
         return atomic_write(path, save(packed, metadata=header))
 
@@ -223,10 +229,22 @@ class Ticket:
         for name, stored in tensors.items():
             if name not in shapes:
                 raise VLPruneError(f"{path}: tensor {name!r} has no shape in the metadata")
+            shape = shapes[name]
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise VLPruneError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
             masks[name] = _unpack(stored, tuple(shapes[name]), f"{path}: tensor {name!r}")
         if missing := sorted(shapes.keys() - tensors.keys()):
             raise VLPruneError(f"{path}: tensor {missing[0]!r} is listed but not stored")
         return cls(masks, metadata)
+
+
+def _to_json(key: str, value: Any) -> str:
+    def plain(obj: Any) -> Any:
+        if hasattr(obj, "item"):  # numpy and torch scalars
+            return obj.item()
+        raise VLPruneError(f"ticket metadata {key!r}: {type(obj).__name__} is not JSON data")
+
+    return json.dumps(value, default=plain)
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
