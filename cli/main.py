@@ -56,6 +56,18 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
     return "\n".join(lines)
 
 
+# Extra columns per kind: (header, attribute of the loaded plugin).
+_DETAILS = {
+    "backbones": [("presets", "presets"), ("input", "image_input")],
+    "tasks": [("metric", "metric")],
+}
+
+
+def _detail(row: registry.Listing, attribute: str) -> str:
+    value = getattr(row.loaded, attribute, "")
+    return ", ".join(value) if isinstance(value, tuple | list) else str(value or "")
+
+
 @cli.command("list")
 @click.argument("kind", required=False, type=click.Choice(registry.KINDS))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -71,6 +83,7 @@ def list_plugins(kind: str | None, as_json: bool) -> None:
                     "distribution": row.plugin.distribution,
                     "target": row.plugin.target,
                     "description": row.description,
+                    **{header: _detail(row, attr) for header, attr in _DETAILS.get(k, [])},
                     "error": row.error,
                 }
                 for row in rows
@@ -86,12 +99,14 @@ def list_plugins(kind: str | None, as_json: bool) -> None:
         if not rows:
             click.echo("  (none installed)")
             continue
+        details = _DETAILS.get(k, [])
         table = _table(
-            ["name", "provided by", "description"],
+            ["name", "provided by", *(header for header, _ in details), "description"],
             [
                 [
                     row.plugin.name,
                     row.plugin.distribution,
+                    *(_detail(row, attr) for _, attr in details),
                     row.description if row.error is None else f"FAILED TO LOAD: {row.error}",
                 ]
                 for row in rows

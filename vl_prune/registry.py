@@ -48,6 +48,7 @@ class Listing:
     plugin: Plugin
     description: str = ""
     error: str | None = None
+    loaded: Any = None
 
 
 def _group(kind: str) -> str:
@@ -102,7 +103,8 @@ def listing(kind: str) -> list[Listing]:
     rows = []
     for plugin in plugins(kind):
         try:
-            rows.append(Listing(plugin, describe(plugin.load())))
+            loaded = plugin.load()
+            rows.append(Listing(plugin, describe(loaded), loaded=loaded))
         except PluginLoadError as exc:
             cause = exc.__cause__
             rows.append(Listing(plugin, error=f"{type(cause).__name__}: {cause}"))

@@ -1,0 +1,1 @@
+"""Built-in backbones: UNITER (own implementation), LXMERT and ViLT (transformers)."""

@@ -1,0 +1,317 @@
+"""UNITER (Chen et al., ECCV 2020): one transformer over word tokens and detector regions.
+
+Our own implementation on transformers' `BertLayer`/`BertPooler`, laid out so its state_dict keys
+are those of the original checkpoints (`uniter.encoder.layer.0.attention.self.query.weight`, …):
+`uniter-base.pt` and `uniter-large.pt` load with nothing missing, heads are reported and ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer, BertPooler
+
+from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local
+from vl_prune.errors import VLPruneError
+from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
+from vl_prune_plugins.world.vocabulary import words
+
+_BERT = dict(hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+PRESETS = {
+    # For the embedded world and the tests: trains on 2 CPU cores in seconds.
+    "tiny": dict(
+        vocab_size=len(words()),
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        img_dim=64,
+    ),
+    # config/uniter-base.json and uniter-large.json of the original release (bert-base-cased).
+    "base": dict(
+        vocab_size=28996,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        img_dim=2048,
+    ),
+    "large": dict(
+        vocab_size=28996,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        img_dim=2048,
+    ),
+}
+TOKENIZER = "bert-base-cased"
+_PREFIX = "uniter."
+
+
+class TextEmbeddings(nn.Module):
+    """Word + position + token type, LayerNorm, dropout (UNITER's UniterTextEmbeddings)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, delta=None):
+        words = self.word_embeddings(input_ids)
+        if delta is not None:
+            words = words + delta
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        embeddings = (
+            words + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class ImageEmbeddings(nn.Module):
+    """Region features and 7-d boxes, each projected and normalised, plus the token type
+    (UNITER's UniterImageEmbeddings). Masked regions get the learned mask embedding added."""
+
+    def __init__(self, config: BertConfig, img_dim: int):
+        super().__init__()
+        self.img_linear = nn.Linear(img_dim, config.hidden_size)
+        self.img_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.pos_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.pos_linear = nn.Linear(7, config.hidden_size)
+        self.mask_embedding = nn.Embedding(2, img_dim, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, feats, boxes7, type_embeddings, masked=None):
+        if masked is not None:
+            # Row 0 of the original mask embedding is forced to zero: only row 1 is ever added.
+            feats = feats + masked.unsqueeze(-1).to(feats.dtype) * self.mask_embedding.weight[1]
+        image = self.img_layer_norm(self.img_linear(feats))
+        position = self.pos_layer_norm(self.pos_linear(boxes7))
+        return self.dropout(self.LayerNorm(image + position + type_embeddings))
+
+
+class Encoder(nn.Module):
+    """A stack of BERT layers under `layer`, as in the original key names."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden, additive_mask):
+        for layer in self.layer:
+            hidden = layer(hidden, additive_mask)
+        return hidden
+
+
+class Uniter(Backbone):
+    """UNITER: single-stream transformer over words and detector regions; loads the original
+    checkpoints."""
+
+    description = (
+        "UNITER single-stream transformer over words and detector regions "
+        "(own implementation, loads the original .pt checkpoints)"
+    )
+    presets = ("tiny", "base", "large")
+    image_input = "regions"
+
+    def __init__(self, preset: str = "tiny", **overrides: int):
+        super().__init__()
+        settings = {**PRESETS[self.check_preset(preset)], **overrides}
+        self.preset = preset
+        self.img_dim = settings.pop("img_dim")
+        config = BertConfig(**settings, **_BERT, layer_norm_eps=1e-12)
+        config._attn_implementation = "sdpa"
+        self.hidden_size = config.hidden_size
+        self.embeddings = TextEmbeddings(config)
+        self.img_embeddings = ImageEmbeddings(config, self.img_dim)
+        self.encoder = Encoder(config)
+        self.pooler = BertPooler(config)
+        self.apply(_init_weights)
+        self._tokenizer = tiny_tokenizer() if preset == "tiny" else None
+
+    @property
+    def tokenizer(self):
+        """The world's word-level tokenizer (tiny), or bert-base-cased loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import BertTokenizerFast
+
+            from vl_prune.hub import from_hub
+
+            self._tokenizer = from_hub(BertTokenizerFast.from_pretrained, TOKENIZER)
+        return self._tokenizer
+
+    @classmethod
+    def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
+        if checkpoint is None:
+            return cls(cls.check_preset(preset))
+        state, ignored = read_checkpoint(checkpoint)
+        if preset is None:
+            preset, overrides = _closest_preset(state), _settings_from_state(state)
+            if PRESETS[preset]["hidden_size"] != overrides["hidden_size"]:
+                overrides["num_attention_heads"] = max(1, overrides["hidden_size"] // 64)
+        else:
+            overrides = {"type_vocab_size": _shape(state, "embeddings.token_type_embeddings")[0]}
+        model = cls(cls.check_preset(preset), **overrides)
+        model.load_backbone_state(state, source=str(checkpoint))
+        model.load_report = LoadReport(str(checkpoint), ignored)
+        return model
+
+    def load_backbone_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load backbone weights (keys without the `uniter.` prefix); any gap is an error."""
+        own = self.state_dict()
+        for key, value in state.items():
+            if key not in own:
+                raise VLPruneError(
+                    f"{source}: {_PREFIX}{key} does not exist in uniter-{self.preset}"
+                )
+            if value.shape != own[key].shape:
+                raise VLPruneError(
+                    f"{source}: {_PREFIX}{key} has shape {tuple(value.shape)}, "
+                    f"uniter-{self.preset} expects {tuple(own[key].shape)}"
+                )
+        if missing := sorted(own.keys() - state.keys()):
+            raise VLPruneError(f"{source}: backbone key {_PREFIX}{missing[0]} is missing")
+        self.load_state_dict(state)
+
+    def forward(self, batch: VLBatch, text_delta=None, image_delta=None) -> VLOutput:
+        ids = batch.input_ids
+        types = batch.token_type_ids if batch.token_type_ids is not None else torch.zeros_like(ids)
+        text = self.embeddings(ids, types, text_delta)
+        feats = batch.region_feats.to(text.dtype)
+        if image_delta is not None:
+            feats = feats + image_delta
+        boxes = batch.region_boxes.to(text.dtype)
+        boxes7 = torch.cat([boxes, boxes[..., 4:5] * boxes[..., 5:6]], dim=-1)
+        image_types = torch.full(feats.shape[:2], batch.image_type, device=ids.device)
+        image = self.img_embeddings(
+            feats, boxes7, self.embeddings.token_type_embeddings(image_types), batch.masked_regions
+        )
+        region_mask = batch.region_mask
+        if region_mask is None:
+            region_mask = torch.ones(feats.shape[:2], dtype=torch.long, device=ids.device)
+        keep = torch.cat([batch.attention_mask, region_mask.to(batch.attention_mask.dtype)], dim=1)
+        additive = (1.0 - keep[:, None, None, :].to(text.dtype)) * -10000.0
+        hidden = self.encoder(torch.cat([text, image], dim=1), additive)
+        length = ids.shape[1]
+        return VLOutput(hidden[:, :length], hidden[:, length:], self.pooler(hidden))
+
+    def perturbation_shapes(self, batch: VLBatch) -> tuple[torch.Size, torch.Size]:
+        return (
+            torch.Size((*batch.input_ids.shape, self.hidden_size)),
+            batch.region_feats.shape,
+        )
+
+    def prunable(self) -> list[tuple[nn.Module, str]]:
+        pairs = []
+        for layer in self.encoder.layer:
+            attention = layer.attention
+            for module in (
+                attention.self.query,
+                attention.self.key,
+                attention.self.value,
+                attention.output.dense,
+                layer.intermediate.dense,
+                layer.output.dense,
+            ):
+                pairs.append((module, "weight"))
+        pairs.append((self.pooler.dense, "weight"))
+        return pairs
+
+    def ensure_image_types(self, count: int) -> None:
+        """Room for `count` image token types (NLVR2's paired model uses 2), new ones copied from
+        the first image type, as UNITER's fine-tuning does."""
+        old = self.embeddings.token_type_embeddings
+        if old.num_embeddings > count:
+            return
+        new = nn.Embedding(count + 1, old.embedding_dim).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings :] = old.weight[1]
+        self.embeddings.token_type_embeddings = new
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Backbone tensors of an original UNITER checkpoint (keys without `uniter.`, LayerNorm
+    gamma/beta renamed), and the keys left out (task and pre-training heads)."""
+    if not is_local(checkpoint):
+        raise VLPruneError(
+            f"UNITER weights are files, not hub ids: pass the path of uniter-base.pt "
+            f"or a .safetensors file (got {checkpoint})"
+        )
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise VLPruneError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(path)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VLPruneError(f"{path}: cannot read checkpoint ({reason})") from exc
+    for wrapper in ("model", "state_dict"):
+        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
+            raw = raw[wrapper]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise VLPruneError(f"{path}: not a state dict of tensors")
+    state, ignored = {}, []
+    for key, value in raw.items():
+        key = key.removeprefix("module.")
+        if not key.startswith(_PREFIX):
+            ignored.append(key)
+            continue
+        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key[len(_PREFIX) :]))
+        state[key] = value
+    if not state:
+        raise VLPruneError(f"{path}: no {_PREFIX}* keys: not a UNITER checkpoint")
+    return state, ignored
+
+
+def _shape(state: dict[str, torch.Tensor], module: str) -> torch.Size:
+    return state[f"{module}.weight"].shape
+
+
+def _settings_from_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    vocab, hidden = _shape(state, "embeddings.word_embeddings")
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=_shape(state, "encoder.layer.0.intermediate.dense")[0],
+        max_position_embeddings=_shape(state, "embeddings.position_embeddings")[0],
+        type_vocab_size=_shape(state, "embeddings.token_type_embeddings")[0],
+        img_dim=_shape(state, "img_embeddings.img_linear")[1],
+    )
+
+
+def _closest_preset(state: dict[str, torch.Tensor]) -> str:
+    hidden = _shape(state, "embeddings.word_embeddings")[1]
+    return next((p for p, s in PRESETS.items() if s["hidden_size"] == hidden), "base")

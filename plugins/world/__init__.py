@@ -1,0 +1,1 @@
+"""The embedded synthetic world: scenes, images, region features and annotation files."""

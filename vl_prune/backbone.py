@@ -1,0 +1,146 @@
+"""The backbone contract: what a `vl_prune.backbones` plugin provides.
+
+A backbone is the pruned part f1 of a vision-and-language model (the task head f2 is the task's).
+vl_prune only ever talks to it through this interface, so a new backbone is one subclass in any
+distribution, registered under the `vl_prune.backbones` entry-point group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from vl_prune.errors import VLPruneError
+
+ImageInput = Literal["regions", "pixels"]
+
+
+@dataclass
+class VLBatch:
+    """A batch of text + image inputs, in the shapes every backbone understands.
+
+    Region backbones read `region_feats` (B × N × img_dim detector features) and `region_boxes`
+    (B × N × 6: x1, y1, x2, y2, w, h normalised by the image size, UNITER's `norm_bb`); pixel
+    backbones read `pixel_values` (B × 3 × H × W) and `pixel_mask` (B × H × W).
+    `masked_regions` (B × N, bool) marks regions hidden for masked-region modelling. `image_type`
+    is the token type of the image: 1, or 2 for the second image of a two-image task (NLVR2).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+    region_feats: torch.Tensor | None = None
+    region_boxes: torch.Tensor | None = None
+    region_mask: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    pixel_mask: torch.Tensor | None = None
+    masked_regions: torch.Tensor | None = None
+    image_type: int = 1
+
+    def to(self, device: torch.device | str) -> VLBatch:
+        """The same batch with every tensor moved to `device`."""
+        moved = {
+            f.name: v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+            for f in fields(self)
+        }
+        return VLBatch(**moved)
+
+
+@dataclass
+class VLOutput:
+    """What a backbone returns: per-token text states, per-region/patch image states, pooled."""
+
+    text_states: torch.Tensor
+    image_states: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint did besides filling the backbone: keys it ignored (task heads,
+    pre-training heads) and why nothing was missing."""
+
+    source: str
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.ignored:
+            return f"loaded {self.source}: every key used"
+        heads = ", ".join(sorted({k.split(".")[0] for k in self.ignored}))
+        return f"loaded {self.source}: ignored {len(self.ignored)} non-backbone keys ({heads})"
+
+
+class Backbone(nn.Module):
+    """Base class of backbone plugins.
+
+    Subclasses set the class attributes and implement `build`, `forward`, `prunable` and
+    `perturbation_shapes`; `tokenizer` (and `image_processor` for pixel backbones) are set by
+    `build`.
+    """
+
+    #: one line for `vlprune list backbones`
+    description: ClassVar[str] = ""
+    #: preset names `build` accepts; the first is the default
+    presets: ClassVar[tuple[str, ...]] = ()
+    #: "regions" (detector features + boxes) or "pixels" (images)
+    image_input: ClassVar[ImageInput]
+
+    preset: str
+    hidden_size: int
+    tokenizer: Any
+    image_processor: Any = None
+    load_report: LoadReport | None = None
+
+    @classmethod
+    def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
+        """A backbone from a preset, a checkpoint (local file or folder, or a hub id), or both."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        batch: VLBatch,
+        text_delta: torch.Tensor | None = None,
+        image_delta: torch.Tensor | None = None,
+    ) -> VLOutput:
+        """Encode a batch. The deltas are additive perturbations (adversarial training): of the
+        word embeddings, and of the raw image input (region features, or patch embeddings)."""
+        raise NotImplementedError
+
+    def perturbation_shapes(self, batch: VLBatch) -> tuple[torch.Size, torch.Size]:
+        """Shapes of `text_delta` and `image_delta` for this batch."""
+        raise NotImplementedError
+
+    def prunable(self) -> list[tuple[nn.Module, str]]:
+        """The (module, "weight") pairs the paper prunes: every linear weight of the transformer
+        layers and the pooler; never embeddings, biases, LayerNorms or heads."""
+        raise NotImplementedError
+
+    def prunable_names(self) -> list[str]:
+        """The parameter paths of `prunable()`, as tickets name them."""
+        from vl_prune.ticket import named_parameters
+
+        return named_parameters(self, self.prunable())
+
+    @classmethod
+    def check_preset(cls, preset: str | None) -> str:
+        """The preset to use, or a clear error listing the known ones."""
+        preset = preset or cls.presets[0]
+        if preset not in cls.presets:
+            known = ", ".join(cls.presets)
+            raise VLPruneError(f"unknown preset {preset!r} for {cls.__name__}; choose from {known}")
+        return preset
+
+
+def is_local(checkpoint: str | os.PathLike) -> bool:
+    """Whether a checkpoint argument names something on disk rather than a hub id."""
+    text = str(checkpoint)
+    return (
+        Path(text).expanduser().exists()
+        or text.startswith((".", "/", "~"))
+        or text.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    )

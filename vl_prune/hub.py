@@ -1,0 +1,46 @@
+"""Loading from a model hub: the local cache first, the network only if it answers at once.
+
+No machine of this project reaches a hub, and a user offline should get one clear line, not a
+hang followed by a long traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+from urllib.parse import urlparse
+
+from vl_prune.errors import VLPruneError
+
+T = TypeVar("T")
+
+
+def _online(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def from_hub(load: Callable[..., T], hub_id: str, **kwargs) -> T:
+    """`load(hub_id, ...)` (a `from_pretrained`), from the cache when possible; offline, a
+    VLPruneError that says so and what to pass instead."""
+    try:
+        return load(hub_id, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if not _online():
+        raise VLPruneError(f"cannot download {hub_id}: no network; pass a local directory or file")
+    try:
+        return load(hub_id, **kwargs)
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise VLPruneError(f"cannot download {hub_id}: {reason}") from exc
