@@ -31,10 +31,14 @@ def _online(timeout: float = 2.0) -> bool:
 
 
 def from_hub(load: Callable[..., T], hub_id: str, **kwargs) -> T:
-    """`load(hub_id, ...)` (a `from_pretrained`), from the cache when possible; offline, a
-    VLPruneError that says so and what to pass instead."""
+    """`load(...)` (a `from_pretrained`) on the hub cache's copy of `hub_id`, else on `hub_id`
+    if the network answers; offline, a VLPruneError that says so and what to pass instead."""
+    from huggingface_hub import snapshot_download
+
+    # Ask the cache ourselves: transformers 5 can quietly build an empty tokenizer instead of
+    # failing when `local_files_only=True` finds nothing.
     try:
-        return load(hub_id, local_files_only=True, **kwargs)
+        return load(snapshot_download(hub_id, local_files_only=True), **kwargs)
     except OSError:
         pass
     if not _online():
