@@ -1,4 +1,5 @@
 import pickle
+import re
 import time
 
 import pytest
@@ -138,13 +139,13 @@ def test_checkpoint_that_does_not_fit_names_the_key(tmp_path, damage, message):
     state = original_checkpoint(tiny())
     damage(state)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(VLPruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(VLPruneError, match=re.escape(message)):
         Uniter.build("tiny", tmp_path / "bad.pt")
 
 
 def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "garbled.pt").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(VLPruneError, match="garbled.pt: cannot read checkpoint"):
+    with pytest.raises(VLPruneError, match=r"garbled\.pt: cannot read checkpoint"):
         Uniter.build(checkpoint=tmp_path / "garbled.pt")
     torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}, tmp_path / "b.pt")
     with pytest.raises(VLPruneError, match="not a UNITER checkpoint"):
@@ -163,7 +164,7 @@ class Payload:
 def test_checkpoints_are_never_unpickled_beyond_tensors(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"uniter.x": Payload()}, f, protocol=2)
-    with pytest.raises(VLPruneError, match="evil.pt: cannot read checkpoint"):
+    with pytest.raises(VLPruneError, match=r"evil\.pt: cannot read checkpoint"):
         Uniter.build(checkpoint=tmp_path / "evil.pt")
 
 
