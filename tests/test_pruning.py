@@ -34,9 +34,9 @@ class Holder(nn.Module):
         return self.weight
 
 
-def make_group(shapes=SHAPES, seed=0, dtype=torch.float32):
+def make_group(shapes=SHAPES, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [(Holder(torch.randn(s, generator=generator).to(dtype)), "weight") for s in shapes]
+    return [(Holder(torch.randn(s, generator=generator)), "weight") for s in shapes]
 
 
 def copy_group(params):
@@ -44,14 +44,14 @@ def copy_group(params):
 
 
 def alive(params):
-    """The bool alive mask of every tensor (all True where it is not pruned yet)."""
+    """A copy of every tensor's bool alive mask (all True where it is not pruned yet)."""
     masks = []
     for module, name in params:
         mask = alive_mask(module, name)
-        masks.append(
-            torch.ones_like(getattr(module, name), dtype=torch.bool) if mask is None else mask
-        )
-    return [mask.clone() for mask in masks]
+        if mask is None:
+            mask = torch.ones_like(getattr(module, name), dtype=torch.bool)
+        masks.append(mask.clone())
+    return masks
 
 
 def n_alive(params) -> int:
@@ -294,6 +294,23 @@ def test_repruning_after_rewind_removes_only_alive_weights(method, second, forwa
     assert n_alive(params) == alive_count - to_count(second, alive_count)
 
 
+@pytest.mark.parametrize("method", [GlobalMagnitude, LayerwiseMagnitude])
+def test_magnitudes_come_from_weight_orig_even_without_a_forward(method):
+    # After an optimizer step or a rewind, `module.weight` is stale until the next forward.
+    stale, fresh = make_group(seed=6), make_group(seed=6)
+    for params, run_forward in ((stale, False), (fresh, True)):
+        method.prune_group(params, 0.3)
+        generator = torch.Generator().manual_seed(7)
+        for module, _ in params:
+            shape = module.weight_orig.shape
+            module.weight_orig.data.copy_(torch.randn(shape, generator=generator))
+            if run_forward:
+                module()  # Refreshes `module.weight` from weight_orig.
+        method.prune_group(params, 0.4)
+
+    assert_masks_equal(alive(stale), alive(fresh))
+
+
 # 5. importance_scores are honoured.
 
 
@@ -313,23 +330,32 @@ def test_global_magnitude_follows_importance_scores_not_weights():
 
 
 @pytest.mark.parametrize("method", [GlobalMagnitude, LayerwiseMagnitude])
-def test_importance_scores_on_repruning_ignore_dead_weights(method):
+@pytest.mark.parametrize("dead_score", [0.0, 1e-6, 1e6, "random"])
+def test_importance_scores_on_repruning_ignore_dead_weights(method, dead_score):
     params = make_group(seed=9)
     method.prune_group(params, 0.5)
     first = alive(params)
     alive_count = n_alive(params)
-    # Scores that are tiny where the weight is dead: dead weights must not be "selected" again.
-    scores = {
-        (m, n): torch.where(mask, torch.rand(mask.shape) + 1, torch.zeros(()))
-        for (m, n), mask in zip(params, first, strict=True)
-    }
+    # Whatever the scores say at dead positions, dead weights are neither revived nor counted.
+    scores = {}
+    for (m, n), mask in zip(params, first, strict=True):
+        dead = (
+            torch.rand(mask.shape) if dead_score == "random" else torch.full(mask.shape, dead_score)
+        )
+        scores[m, n] = torch.where(mask, torch.rand(mask.shape) + 0.5, dead)
 
     method.prune_group(params, 0.5, importance_scores=scores)
 
     assert n_alive(params) == alive_count - round(0.5 * alive_count)
     for (m, n), before, after in zip(params, first, alive(params), strict=True):
         assert torch.all(before | ~after)
-        assert_smallest_pruned(scores[m, n], before, after)
+        if method is LayerwiseMagnitude:
+            assert_smallest_pruned(scores[m, n], before, after)
+    if method is GlobalMagnitude:
+        values = torch.cat([scores[p].reshape(-1) for p in params])
+        before = torch.cat([mask.reshape(-1) for mask in first])
+        after = torch.cat([mask.reshape(-1) for mask in alive(params)])
+        assert_smallest_pruned(values, before, after)
 
 
 @pytest.mark.parametrize("method", [GlobalMagnitude, LayerwiseMagnitude])

@@ -35,16 +35,14 @@ def alive_mask(module: nn.Module, name: str) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
-def masked_weight(module: nn.Module, name: str) -> torch.Tensor:
-    """The weight with pruned entries zeroed, computed now.
+def current_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight's values now, pruned entries included (`<name>_orig` where pruned).
 
     `module.<name>` itself is refreshed only by the forward pre-hook, so after an optimizer step
-    or a rewind it is stale; magnitudes must come from `<name>_orig`.
+    or a rewind it is stale; the masks keep dead weights out of every selection anyway.
     """
-    mask = alive_mask(module, name)
-    if mask is None:
-        return getattr(module, name).detach()
-    return getattr(module, name + "_orig").detach() * mask
+    orig = getattr(module, name + "_orig", None)
+    return (getattr(module, name) if orig is None else orig).detach()
 
 
 class BoolMaskPruning(prune.BasePruningMethod):
@@ -63,7 +61,7 @@ class BoolMaskPruning(prune.BasePruningMethod):
         key, old = _hook(module, name)
         if not isinstance(old, BoolMaskPruning):
             return super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
-        scores = masked_weight(module, name) if importance_scores is None else importance_scores
+        scores = current_weight(module, name) if importance_scores is None else importance_scores
         if scores.shape != getattr(module, name).shape:
             raise ValueError(
                 f"importance_scores of shape {tuple(scores.shape)} do not fit "
@@ -107,8 +105,7 @@ class ScorePruning(BoolMaskPruning):
             return alive.view_as(default_mask)
         threshold = self.threshold
         if threshold is None:
-            dead_last = t.detach().reshape(-1).masked_fill(~alive, float("inf"))
-            threshold, _ = split_smallest([dead_last], k)
+            threshold, _ = split_smallest([t], k, [alive])
         keys = score_keys(t)
         doomed = torch.lt(keys, threshold).logical_and_(alive)
         ties = k - int(torch.count_nonzero(doomed))
@@ -118,10 +115,7 @@ class ScorePruning(BoolMaskPruning):
 
     @classmethod
     def split(cls, parameters: Parameters, scores: Scores, alive: Sequence[int], k: int, **kwargs):
-        """Constructor arguments for each tensor so that the group loses exactly k alive weights.
-
-        `scores` are zero on dead weights.
-        """
+        """Constructor arguments for each tensor so that the group loses exactly k alive weights."""
         raise NotImplementedError
 
     @classmethod
@@ -139,17 +133,12 @@ class ScorePruning(BoolMaskPruning):
         for param in parameters:
             mask = alive_mask(*param)
             given = (importance_scores or {}).get(param)
-            # Dead weights score zero: the masked weight already does, given scores are masked.
-            scores[param] = masked_weight(*param) if given is None else _zero_dead(given, mask)
+            scores[param] = current_weight(*param) if given is None else given
             alive.append(scores[param].numel() if mask is None else int(torch.count_nonzero(mask)))
         k = count_to_prune(amount, sum(alive))
         per_tensor = cls.split(parameters, scores, alive, k, **kwargs)
         for (module, name), init in zip(parameters, per_tensor, strict=True):
             cls.apply(module, name, importance_scores=scores[module, name], **init)
-
-
-def _zero_dead(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return scores if mask is None else scores * mask
 
 
 class GlobalMagnitude(ScorePruning):
@@ -159,13 +148,9 @@ class GlobalMagnitude(ScorePruning):
     def split(cls, parameters, scores, alive, k, **kwargs):
         if k == 0:
             return [{"amount": 0} for _ in parameters]
-        # Dead weights score 0, so they are the first of the k + dead smallest: selecting those
-        # over all weights selects exactly the k smallest alive ones.
-        dead = [scores[p].numel() - n for p, n in zip(parameters, alive, strict=True)]
-        threshold, counts = split_smallest([scores[p] for p in parameters], k + sum(dead))
-        return [
-            {"amount": n - d, "threshold": threshold} for n, d in zip(counts, dead, strict=True)
-        ]
+        masks = [alive_mask(*p) for p in parameters]
+        threshold, counts = split_smallest([scores[p] for p in parameters], k, masks)
+        return [{"amount": n, "threshold": threshold} for n in counts]
 
 
 class LayerwiseMagnitude(ScorePruning):

@@ -17,7 +17,8 @@ def linear(total: int, final: float = 0.9, step: float = 0.1) -> list[int]:
     if not 0.0 < step <= final:
         raise ValueError(f"step {step} must be in (0, final={final}]")
     rounds = int(final / step + 1e-9)
-    targets = [round(i * step * total) for i in range(1, rounds + 1)]
+    # round(i * step, 10): 3 * 0.1 is 0.30000000000000004, which would tip .5 cases.
+    targets = [round(round(i * step, 10) * total) for i in range(1, rounds + 1)]
     if not targets or targets[-1] < round(final * total):
         targets.append(round(final * total))
     return targets

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 _BUCKETS = 1 << 16
+DEAD = 0x7F800000  # the key of +inf: never among the smallest
 
 
 def check_amount(amount: float | int) -> None:
@@ -47,11 +48,11 @@ def score_keys(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
 
 
 class _Passes:
-    """Walks the keys of every tensor in reused buffers: fresh memory per tensor costs more
-    in page faults than the arithmetic itself."""
+    """Walks the keys of every tensor in reused buffers (fresh memory per tensor costs more in
+    page faults than the arithmetic itself); dead weights get the key of +inf."""
 
-    def __init__(self, scores: Sequence[torch.Tensor]):
-        self.scores = scores
+    def __init__(self, scores: Sequence[torch.Tensor], alive: Sequence[torch.Tensor | None]):
+        self.scores, self.alive = scores, alive
         largest = max(s.numel() for s in scores)
         device = scores[0].device
         self.keys = torch.empty(largest, dtype=torch.int32, device=device)
@@ -59,22 +60,32 @@ class _Passes:
         self.flags = torch.empty(largest, dtype=torch.bool, device=device)
 
     def __iter__(self):
-        for s in self.scores:
-            keys = score_keys(s, out=self.keys)
+        for scores, alive in zip(self.scores, self.alive, strict=True):
+            keys = score_keys(scores, out=self.keys)
+            flags = self.flags[: keys.numel()]
+            if alive is not None:
+                keys.masked_fill_(torch.logical_not(alive.reshape(-1), out=flags), DEAD)
             upper = torch.bitwise_right_shift(keys, 16, out=self.upper[: keys.numel()])
-            yield keys, upper, self.flags[: keys.numel()]
+            yield keys, upper, flags
 
 
-def split_smallest(scores: Sequence[torch.Tensor], k: int) -> tuple[int, list[int]]:
-    """The key of the k-th smallest |score| (1-based) over all tensors, and how many of the k
-    smallest each tensor holds.
+def split_smallest(
+    scores: Sequence[torch.Tensor], k: int, alive: Sequence[torch.Tensor | None] | None = None
+) -> tuple[int, list[int]]:
+    """The key of the k-th smallest |score| (1-based) among alive weights over all tensors,
+    and how many of the k smallest each tensor holds.
 
-    Scores equal to the k-th are taken in tensor order, then index order, so the counts add up
-    to exactly k.
+    `alive` holds a bool mask per tensor (None: all alive). Scores equal to the k-th are taken
+    in tensor order, then index order, so the counts add up to exactly k.
     """
-    if not 1 <= k <= sum(s.numel() for s in scores):
-        raise ValueError(f"k={k} must be between 1 and the number of scores")
-    passes = _Passes(scores)
+    alive = list(alive) if alive is not None else [None] * len(scores)
+    available = sum(
+        s.numel() if a is None else int(torch.count_nonzero(a))
+        for s, a in zip(scores, alive, strict=True)
+    )
+    if not 1 <= k <= available:
+        raise ValueError(f"k={k} must be between 1 and the {available} alive scores")
+    passes = _Passes(scores, alive)
     high = torch.zeros(_BUCKETS, dtype=torch.int64, device=passes.keys.device)
     for _, upper, _ in passes:
         high += torch.bincount(upper, minlength=_BUCKETS)
