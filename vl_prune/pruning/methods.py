@@ -48,10 +48,12 @@ def current_weight(module: nn.Module, name: str) -> torch.Tensor:
 class BoolMaskPruning(prune.BasePruningMethod):
     """Shared machinery: bool masks, and re-pruning in place among the weights still alive.
 
-    The first application goes through torch's own `apply`. Pruning again with one of these
-    methods updates the bool mask in place and replaces the hook, where torch would wrap both
-    methods in a `PruningContainer` and widen the mask to the weight's dtype. On top of a torch
-    method, torch's path is taken unchanged.
+    The module ends up as torch's `apply` leaves it (`<name>_orig` parameter, `<name>_mask`
+    buffer, the method as forward pre-hook), but the mask is computed before the module is
+    touched, so a failure changes nothing, and from a bool all-alive mask rather than torch's
+    float `ones_like`. Pruning again updates the mask in place and replaces the hook, where
+    torch would wrap both methods in a `PruningContainer` and widen the mask to the weight's
+    dtype. On top of a torch method, torch's own path is taken unchanged.
     """
 
     PRUNING_TYPE = "unstructured"
@@ -59,20 +61,29 @@ class BoolMaskPruning(prune.BasePruningMethod):
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
         key, old = _hook(module, name)
-        if not isinstance(old, BoolMaskPruning):
+        if old is not None and not isinstance(old, BoolMaskPruning):
             return super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
+        weight = getattr(module, name)
         scores = current_weight(module, name) if importance_scores is None else importance_scores
-        if scores.shape != getattr(module, name).shape:
+        if scores.shape != weight.shape:
             raise ValueError(
                 f"importance_scores of shape {tuple(scores.shape)} do not fit "
-                f"{name} of shape {tuple(getattr(module, name).shape)}"
+                f"{name} of shape {tuple(weight.shape)}"
             )
         method = cls(*args, **kwargs)
         method._tensor_name = name
-        mask = getattr(module, name + "_mask")
-        mask.copy_(method.compute_mask(scores, default_mask=mask))
-        setattr(module, name, method.apply_mask(module))
-        module._forward_pre_hooks[key] = method
+        if old is None:
+            mask = method.compute_mask(scores, torch.ones_like(weight, dtype=torch.bool))
+            module.register_parameter(name + "_orig", weight)
+            del module._parameters[name]
+            module.register_buffer(name + "_mask", mask)
+            setattr(module, name, method.apply_mask(module))
+            module.register_forward_pre_hook(method)
+        else:
+            mask = getattr(module, name + "_mask")
+            mask.copy_(method.compute_mask(scores, default_mask=mask))
+            setattr(module, name, method.apply_mask(module))
+            module._forward_pre_hooks[key] = method
         return method
 
 
