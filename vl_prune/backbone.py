@@ -80,7 +80,9 @@ class Backbone(nn.Module):
 
     Subclasses set the class attributes and implement `build`, `forward`, `prunable` and
     `perturbation_shapes`; `tokenizer` (and `image_processor` for pixel backbones) are set by
-    `build`.
+    `build`, and region backbones set `img_dim`. Parameter paths inside the backbone module are
+    the names of ticket tensors, so a wrapper's attribute names (`lxmert.`, `vilt.`) are part of
+    its ticket format. `build` returns the module in train mode, like any fresh `nn.Module`.
     """
 
     #: one line for `vlprune list backbones`
@@ -92,13 +94,21 @@ class Backbone(nn.Module):
 
     preset: str
     hidden_size: int
+    #: width of a region feature (region backbones)
+    img_dim: int
     tokenizer: Any
     image_processor: Any = None
     load_report: LoadReport | None = None
 
     @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
-        """A backbone from a preset, a checkpoint (local file or folder, or a hub id), or both."""
+        """A backbone from a preset, a checkpoint (local file or folder, or a hub id), or both.
+
+        Preset alone: that architecture, freshly initialised. Checkpoint alone: the checkpoint's
+        architecture, named after the preset of its width. Both: the preset's architecture,
+        which the checkpoint must fit (a wrong shape is an error naming the tensor). Keys of the
+        checkpoint outside the backbone (heads) are listed in `load_report`.
+        """
         raise NotImplementedError
 
     def forward(
@@ -108,7 +118,10 @@ class Backbone(nn.Module):
         image_delta: torch.Tensor | None = None,
     ) -> VLOutput:
         """Encode a batch. The deltas are additive perturbations (adversarial training): of the
-        word embeddings, and of the raw image input (region features, or patch embeddings)."""
+        word embeddings, and of the raw image input (region features, or patch embeddings),
+        added after `masked_regions` is applied (UNITER adds its learned mask embedding to
+        masked regions, others zero them). ViLT samples its patch order at random on every
+        call: seed torch before calls whose outputs are compared."""
         raise NotImplementedError
 
     def perturbation_shapes(self, batch: VLBatch) -> tuple[torch.Size, torch.Size]:
@@ -119,6 +132,10 @@ class Backbone(nn.Module):
         """The (module, "weight") pairs the paper prunes: every linear weight of the transformer
         layers and the pooler; never embeddings, biases, LayerNorms or heads."""
         raise NotImplementedError
+
+    def ensure_image_types(self, count: int) -> None:
+        """Room for `count` image token types (two-image tasks such as NLVR2 use 2), new ones
+        initialised from the first image type. Backbones without image types keep this no-op."""
 
     def prunable_names(self) -> list[str]:
         """The parameter paths of `prunable()`, as tickets name them."""

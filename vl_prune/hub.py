@@ -48,3 +48,11 @@ def from_hub(load: Callable[..., T], hub_id: str, **kwargs) -> T:
     except OSError as exc:
         reason = str(exc).strip().splitlines()[0]
         raise VLPruneError(f"cannot download {hub_id}: {reason}") from exc
+
+
+def from_source(load: Callable[..., T], source: str, **kwargs) -> T:
+    """`load(source)` (a `from_pretrained`): a local folder directly, a hub id through
+    `from_hub` (the cache, else one clear line when offline)."""
+    from vl_prune.backbone import is_local
+
+    return load(source, **kwargs) if is_local(source) else from_hub(load, source, **kwargs)

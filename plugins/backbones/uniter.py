@@ -17,7 +17,9 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 
 from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local
+from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
+from vl_prune.hub import from_hub
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 from vl_prune_plugins.world.vocabulary import words
 
@@ -150,8 +152,6 @@ class Uniter(Backbone):
         if self._tokenizer is None:
             from transformers import BertTokenizerFast
 
-            from vl_prune.hub import from_hub
-
             self._tokenizer = from_hub(BertTokenizerFast.from_pretrained, TOKENIZER)
         return self._tokenizer
 
@@ -266,21 +266,7 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise VLPruneError(f"{path}: no such checkpoint file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(path)
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VLPruneError(f"{path}: cannot read checkpoint ({reason})") from exc
-    for wrapper in ("model", "state_dict"):
-        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
-            raw = raw[wrapper]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise VLPruneError(f"{path}: not a state dict of tensors")
+    raw = read_state_dict(path)
     state, ignored = {}, []
     for key, value in raw.items():
         key = key.removeprefix("module.")

@@ -1,0 +1,90 @@
+"""Loading transformers backbones: save_pretrained folders, state-dict files, hub ids, and
+checking them against a preset. Shared by the lxmert and vilt plugins."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from vl_prune.backbone import LoadReport, is_local
+from vl_prune.checkpoint import read_state_dict, reason
+from vl_prune.errors import VLPruneError
+from vl_prune.hub import from_hub
+
+
+def preset_of_width(presets: dict[str, dict[str, int]], hidden: int) -> str:
+    """The preset of that hidden size; failing that the last, largest one."""
+    return next((p for p, s in presets.items() if s["hidden_size"] == hidden), [*presets][-1])
+
+
+def embedding_width(state: dict[str, torch.Tensor], checkpoint: str | os.PathLike) -> int:
+    """The hidden size of a state dict, read off its word embeddings."""
+    for key, value in state.items():
+        if key.endswith("word_embeddings.weight"):
+            return value.shape[1]
+    raise VLPruneError(f"{checkpoint}: no word embeddings: not a checkpoint of this backbone")
+
+
+def check_architecture(
+    config: PreTrainedConfig, preset: dict[str, int], name: str, source: str
+) -> None:
+    """A checkpoint loaded under an explicit preset must have that preset's shape (else, e.g.,
+    the tiny tokenizer would silently feed a base model)."""
+    for key, value in preset.items():
+        if getattr(config, key) != value:
+            raise VLPruneError(
+                f"{source}: {key} is {getattr(config, key)} but {name} has {value}; "
+                "leave out the preset to take the checkpoint's architecture"
+            )
+
+
+def files_source(checkpoint: str | os.PathLike, marker: str, default: str) -> str:
+    """Where the tokenizer (or image processor) files come from: the checkpoint's folder if it
+    holds `marker` (e.g. tokenizer_config.json), the hub id given as checkpoint, else `default`."""
+    if not is_local(checkpoint):
+        return str(checkpoint)
+    folder = Path(checkpoint).expanduser()
+    return str(folder) if (folder / marker).is_file() else default
+
+
+def load_pretrained(
+    model_class: type[PreTrainedModel],
+    checkpoint: str | os.PathLike,
+    file_config: Callable[[dict[str, torch.Tensor]], PreTrainedConfig],
+) -> tuple[PreTrainedModel, LoadReport]:
+    """A transformers model from a save_pretrained folder, a state-dict file (.safetensors, or a
+    .bin/.pt/.pth pickle read with weights_only; its config from `file_config`) or a hub id.
+    Checkpoints of the pre-training models load too: transformers strips their base-model prefix
+    (`lxmert.`, `vilt.`) and the keys left over (the heads) go into the report. A backbone key
+    the checkpoint lacks is an error, never a silent random init."""
+    source = str(checkpoint)
+    # Mismatched shapes are reported back, so the error below can name the tensor.
+    options = dict(output_loading_info=True, ignore_mismatched_sizes=True)
+    if not is_local(checkpoint):
+        model, info = from_hub(model_class.from_pretrained, source, **options)
+    else:
+        path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            args, kwargs = (path,), {}
+        elif path.is_file():
+            state = read_state_dict(path)
+            args, kwargs = (None,), {"config": file_config(state), "state_dict": state}
+        else:
+            raise VLPruneError(f"{path}: no such checkpoint file or folder")
+        try:
+            model, info = model_class.from_pretrained(*args, **kwargs, **options)
+        except Exception as exc:
+            name = model_class.__name__
+            raise VLPruneError(f"{path}: cannot load a {name} ({reason(exc)})") from exc
+    if missing := sorted(info["missing_keys"]):
+        raise VLPruneError(f"{source}: backbone key {missing[0]} is missing")
+    if mismatched := sorted(info["mismatched_keys"]):
+        key, found, expected = mismatched[0]
+        raise VLPruneError(
+            f"{source}: {key} has shape {tuple(found)}, the model expects {tuple(expected)}"
+        )
+    return model, LoadReport(source, sorted(info["unexpected_keys"]))

@@ -1,0 +1,164 @@
+"""LXMERT (Tan & Bansal, EMNLP 2019): two streams, words and detector regions, joined by
+cross-modality layers. A wrapper around transformers' `LxmertModel`.
+
+The model sits under `lxmert`, so parameter paths (and ticket tensor names) are the keys of
+`unc-nlp/lxmert-base-uncased`: `lxmert.encoder.x_layers.0.visual_attention.att.query.weight`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import LxmertConfig, LxmertModel
+
+from vl_prune.backbone import Backbone, VLBatch, VLOutput
+from vl_prune.hub import from_source
+from vl_prune_plugins.backbones.hf_checkpoint import (
+    check_architecture,
+    embedding_width,
+    files_source,
+    load_pretrained,
+    preset_of_width,
+)
+from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
+from vl_prune_plugins.world.vocabulary import words
+
+PRESETS = {
+    # For the embedded world and the tests: trains on 2 CPU cores in seconds. Its region features
+    # have uniter-tiny's img_dim, so one synthetic world serves both.
+    "tiny": dict(
+        vocab_size=len(words()),
+        hidden_size=128,
+        num_attention_heads=4,
+        intermediate_size=256,
+        l_layers=2,
+        x_layers=1,
+        r_layers=1,
+        visual_feat_dim=64,
+        visual_pos_dim=4,
+        max_position_embeddings=64,
+    ),
+    # unc-nlp/lxmert-base-uncased (bert-base-uncased vocabulary, Faster R-CNN 2048-d features).
+    "base": dict(
+        vocab_size=30522,
+        hidden_size=768,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        l_layers=9,
+        x_layers=5,
+        r_layers=5,
+        visual_feat_dim=2048,
+        visual_pos_dim=4,
+        max_position_embeddings=512,
+    ),
+}
+HUB_ID = "unc-nlp/lxmert-base-uncased"
+
+
+class Lxmert(Backbone):
+    """LXMERT: language, object-relationship and cross-modality layers over words and regions."""
+
+    description = (
+        "LXMERT two-stream transformer over words and detector regions with cross-modality "
+        "layers (transformers' LxmertModel)"
+    )
+    presets = ("tiny", "base")
+    image_input = "regions"
+
+    def __init__(
+        self, preset: str = "tiny", model: LxmertModel | None = None, source: str = HUB_ID
+    ):
+        """The preset's architecture with fresh weights, or `model` (loaded by `build`);
+        `source` is where the base tokenizer is read from."""
+        super().__init__()
+        self.preset = self.check_preset(preset)
+        self.lxmert = model if model is not None else LxmertModel(preset_config(self.preset))
+        self.hidden_size = self.lxmert.config.hidden_size
+        self.img_dim = self.lxmert.config.visual_feat_dim
+        self._tokenizer = tiny_tokenizer() if self.preset == "tiny" else None
+        self._source = source
+        # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
+        self.train()
+
+    @property
+    def tokenizer(self):
+        """The world's word-level tokenizer (tiny), or the checkpoint's LxmertTokenizerFast loaded
+        on first use, so building from local weights needs no network."""
+        if self._tokenizer is None:
+            from transformers import LxmertTokenizerFast
+
+            self._tokenizer = from_source(LxmertTokenizerFast.from_pretrained, self._source)
+        return self._tokenizer
+
+    @classmethod
+    def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
+        """A save_pretrained folder or hub id brings its own config: under an explicit preset it
+        must match it. A state-dict file takes the preset's (default: the one of its width)."""
+        if checkpoint is None:
+            return cls(cls.check_preset(preset))
+        if preset is not None:
+            cls.check_preset(preset)
+
+        def file_config(state: dict[str, torch.Tensor]) -> LxmertConfig:
+            return preset_config(
+                preset or preset_of_width(PRESETS, embedding_width(state, checkpoint))
+            )
+
+        model, report = load_pretrained(LxmertModel, checkpoint, file_config)
+        if preset is None:
+            preset = preset_of_width(PRESETS, model.config.hidden_size)
+        else:
+            check_architecture(model.config, PRESETS[preset], f"lxmert-{preset}", report.source)
+        source = files_source(checkpoint, "tokenizer_config.json", HUB_ID)
+        backbone = cls(preset, model, source)
+        backbone.load_report = report
+        return backbone
+
+    def forward(
+        self,
+        batch: VLBatch,
+        text_delta: torch.Tensor | None = None,
+        image_delta: torch.Tensor | None = None,
+    ) -> VLOutput:
+        """Encode a batch; masked regions have their features zeroed (LXMERT's masked object
+        feature modelling) before `image_delta` perturbs the features the model sees."""
+        words = self.lxmert.embeddings.word_embeddings(batch.input_ids)
+        if text_delta is not None:
+            words = words + text_delta
+        feats = batch.region_feats.to(words.dtype)
+        if batch.masked_regions is not None:
+            feats = feats.masked_fill(batch.masked_regions.bool().unsqueeze(-1), 0.0)
+        if image_delta is not None:
+            feats = feats + image_delta
+        out = self.lxmert(
+            inputs_embeds=words,
+            attention_mask=batch.attention_mask,
+            token_type_ids=batch.token_type_ids,
+            visual_feats=feats,
+            # x1, y1, x2, y2 of UNITER's norm_bb; LXMERT has no w, h inputs.
+            visual_pos=batch.region_boxes[..., :4].to(words.dtype),
+            visual_attention_mask=batch.region_mask,
+        )
+        return VLOutput(out.language_output, out.vision_output, out.pooled_output)
+
+    def perturbation_shapes(self, batch: VLBatch) -> tuple[torch.Size, torch.Size]:
+        return torch.Size((*batch.input_ids.shape, self.hidden_size)), batch.region_feats.shape
+
+    def prunable(self) -> list[tuple[nn.Module, str]]:
+        """Every linear weight of the language, object-relationship and cross-modality layers
+        (self- and cross-attention q/k/v/output, intermediate, output) and the pooler. The
+        visual feature encoder (visn_fc, box_fc) is LXMERT's image embedding: not pruned."""
+        encoder = self.lxmert.encoder
+        layers = [*encoder.layer, *encoder.r_layers, *encoder.x_layers]
+        linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+        return [(module, "weight") for module in [*linears, self.lxmert.pooler.dense]]
+
+    def ensure_image_types(self, count: int) -> None:
+        """Nothing to do: LXMERT has no image token types; two-image tasks encode each image
+        separately."""
+
+
+def preset_config(preset: str) -> LxmertConfig:
+    return LxmertConfig(**PRESETS[preset])

@@ -1,0 +1,207 @@
+"""ViLT (Kim et al., ICML 2021): one transformer over words and raw image patches, no detector.
+A wrapper around transformers' `ViltModel`.
+
+The model sits under `vilt`, so parameter paths (and ticket tensor names) are the keys of
+`dandelin/vilt-b32-mlm`: `vilt.encoder.layer.0.attention.attention.query.weight`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import ViltConfig, ViltModel
+
+from vl_prune.backbone import Backbone, VLBatch, VLOutput
+from vl_prune.hub import from_source
+from vl_prune_plugins.backbones.hf_checkpoint import (
+    check_architecture,
+    embedding_width,
+    files_source,
+    load_pretrained,
+    preset_of_width,
+)
+from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
+from vl_prune_plugins.world.vocabulary import words
+
+PRESETS = {
+    # For the embedded world and the tests: 64-pixel images in 16-pixel patches (4 × 4 for a
+    # square image), trains on 2 CPU cores in seconds.
+    "tiny": dict(
+        vocab_size=len(words()),
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=64,
+        patch_size=16,
+        max_position_embeddings=64,
+    ),
+    # dandelin/vilt-b32-mlm: ViT-B/32 on 384-pixel images, bert-base-uncased vocabulary.
+    "b32": dict(
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=384,
+        patch_size=32,
+        max_position_embeddings=40,
+    ),
+}
+# Not checked against a checkpoint: ensure_image_types grows it. The tiny preset is pre-trained
+# here, so it is born with a second image type (NLVR2); the b32 checkpoint has text + one image.
+IMAGE_TYPES = {"tiny": 3, "b32": 2}
+HUB_ID = "dandelin/vilt-b32-mlm"
+# The modality type embedding (the text embeddings have a token_type_embeddings of their own).
+_TYPES = "embeddings.token_type_embeddings.weight"
+
+
+class Vilt(Backbone):
+    """ViLT: single-stream transformer over words and image patches."""
+
+    description = (
+        "ViLT single-stream transformer over words and raw image patches (transformers' ViltModel)"
+    )
+    presets = ("tiny", "b32")
+    image_input = "pixels"
+
+    def __init__(self, preset: str = "tiny", model: ViltModel | None = None, source: str = HUB_ID):
+        """The preset's architecture with fresh weights, or `model` (loaded by `build`);
+        `source` (a folder or hub id) is where the b32 tokenizer and image processor are read."""
+        super().__init__()
+        self.preset = self.check_preset(preset)
+        self.vilt = model if model is not None else ViltModel(preset_config(self.preset))
+        self.hidden_size = self.vilt.config.hidden_size
+        self._tokenizer = tiny_tokenizer() if self.preset == "tiny" else None
+        self._image_processor = _tiny_image_processor() if self.preset == "tiny" else None
+        self._source = source
+        # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
+        self.train()
+
+    @property
+    def tokenizer(self):
+        """The world's word-level tokenizer (tiny), or the checkpoint's BertTokenizerFast loaded
+        on first use, so building from local weights needs no network."""
+        if self._tokenizer is None:
+            from transformers import BertTokenizerFast
+
+            self._tokenizer = from_source(BertTokenizerFast.from_pretrained, self._source)
+        return self._tokenizer
+
+    @property
+    def image_processor(self):
+        """Resizes (shorter side to the preset's image size, sides a multiple of 32), normalises
+        and pads images into pixel_values + pixel_mask; the b32 one is loaded on first use."""
+        if self._image_processor is None:
+            from transformers import ViltImageProcessorPil
+
+            self._image_processor = from_source(ViltImageProcessorPil.from_pretrained, self._source)
+        return self._image_processor
+
+    @classmethod
+    def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
+        """A save_pretrained folder or hub id brings its own config: under an explicit preset it
+        must match it. A state-dict file takes the preset's (default: the one of its width)."""
+        if checkpoint is None:
+            return cls(cls.check_preset(preset))
+        if preset is not None:
+            cls.check_preset(preset)
+
+        def file_config(state: dict[str, torch.Tensor]) -> ViltConfig:
+            chosen = preset or preset_of_width(PRESETS, embedding_width(state, checkpoint))
+            # A fine-tuned NLVR2 checkpoint has a third modality type.
+            types = next(
+                (v.shape[0] for k, v in state.items() if k.removeprefix("vilt.") == _TYPES),
+                None,
+            )
+            return preset_config(chosen, image_types=types)
+
+        model, report = load_pretrained(ViltModel, checkpoint, file_config)
+        if preset is None:
+            preset = preset_of_width(PRESETS, model.config.hidden_size)
+        else:
+            check_architecture(model.config, PRESETS[preset], f"vilt-{preset}", report.source)
+        source = files_source(checkpoint, "preprocessor_config.json", HUB_ID)
+        backbone = cls(preset, model, source)
+        backbone.load_report = report
+        return backbone
+
+    def forward(
+        self,
+        batch: VLBatch,
+        text_delta: torch.Tensor | None = None,
+        image_delta: torch.Tensor | None = None,
+    ) -> VLOutput:
+        """Encode a batch; `image_delta` is added to the patch projection's output, before the
+        position embeddings. ViLT visits the patches in a random order (torch.multinomial):
+        image_states rows follow it, so seed torch's generator to repeat a run exactly."""
+        embeddings = self.vilt.embeddings
+        words = embeddings.text_embeddings.word_embeddings(batch.input_ids)
+        if text_delta is not None:
+            words = words + text_delta
+        hook = None
+        if image_delta is not None:
+            hook = embeddings.patch_embeddings.register_forward_hook(
+                lambda _module, _inputs, patches: patches + image_delta
+            )
+        try:
+            out = self.vilt(
+                inputs_embeds=words,
+                attention_mask=batch.attention_mask,
+                token_type_ids=batch.token_type_ids,
+                pixel_values=batch.pixel_values,
+                pixel_mask=batch.pixel_mask,
+                image_token_type_idx=batch.image_type,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden = out.last_hidden_state
+        length = batch.input_ids.shape[1]
+        return VLOutput(hidden[:, :length], hidden[:, length:], out.pooler_output)
+
+    def perturbation_shapes(self, batch: VLBatch) -> tuple[torch.Size, torch.Size]:
+        """The word embeddings' shape, and the patch grid's: B × hidden × H/patch × W/patch."""
+        height, width = self.vilt.embeddings.patch_embeddings.patch_size
+        batch_size, _, pixels_high, pixels_wide = batch.pixel_values.shape
+        return (
+            torch.Size((*batch.input_ids.shape, self.hidden_size)),
+            torch.Size((batch_size, self.hidden_size, pixels_high // height, pixels_wide // width)),
+        )
+
+    def prunable(self) -> list[tuple[nn.Module, str]]:
+        """Every linear weight of the encoder layers (query, key, value, attention output,
+        intermediate, output) and the pooler; not the patch projection or any embedding."""
+        linears = [m for m in self.vilt.encoder.layer.modules() if isinstance(m, nn.Linear)]
+        return [(module, "weight") for module in [*linears, self.vilt.pooler.dense]]
+
+    def ensure_image_types(self, count: int) -> None:
+        """Room for `count` image types in the modality type embedding (row 0 is text); new rows
+        start as copies of the first image's, as ViLT's NLVR2 fine-tuning does."""
+        old = self.vilt.embeddings.token_type_embeddings
+        if old.num_embeddings > count:
+            return
+        new = nn.Embedding(count + 1, old.embedding_dim).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings :] = old.weight[1]
+        self.vilt.embeddings.token_type_embeddings = new
+        # save_pretrained must write a config that fits the grown embedding.
+        self.vilt.config.modality_type_vocab_size = count + 1
+
+
+def preset_config(preset: str, image_types: int | None = None) -> ViltConfig:
+    return ViltConfig(
+        **PRESETS[preset], modality_type_vocab_size=image_types or IMAGE_TYPES[preset]
+    )
+
+
+def _tiny_image_processor():
+    """Built in memory: the PIL backend (no torchvision needed), ViLT's bicubic resize and 0.5
+    mean/std normalisation, shorter side scaled to the tiny image size."""
+    from transformers import ViltImageProcessorPil
+
+    size = PRESETS["tiny"]["image_size"]
+    return ViltImageProcessorPil(size={"shortest_edge": size}, size_divisor=32)
