@@ -16,7 +16,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from vl_prune.pruning.select import check_amount, count_to_prune, score_keys, split_smallest
+from vl_prune.pruning.select import (
+    check_amount,
+    count_to_prune,
+    count_true,
+    key_value,
+    split_smallest,
+)
 
 Parameters = Sequence[tuple[nn.Module, str]]
 Scores = Mapping[tuple[nn.Module, str], torch.Tensor]
@@ -73,7 +79,7 @@ class BoolMaskPruning(prune.BasePruningMethod):
         method = cls(*args, **kwargs)
         method._tensor_name = name
         if old is None:
-            mask = method.compute_mask(scores, torch.ones_like(weight, dtype=torch.bool))
+            mask = method.compute_mask(scores, default_mask=None)
             module.register_parameter(name + "_orig", weight)
             del module._parameters[name]
             module.register_buffer(name + "_mask", mask)
@@ -90,8 +96,9 @@ class BoolMaskPruning(prune.BasePruningMethod):
 class KeepMask(BoolMaskPruning):
     """Keep exactly the weights marked True in `importance_scores` (e.g. a ticket's mask)."""
 
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        return default_mask.bool() & t.bool()
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor | None) -> torch.Tensor:
+        keep = t.to(torch.bool, copy=True)
+        return keep if default_mask is None else keep.logical_and_(default_mask.bool())
 
 
 class ScorePruning(BoolMaskPruning):
@@ -109,20 +116,29 @@ class ScorePruning(BoolMaskPruning):
         self.amount = amount
         self.threshold = threshold
 
-    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        alive = default_mask.bool().reshape(-1)
-        k = count_to_prune(self.amount, int(torch.count_nonzero(alive)))
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor | None) -> torch.Tensor:
+        """The new mask; `default_mask` None (a first pruning, from `apply`) means all alive."""
+        alive = None if default_mask is None else default_mask.bool().reshape(-1)
+        k = count_to_prune(self.amount, t.numel() if alive is None else count_true(alive))
         if k == 0:
-            return alive.view_as(default_mask)
+            return torch.ones_like(t, dtype=torch.bool) if alive is None else alive.view(t.shape)
         threshold = self.threshold
         if threshold is None:
             threshold, _ = split_smallest([t], k, [alive])
-        keys = score_keys(t)
-        doomed = torch.lt(keys, threshold).logical_and_(alive)
-        ties = k - int(torch.count_nonzero(doomed))
+        # |t| < τ compared on the floats themselves: no full-size key tensor to allocate.
+        bound = key_value(threshold)
+        flat = t.detach().reshape(-1)
+        doomed = torch.lt(flat, bound).logical_and_(torch.gt(flat, -bound))
+        if alive is not None:
+            doomed.logical_and_(alive)
+        ties = k - count_true(doomed)
         if ties > 0:
-            doomed[(alive & (keys == threshold)).nonzero().squeeze(1)[:ties]] = True
-        return doomed.logical_xor_(alive).view_as(default_mask)
+            tied = flat.abs() == bound
+            if alive is not None:
+                tied.logical_and_(alive)
+            doomed[tied.nonzero().squeeze(1)[:ties]] = True
+        keep = doomed.logical_not_() if alive is None else doomed.logical_xor_(alive)
+        return keep.view(t.shape)
 
     @classmethod
     def split(cls, parameters: Parameters, scores: Scores, alive: Sequence[int], k: int, **kwargs):
@@ -145,7 +161,7 @@ class ScorePruning(BoolMaskPruning):
             mask = alive_mask(*param)
             given = (importance_scores or {}).get(param)
             scores[param] = current_weight(*param) if given is None else given
-            alive.append(scores[param].numel() if mask is None else int(torch.count_nonzero(mask)))
+            alive.append(scores[param].numel() if mask is None else count_true(mask))
         k = count_to_prune(amount, sum(alive))
         per_tensor = cls.split(parameters, scores, alive, k, **kwargs)
         for (module, name), init in zip(parameters, per_tensor, strict=True):
