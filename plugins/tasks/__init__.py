@@ -1,0 +1,1 @@
+"""Built-in tasks: readers of the official annotation formats, world writers, heads, metrics."""

@@ -1,0 +1,54 @@
+"""Reading annotation files with errors that name file:line (JSON lines) or the file (JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vl_prune.errors import VLPruneError
+
+
+def json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`file:line`, record) for every non-blank line; a line that is not a JSON object fails."""
+    if not path.is_file():
+        raise VLPruneError(f"{path}: annotation file is missing")
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise VLPruneError(f"{where}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise VLPruneError(f"{where}: expected a JSON object")
+            yield where, record
+
+
+def json_file(path: Path) -> Any:
+    if not path.is_file():
+        raise VLPruneError(f"{path}: annotation file is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise VLPruneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def field(record: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    """record[name], which must exist and be of `kind`."""
+    if name not in record:
+        raise VLPruneError(f"{where}: field {name!r} is missing")
+    value = record[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise VLPruneError(f"{where}: field {name!r} should be {kind.__name__}, got {value!r}")
+    return value
+
+
+def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    from vl_prune.files import atomic_write
+
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write(path, text.encode("utf-8"))

@@ -1,0 +1,150 @@
+"""NLVR2 (Suhr et al., 2019): is a sentence true of a pair of images?
+
+Reads the official release's JSON lines (`train.json`, `dev.json`, `test1.json`: `identifier`
+`split-set-pair-sentence`, `sentence`, `label` "True"/"False", …) with images
+`<split>-<set>-<pair>-img0/img1` as `images/*.png` and region features `features/*.npz`.
+The head is UNITER's paired model: the sentence is encoded with each image, and the two pooled
+vectors go through an MLP to two classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.errors import VLPruneError
+from vl_prune.task import Task, TaskBatch
+from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
+from vl_prune_plugins.tasks.inputs import ImageStore, encode
+
+LABELS = {"False": 0, "True": 1}
+WORLD_SIZES = {"train": 2000, "dev": 500}
+
+
+@dataclass(frozen=True)
+class Nlvr2Example:
+    identifier: str
+    sentence: str
+    label: int
+    left: str
+    right: str
+
+
+class PairedHead(nn.Module):
+    """UNITER's NLVR2 "paired" head: [pooled(text, left); pooled(text, right)] → MLP → 2."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Linear(2 * hidden, 2 * hidden),
+            nn.GELU(),
+            nn.LayerNorm(2 * hidden, eps=1e-12),
+            nn.Linear(2 * hidden, 2),
+        )
+
+    def forward(self, backbone: Backbone, inputs: list[VLBatch]) -> torch.Tensor:
+        left, right = (backbone(batch).pooled for batch in inputs)
+        return self.classifier(torch.cat([left, right], dim=-1))
+
+
+class Nlvr2(Task):
+    """NLVR2: true/false statements about image pairs (paired head, accuracy)."""
+
+    description = "NLVR2: is the sentence true of the image pair? (UNITER's paired head)"
+    metric = "accuracy"
+
+    def examples(self, split: str) -> list[Nlvr2Example]:
+        path = self.data / f"{split}.json"
+        store = ImageStore(self.data)
+        out = []
+        for where, record in json_lines(path):
+            identifier = field(record, "identifier", str, where)
+            label = field(record, "label", str, where)
+            if label not in LABELS:
+                raise VLPruneError(f'{where}: label {label!r} is not "True" or "False"')
+            parts = identifier.split("-")
+            if len(parts) != 4:
+                raise VLPruneError(
+                    f"{where}: identifier {identifier!r} is not split-set-pair-sentence"
+                )
+            pair = "-".join(parts[:3])
+            left, right = f"{pair}-img0", f"{pair}-img1"
+            for name in (left, right):
+                if (
+                    not (store.root / "features" / f"{name}.npz").is_file()
+                    and not (store.root / "images" / f"{name}.png").is_file()
+                ):
+                    raise VLPruneError(f"{where}: no features/{name}.npz or images/{name}.png")
+            sentence = field(record, "sentence", str, where)
+            out.append(Nlvr2Example(identifier, sentence, LABELS[label], left, right))
+        if not out:
+            raise VLPruneError(f"{path}: no examples")
+        return out
+
+    @classmethod
+    def write_world(cls, out: Path, seed: int = 0) -> None:
+        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
+        from vl_prune_plugins.world.language import statement
+        from vl_prune_plugins.world.scenes import WorldSettings
+
+        settings = WorldSettings(seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        for split, size in WORLD_SIZES.items():
+            rng = scene_rng(settings, "nlvr2", split)
+            records = []
+            for i in range(size):
+                pair = f"{split}-{i // 4}-{i % 4}"
+                left = new_scene(settings, "nlvr2", split, i, 0)
+                right = new_scene(settings, "nlvr2", split, i, 1)
+                write_image(left, f"{pair}-img0", out, settings)
+                write_image(right, f"{pair}-img1", out, settings)
+                label = rng.random() < 0.5
+                text = statement(left, right, label, rng, settings)
+                records.append(_record(pair, text, label))
+            write_json_lines(out / f"{split}.json", records)
+
+    def head(self, backbone: Backbone) -> nn.Module:
+        self.check_backbone(backbone)
+        backbone.ensure_image_types(2)
+        return PairedHead(backbone.hidden_size)
+
+    def collate(self, examples: list[Nlvr2Example], backbone: Backbone) -> TaskBatch:
+        store = ImageStore(self.data)
+        texts = [e.sentence for e in examples]
+        return TaskBatch(
+            [
+                encode(texts, [e.left for e in examples], backbone, store, image_type=1),
+                encode(texts, [e.right for e in examples], backbone, store, image_type=2),
+            ],
+            torch.tensor([e.label for e in examples]),
+        )
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, targets)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
+        return (predictions == targets).float().mean().item()
+
+
+def _record(pair: str, sentence: str, label: bool) -> dict:
+    """A line in the official release's field order; the world has no URLs or workers."""
+    answer = "True" if label else "False"
+    return {
+        "validation": {"world": answer},
+        "sentence": sentence,
+        "left_url": f"images/{pair}-img0.png",
+        "writer": "world",
+        "label": answer,
+        "right_url": f"images/{pair}-img1.png",
+        "synset": "shape",
+        "query": "world",
+        "identifier": f"{pair}-0",
+        "extra_validations": {},
+    }

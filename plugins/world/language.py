@@ -1,0 +1,131 @@
+"""What the world says about its scenes: captions, true/false statements, questions and answers.
+
+Every sentence is computed from the scene, so its truth or answer is exact; the words are all in
+`vocabulary.words()`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
+from vl_prune_plugins.world.vocabulary import NUMBERS, plural
+
+NUMBER_WORDS = NUMBERS[1:]  # "zero" .. "eight"
+
+
+def number(n: int) -> str:
+    return NUMBER_WORDS[n]
+
+
+def _noun(thing: Thing) -> str:
+    return f"{thing.size} {thing.colour} {thing.shape}"
+
+
+def _relation(a: Thing, b: Thing) -> str:
+    dx, dy = b.x - a.x, b.y - a.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One sentence about the scene: an object and where it is relative to another, or a count."""
+    things = scene.things
+    if len(things) >= 2 and rng.random() < 0.7:
+        a, b = rng.sample(things, 2)
+        return f"a {_noun(a)} is {_relation(a, b)} a {_noun(b)} ."
+    if rng.random() < 0.5:
+        return f"there {'is' if len(things) == 1 else 'are'} {number(len(things))} objects ."
+    thing = rng.choice(things)
+    return f"the image contains a {_noun(thing)} ."
+
+
+Statement = Callable[[Scene, Scene, random.Random, WorldSettings], tuple[str, bool]]
+
+
+def _exact_count(left, right, rng, settings):
+    side, scene = rng.choice((("left", left), ("right", right)))
+    shape, colour = rng.choice(settings.shape_names), rng.choice(settings.colour_names)
+    n = rng.choice((0, 1, 1, 2, 2, 3))
+    truth = scene.count(shape, colour) == n
+    return f"there are exactly {number(n)} {colour} {plural(shape)} in the {side} image .", truth
+
+
+def _both_contain(left, right, rng, settings):
+    shape = rng.choice(settings.shape_names)
+    if rng.random() < 0.5:
+        truth = left.count(shape) > 0 and right.count(shape) > 0
+        return f"both images contain a {shape} .", truth
+    return f"at least one image contains a {shape} .", left.count(shape) + right.count(shape) > 0
+
+
+def _more(left, right, rng, settings):
+    shape = rng.choice(settings.shape_names)
+    return (
+        f"the left image has more {plural(shape)} than the right image .",
+        left.count(shape) > right.count(shape),
+    )
+
+
+def _total(left, right, rng, settings):
+    colour = rng.choice(settings.colour_names)
+    n = rng.randint(0, 4)
+    truth = left.count(colour=colour) + right.count(colour=colour) >= n
+    return f"there are at least {number(n)} {colour} objects in the two images .", truth
+
+
+STATEMENTS: tuple[Statement, ...] = (_exact_count, _both_contain, _more, _total)
+
+
+def statement(
+    left: Scene, right: Scene, label: bool, rng: random.Random, settings: WorldSettings
+) -> str:
+    """A sentence about an image pair whose truth is `label` (templates drawn until one fits)."""
+    for _ in range(200):
+        text, truth = rng.choice(STATEMENTS)(left, right, rng, settings)
+        if truth == label:
+            return text
+    # Some pairs admit no sentence of one truth value from a template; count words always do.
+    n = left.count() + right.count()
+    return f"there are {number(n if label else (n + 1) % 9)} objects in the two images ."
+
+
+def question(scene: Scene, rng: random.Random, settings: WorldSettings) -> tuple[str, str, str]:
+    """A question about the scene: (question, answer, answer type as in VQA v2)."""
+    kind = rng.choice(("count", "count", "yes/no", "colour", "shape"))
+    if kind == "count":
+        if rng.random() < 0.5:
+            colour = rng.choice(settings.colour_names)
+            return (
+                f"how many {colour} objects are there ?",
+                number(scene.count(colour=colour)),
+                "number",
+            )
+        shape = rng.choice(settings.shape_names)
+        return f"how many {plural(shape)} are there ?", number(scene.count(shape)), "number"
+    if kind == "yes/no":
+        shape, colour = rng.choice(settings.shape_names), rng.choice(settings.colour_names)
+        if rng.random() < 0.5:  # ask about something present half of the time
+            thing = rng.choice(scene.things)
+            shape, colour = thing.shape, thing.colour
+        answer = "yes" if scene.count(shape, colour) else "no"
+        return f"is there a {colour} {shape} ?", answer, "yes/no"
+    thing = rng.choice(scene.things)
+    if kind == "colour" and scene.count(thing.shape) == 1:
+        return f"what colour is the {thing.shape} ?", thing.colour, "other"
+    if scene.count(colour=thing.colour) == 1:
+        return f"what shape is the {thing.colour} object ?", thing.shape, "other"
+    return f"how many {plural(thing.shape)} are there ?", number(scene.count(thing.shape)), "number"
+
+
+def human_answers(answer: str, kind: str, rng: random.Random, settings: WorldSettings) -> list[str]:
+    """Ten annotators' answers: most give the right one, a few a plausible wrong one."""
+    choices = {
+        "number": NUMBER_WORDS[:7],
+        "yes/no": ("yes", "no"),
+        "other": settings.colour_names if answer in settings.colour_names else settings.shape_names,
+    }[kind]
+    wrong = [c for c in choices if c != answer]
+    return [answer if rng.random() < 0.85 else rng.choice(wrong) for _ in range(10)]

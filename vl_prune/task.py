@@ -1,0 +1,99 @@
+"""The task contract: what a `vl_prune.tasks` plugin provides, and the model it trains.
+
+A task reads its data set in the official annotation format, writes the embedded world's split
+in that same format, and owns the head f2, the loss and the metric. vl_prune trains and scores
+`VLModel(backbone, head)` through this interface only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vl_prune.backbone import Backbone, ImageInput, VLBatch
+from vl_prune.errors import VLPruneError
+
+
+@dataclass
+class TaskBatch:
+    """Collated examples: one VLBatch per image of an example (two for NLVR2), and targets."""
+
+    inputs: list[VLBatch]
+    targets: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        return TaskBatch([batch.to(device) for batch in self.inputs], self.targets.to(device))
+
+
+class Task:
+    """Base class of task plugins.
+
+    `Task(data)` reads nothing yet; `examples(split)` reads and checks one split of the folder
+    `data`, laid out as the task's official release (a bad line is an error naming file:line).
+    """
+
+    #: one line for `vlprune list tasks`
+    description: ClassVar[str] = ""
+    #: name of the primary score (higher is better), e.g. "accuracy"
+    metric: ClassVar[str] = ""
+    #: the image inputs the task can feed
+    image_inputs: ClassVar[tuple[ImageInput, ...]] = ("regions", "pixels")
+    #: split names, training split first
+    splits: ClassVar[tuple[str, ...]] = ("train", "dev")
+
+    def __init__(self, data: str | Path):
+        self.data = Path(data)
+        if not self.data.is_dir():
+            raise VLPruneError(f"{self.data}: no such data folder")
+
+    @classmethod
+    def write_world(cls, out: Path, seed: int = 0) -> None:
+        """Write the embedded world's split of this task into `out`, in the official layout."""
+        raise NotImplementedError
+
+    def examples(self, split: str) -> list[Any]:
+        """The checked examples of one split."""
+        raise NotImplementedError
+
+    def head(self, backbone: Backbone) -> nn.Module:
+        """A fresh head f2 whose forward(backbone, inputs: list[VLBatch]) gives the logits."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[Any], backbone: Backbone) -> TaskBatch:
+        """Examples → a TaskBatch for this backbone (its tokenizer and image input)."""
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metric compares with the targets (e.g. the argmax)."""
+        raise NotImplementedError
+
+    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
+        """The primary metric over a whole split."""
+        raise NotImplementedError
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        """A clear error when the backbone's image input does not fit the task."""
+        if backbone.image_input not in self.image_inputs:
+            raise VLPruneError(
+                f"{type(self).__name__} needs {' or '.join(self.image_inputs)} input; "
+                f"{type(backbone).__name__} reads {backbone.image_input}"
+            )
+
+
+class VLModel(nn.Module):
+    """Backbone f1 and task head f2: what is trained, evaluated and pruned (f1 only)."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, batch: TaskBatch) -> torch.Tensor:
+        return self.head(self.backbone, batch.inputs)
