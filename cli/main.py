@@ -115,6 +115,26 @@ def list_plugins(kind: str | None, as_json: bool) -> None:
         click.echo("\n".join("  " + line for line in table.splitlines()))
 
 
+@cli.group()
+def data() -> None:
+    """Data sets: write the embedded world's splits to disk."""
+
+
+@data.command("world")
+@click.option("--task", "task_name", required=True, help="Task whose split to write (e.g. nlvr2).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
+def data_world(task_name: str, out: Path, seed: int) -> None:
+    """Write the embedded world's split of a task in its official layout."""
+    task = registry.load("tasks", task_name)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    task.write_world(out, seed=seed)
+    files = sum(1 for p in out.rglob("*") if p.is_file())
+    click.echo(f"wrote the world's {task_name} split (seed {seed}) to {out}: {files} files")
+
+
 def _percent(x: float) -> str:
     return f"{100 * x:.2f}%"
 

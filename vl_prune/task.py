@@ -20,13 +20,19 @@ from vl_prune.errors import VLPruneError
 
 @dataclass
 class TaskBatch:
-    """Collated examples: one VLBatch per image of an example (two for NLVR2), and targets."""
+    """Collated examples: one VLBatch per image of an example (two for NLVR2), and targets
+    (a tensor, or a dict of tensors for multi-objective tasks such as pre-training)."""
 
     inputs: list[VLBatch]
-    targets: torch.Tensor
+    targets: torch.Tensor | dict[str, torch.Tensor]
 
     def to(self, device: torch.device | str) -> TaskBatch:
-        return TaskBatch([batch.to(device) for batch in self.inputs], self.targets.to(device))
+        targets = self.targets
+        if isinstance(targets, dict):
+            targets = {key: value.to(device) for key, value in targets.items()}
+        else:
+            targets = targets.to(device)
+        return TaskBatch([batch.to(device) for batch in self.inputs], targets)
 
 
 class Task:
@@ -60,22 +66,24 @@ class Task:
         raise NotImplementedError
 
     def head(self, backbone: Backbone) -> nn.Module:
-        """A fresh head f2 whose forward(backbone, inputs: list[VLBatch]) gives the logits."""
+        """A fresh head f2 whose forward(backbone, inputs: list[VLBatch]) gives the outputs
+        (logits, or a tuple/dict of them) that `loss` and `predict` take."""
         raise NotImplementedError
 
     def collate(self, examples: list[Any], backbone: Backbone) -> TaskBatch:
         """Examples → a TaskBatch for this backbone (its tokenizer and image input)."""
         raise NotImplementedError
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the metric compares with the targets (e.g. the argmax)."""
+    def predict(self, outputs: Any) -> Any:
+        """What the metric compares with the targets (e.g. the argmax): tensors, or a dict."""
         raise NotImplementedError
 
-    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
-        """The primary metric over a whole split."""
+    def score(self, predictions: Any, targets: Any) -> float:
+        """The primary metric over a whole split (predictions and targets of every batch,
+        concatenated)."""
         raise NotImplementedError
 
     def check_backbone(self, backbone: Backbone) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vl_prune.errors import VLPruneError
+from vl_prune.files import atomic_write
 
 
 def json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -48,7 +49,9 @@ def field(record: dict[str, Any], name: str, kind: type, where: str) -> Any:
 
 
 def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
-    from vl_prune.files import atomic_write
-
     text = "".join(json.dumps(record) + "\n" for record in records)
     atomic_write(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, json.dumps(data).encode("utf-8"))

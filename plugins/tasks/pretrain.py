@@ -1,0 +1,223 @@
+"""Pre-training objectives on image–caption pairs: MLM, ITM and (region backbones) MRFR.
+
+Captions come in the Karpathy split json (`dataset_<name>.json`: `images[*].filename`,
+`sentences[*].raw`, `split`), with images as `images/<stem>.png` and region features as
+`features/<stem>.npz`. Used to pre-train each backbone's tiny preset on the embedded world (a
+real θ0, cached) and to find task-agnostic tickets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.errors import VLPruneError
+from vl_prune.task import Task, TaskBatch, VLModel
+from vl_prune.train import TrainSettings
+from vl_prune_plugins.tasks.annotations import field, json_file
+from vl_prune_plugins.tasks.inputs import ImageStore, encode
+
+WORLD_SIZES = {"train": 3000, "dev": 500}
+# Pre-training of the tiny presets' θ0; changing it changes every cached θ0 (and its name).
+THETA0 = TrainSettings(steps=400, batch_size=32, lr=1e-3, seed=0)
+MASK_RATE = 0.15
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    image: str
+
+
+class PretrainHead(nn.Module):
+    """MLM over text states, ITM over the pooled vector, MRFR over region states."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        hidden = backbone.hidden_size
+
+        def transform(out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, out)
+            )
+
+        self.mlm = transform(len(backbone.tokenizer))
+        self.itm = nn.Linear(hidden, 2)
+        self.mrfr = transform(backbone.img_dim) if backbone.image_input == "regions" else None
+
+    def forward(self, backbone: Backbone, inputs: list[VLBatch]) -> dict[str, torch.Tensor]:
+        out = backbone(inputs[0])
+        outputs = {"mlm": self.mlm(out.text_states), "itm": self.itm(out.pooled)}
+        if self.mrfr is not None:
+            outputs["mrfr"] = self.mrfr(out.image_states)
+        return outputs
+
+
+class Pretrain(Task):
+    """Pre-training: masked language modelling, image-text matching, masked region features."""
+
+    description = "pre-training objectives: MLM + ITM (+ MRFR for region backbones)"
+    metric = "mlm_itm_accuracy"
+
+    def examples(self, split: str) -> list[Caption]:
+        files = sorted(self.data.glob("dataset_*.json"))
+        if len(files) != 1:
+            raise VLPruneError(f"{self.data}: expected one Karpathy-style dataset_<name>.json")
+        data = json_file(files[0])
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise VLPruneError(f"{files[0]}: no 'images' list")
+        out = []
+        for index, image in enumerate(data["images"]):
+            where = f"{files[0]}: images[{index}]"
+            if field(image, "split", str, where) != split:
+                continue
+            stem = Path(field(image, "filename", str, where)).stem
+            for sentence in field(image, "sentences", list, where):
+                out.append(Caption(field(sentence, "raw", str, where), stem))
+        if not out:
+            raise VLPruneError(f"{files[0]}: no captions in split {split!r}")
+        return out
+
+    @classmethod
+    def write_world(cls, out: Path, seed: int = 0) -> None:
+        from vl_prune_plugins.tasks.annotations import write_json
+        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
+        from vl_prune_plugins.world.language import caption
+        from vl_prune_plugins.world.scenes import WorldSettings
+
+        settings = WorldSettings(seed=seed)
+        images, sentence_id = [], 0
+        for split, size in WORLD_SIZES.items():
+            for i in range(size):
+                name = f"world_{split}_{i:06d}"
+                scene = new_scene(settings, "pretrain", split, i)
+                write_image(scene, name, out, settings)
+                rng = scene_rng(settings, "caption", split, i)
+                sentences = []
+                for _ in range(2):
+                    raw = caption(scene, rng)
+                    tokens = raw.rstrip(" .").split()
+                    sentences.append(
+                        {"tokens": tokens, "raw": raw, "imgid": len(images), "sentid": sentence_id}
+                    )
+                    sentence_id += 1
+                images.append(
+                    {
+                        "sentids": [s["sentid"] for s in sentences],
+                        "imgid": len(images),
+                        "sentences": sentences,
+                        "split": split,
+                        "filename": f"{name}.png",
+                    }
+                )
+        write_json(out / "dataset_world.json", {"images": images, "dataset": "world"})
+
+    def head(self, backbone: Backbone) -> nn.Module:
+        self.check_backbone(backbone)
+        return PretrainHead(backbone)
+
+    def collate(self, examples: list[Caption], backbone: Backbone) -> TaskBatch:
+        # Randomness comes from torch's generator, which the trainer seeds.
+        n = len(examples)
+        matched = torch.rand(n) < 0.5
+        shuffled = torch.randperm(n)
+        images = [
+            examples[i].image if matched[i] else examples[int(shuffled[i])].image for i in range(n)
+        ]
+        matched &= torch.tensor(
+            [image == e.image for image, e in zip(images, examples, strict=True)]
+        )
+        batch = encode([e.text for e in examples], images, backbone, ImageStore(self.data))
+        labels = _mask_tokens(batch, backbone.tokenizer)
+        labels[~matched] = IGNORE  # words of a wrong caption cannot be read off the image
+        targets = {"mlm": labels, "itm": matched.long()}
+        if backbone.image_input == "regions":
+            masked = (torch.rand(batch.region_mask.shape) < MASK_RATE) & batch.region_mask.bool()
+            targets["mrfr"] = batch.region_feats.float() * masked.unsqueeze(-1)
+            targets["mrfr_mask"] = masked
+            batch.masked_regions = masked
+            batch.region_feats = batch.region_feats.masked_fill(masked.unsqueeze(-1), 0)
+        return TaskBatch([batch], targets)
+
+    def loss(self, outputs: dict, targets: dict) -> torch.Tensor:
+        mlm = outputs["mlm"]
+        loss = nn.functional.cross_entropy(
+            mlm.reshape(-1, mlm.shape[-1]), targets["mlm"].reshape(-1), ignore_index=IGNORE
+        )
+        loss = loss.nan_to_num(0.0) + nn.functional.cross_entropy(outputs["itm"], targets["itm"])
+        if "mrfr" in outputs and targets["mrfr_mask"].any():
+            chosen = targets["mrfr_mask"]
+            loss = loss + nn.functional.mse_loss(outputs["mrfr"][chosen], targets["mrfr"][chosen])
+        return loss
+
+    def predict(self, outputs: dict) -> dict:
+        return {"mlm": outputs["mlm"].argmax(-1), "itm": outputs["itm"].argmax(-1)}
+
+    def score(self, predictions: dict, targets: dict) -> float:
+        """The mean of MLM accuracy (masked tokens) and ITM accuracy."""
+        labelled = targets["mlm"] != IGNORE
+        mlm = (predictions["mlm"][labelled] == targets["mlm"][labelled]).float().mean()
+        itm = (predictions["itm"] == targets["itm"]).float().mean()
+        return ((mlm.nan_to_num(0.0) + itm) / 2).item()
+
+
+def _mask_tokens(batch: VLBatch, tokenizer) -> torch.Tensor:
+    """BERT's masking: 15% of real tokens are predicted; of those 80% become [MASK], 10% a
+    random word, 10% stay. Returns the labels (IGNORE elsewhere) and edits input_ids in place."""
+    ids = batch.input_ids
+    special = torch.tensor(
+        [
+            tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+            for row in ids.tolist()
+        ],
+        dtype=torch.bool,
+    )
+    chosen = (torch.rand(ids.shape) < MASK_RATE) & ~special & batch.attention_mask.bool()
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+    roll = torch.rand(ids.shape)
+    ids[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    ids[swap] = torch.randint(len(tokenizer), ids.shape)[swap]
+    return labels
+
+
+def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSettings = THETA0):
+    """The tiny preset of a backbone pre-trained on the embedded world (MLM + ITM, + MRFR for
+    region backbones): a real θ0. Built on first use, deterministically, and cached under
+    `$VL_PRUNE_HOME/theta0/`; later calls load it."""
+    from safetensors.torch import load_file, save
+
+    from vl_prune.files import atomic_write
+    from vl_prune.home import cached_folder, home
+    from vl_prune.train import fit, make_accelerator
+
+    key = f"{name}-tiny-s{settings.seed}-n{settings.steps}-lr{settings.lr}-b{settings.batch_size}"
+    path = home() / "theta0" / f"{key}.safetensors"
+    torch.manual_seed(settings.seed)
+    backbone = backbone_class.build("tiny")
+    if not path.is_file():
+        data = cached_folder(
+            f"world/pretrain-seed{settings.seed}",
+            lambda out: Pretrain.write_world(out, seed=settings.seed),
+        )
+        task = Pretrain(data)
+        model = VLModel(backbone, task.head(backbone))
+        accelerator = make_accelerator(settings)
+        fit(
+            accelerator.prepare(model),
+            task,
+            task.examples("train"),
+            settings,
+            accelerator,
+            description=f"pre-training {name}-tiny",
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+        atomic_write(path, save(state))
+    backbone.load_state_dict(load_file(path))
+    return backbone

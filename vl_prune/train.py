@@ -1,0 +1,188 @@
+"""Fine-tuning and evaluation on Hugging Face Accelerate: one plain loop for every task.
+
+AdamW with UNITER's betas and weight decay, linear warmup then decay, gradient clipping and
+accumulation, seeded shuffling; evaluation gathers predictions from every process with
+`gather_for_metrics`. Pruned weights stay zero: they are masked by torch's prune hook on every
+forward, whatever the optimizer does to `weight_orig`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from vl_prune.errors import VLPruneError
+from vl_prune.task import Task, TaskBatch, VLModel
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to fine-tune; part of a run's identity (hashed into its directory name)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 2.0
+    grad_accumulation: int = 1
+    eval_batch_size: int = 64
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
+            raise VLPruneError("steps, batch size and gradient accumulation must be at least 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise VLPruneError(
+                f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision}"
+            )
+
+
+def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
+    """An Accelerator; on a machine without GPUs it is told so (cpu=True), otherwise every rank
+    of a multi-process launch would silently run as its own one-process job."""
+    from accelerate import Accelerator
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.grad_accumulation,
+    )
+
+
+def _loader(task: Task, backbone: Any, examples: list, size: int, seed: int | None) -> DataLoader:
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        examples,
+        batch_size=size,
+        shuffle=seed is not None,
+        generator=generator,
+        collate_fn=lambda chunk: task.collate(chunk, backbone),
+    )
+
+
+def _progress(total: int, description: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=description,
+        leave=False,
+        dynamic_ncols=True,
+        disable=quiet or not sys.stderr.isatty(),
+    )
+
+
+def fit(
+    model: VLModel,
+    task: Task,
+    examples: list,
+    settings: TrainSettings,
+    accelerator: Any,
+    description: str = "train",
+    quiet: bool = False,
+) -> list[float]:
+    """Fine-tune `model` (already through `accelerator.prepare`) for `settings.steps`
+    optimizer steps; the per-step losses.
+
+    A NaN or infinite loss stops with a VLPruneError rather than training on garbage.
+    """
+    torch.manual_seed(settings.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": other, "weight_decay": 0.0},
+        ],
+        lr=settings.lr,
+        betas=settings.betas,
+    )
+    warmup = max(1, int(settings.warmup * settings.steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    backbone = accelerator.unwrap_model(model).backbone
+    loader = _loader(task, backbone, examples, settings.batch_size, settings.seed)
+    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    model.train()
+    losses: list[float] = []
+    bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
+    try:
+        while len(losses) < settings.steps:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = task.loss(model(batch), batch.targets)
+                    if not math.isfinite(loss.item()):
+                        raise VLPruneError(
+                            f"{description}: loss became {loss.item()} at step {len(losses) + 1}; "
+                            "lower the learning rate"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    losses.append(loss.item())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if len(losses) == settings.steps:
+                        break
+    finally:
+        bar.close()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(
+    model: VLModel,
+    task: Task,
+    examples: list,
+    settings: TrainSettings,
+    accelerator: Any,
+) -> float:
+    """The task's primary score over `examples`, gathered from every process; `model` is
+    already through `accelerator.prepare`."""
+    backbone = accelerator.unwrap_model(model).backbone
+    loader = accelerator.prepare(_loader(task, backbone, examples, settings.eval_batch_size, None))
+    model.eval()
+    predictions, targets = [], []
+    batch: TaskBatch
+    for batch in loader:
+        gathered = accelerator.gather_for_metrics((task.predict(model(batch)), batch.targets))
+        predictions.append(gathered[0])
+        targets.append(gathered[1])
+    return task.score(_cat(predictions), _cat(targets))
+
+
+def _cat(chunks: list[Any]) -> Any:
+    """Batches joined along the first dimension; per-token tensors whose lengths differ
+    between batches are padded with -100, the ignore label."""
+    if isinstance(chunks[0], dict):
+        return {key: _cat([c[key] for c in chunks]) for key in chunks[0]}
+    if chunks[0].dim() >= 2:
+        length = max(c.shape[1] for c in chunks)
+        chunks = [
+            torch.nn.functional.pad(
+                c, (0, 0) * (c.dim() - 2) + (0, length - c.shape[1]), value=-100
+            )
+            for c in chunks
+        ]
+    return torch.cat(chunks)
