@@ -9,8 +9,11 @@ from pathlib import Path
 from vl_prune.errors import VLPruneError
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename.
+
+    `durable=False` skips the fsync, for files that can be made again (the world's images).
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise VLPruneError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -23,7 +26,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
             os.fchmod(out.fileno(), 0o666 & ~umask)
             out.write(data)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

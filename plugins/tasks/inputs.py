@@ -1,9 +1,18 @@
 """Turning texts and image names into a VLBatch for a backbone: tokens, and region features or
-pixels read from a data folder (`features/<name>.npz`, `images/<name>.png`)."""
+pixels read from a data folder.
+
+A data folder holds pictures as `images/<name>.png` and region features either as
+`features/<name>.npz` (UNITER's npz layout) or as a UNITER img_db under `img_db/` (LMDB).
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import re
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,24 +22,33 @@ from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 
 MAX_TEXT = 40
+# UNITER's convert_imgdir.py names a folder after its box filter; `_compressed` marks npz values.
+IMG_DB_NAME = re.compile(r"feat_th(?P<th>[0-9.]+)_max(?P<max>\d+)_min(?P<min>\d+)(_compressed)?")
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ImageStore:
-    """The images of a data folder, as region features or as pictures."""
+    """The images of a data folder, as region features or as pictures.
 
-    def __init__(self, root: Path):
+    Region features of an image come from `features/<name>.npz` when that file exists, else from
+    the UNITER img_db under `img_db/` (opened on first use). `img_db` names the LMDB folder to
+    use (e.g. "feat_th0.2_max100_min10_compressed") where a split folder holds several;
+    `key_prefix` is the data set prefix of UNITER's keys ("nlvr2_" for `nlvr2_dev-850-0-img0`).
+    """
+
+    def __init__(self, root: Path, img_db: str | None = None, key_prefix: str = ""):
         self.root = Path(root)
+        self.img_db_choice = img_db
+        self.key_prefix = key_prefix
 
     def regions(self, name: str) -> dict[str, np.ndarray]:
         """`features` (N × D) and `norm_bb` (N × 6) of one image, UNITER's npz layout."""
         path = self.root / "features" / f"{name}.npz"
-        if not path.is_file():
-            raise VLPruneError(f"{path}: region features of image {name!r} are missing")
-        try:
-            with np.load(path) as npz:
-                return {"features": npz["features"], "norm_bb": npz["norm_bb"]}
-        except (OSError, ValueError, KeyError) as exc:
-            raise VLPruneError(f"{path}: not a region feature file ({exc})") from exc
+        if path.is_file():
+            return _read_npz(path)
+        if (self.root / "img_db").is_dir():
+            return self._img_db().regions(name, self.key_prefix)
+        raise VLPruneError(f"{path}: region features of image {name!r} are missing")
 
     def picture(self, name: str) -> Image.Image:
         path = self.root / "images" / f"{name}.png"
@@ -38,6 +56,150 @@ class ImageStore:
             raise VLPruneError(f"{path}: image {name!r} is missing")
         with Image.open(path) as image:
             return image.convert("RGB")
+
+    def has(self, name: str) -> bool:
+        """Whether the folder holds the image in any form (npz, img_db entry or PNG): what a
+        reader checks before accepting an annotation line."""
+        if (self.root / "features" / f"{name}.npz").is_file():
+            return True
+        if (self.root / "images" / f"{name}.png").is_file():
+            return True
+        return (self.root / "img_db").is_dir() and self._img_db().has(name, self.key_prefix)
+
+    def _img_db(self) -> ImgDb:
+        return open_img_db(self.root / "img_db", self.img_db_choice)
+
+
+class ImgDb:
+    """Region features in UNITER's img_db layout, read as its `DetectFeatLmdb` reads them.
+
+    `img_db/<split>/feat_th{conf_th}_max{max_bb}_min{min_bb}[_compressed]/` is an LMDB keyed by
+    the feature file name (`nlvr2_dev-850-0-img0.npz`); split folders may also be left out. An
+    image is looked up as `<prefix><name>.npz`, `<prefix><name>`, then without the prefix, in
+    every split. Like UNITER, only the first nbb regions are kept (detectors list them by
+    confidence): nbb from the `nbb_th…_max…_min….json` beside the LMDB, else computed from
+    `conf` as UNITER does (those with conf > conf_th, but at least min_bb and at most max_bb).
+    Values must be npz bytes, as `convert_imgdir.py --compress` writes them; the msgpack values
+    of its default (uncompressed) form are refused with a clear error rather than read through
+    one more dependency.
+    """
+
+    def __init__(self, folder: Path, choice: str | None = None):
+        self.paths = _lmdb_folders(folder, choice)
+        self.environments = [_environment(path) for path in self.paths]
+
+    def has(self, name: str, prefix: str = "") -> bool:
+        return self._find(_keys(name, prefix)) is not None
+
+    def regions(self, name: str, prefix: str = "") -> dict[str, np.ndarray]:
+        keys = _keys(name, prefix)
+        found = self._find(keys)
+        if found is None:
+            where = ", ".join(str(path) for path in self.paths)
+            raise VLPruneError(
+                f"{where}: image {name!r} is not in the img_db (looked up {', '.join(keys)})"
+            )
+        path, key, value = found
+        if not value.startswith(ZIP_MAGIC):
+            raise VLPruneError(
+                f"{path}: entry {key!r} is not npz; vl_prune reads UNITER's compressed img_db "
+                "(convert_imgdir.py --compress), not its msgpack form"
+            )
+        try:
+            with np.load(io.BytesIO(value)) as npz:
+                dump = {field: npz[field] for field in ("features", "norm_bb", "conf")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise VLPruneError(f"{path}: entry {key!r} is not region features ({exc})") from exc
+        nbb = _box_count(path, key, dump["conf"])
+        return {
+            "features": dump["features"][:nbb],
+            "norm_bb": dump["norm_bb"][:nbb].astype(np.float32),
+        }
+
+    def _find(self, keys: list[str]) -> tuple[Path, str, bytes] | None:
+        for path, environment in zip(self.paths, self.environments, strict=True):
+            with environment.begin() as txn:
+                for key in keys:
+                    value = txn.get(key.encode("utf-8"))
+                    if value is not None:
+                        return path, key, value
+        return None
+
+
+@cache
+def open_img_db(folder: Path, choice: str | None = None) -> ImgDb:
+    """The img_db under `folder`, opened once per process: tasks make an ImageStore per batch."""
+    return ImgDb(folder, choice)
+
+
+def _keys(name: str, prefix: str) -> list[str]:
+    """UNITER keys an image by its feature file's name, which may carry a data set prefix."""
+    return list(dict.fromkeys(f"{p}{name}{ext}" for p in (prefix, "") for ext in (".npz", "")))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """An npz feature file, whole (every region it holds)."""
+    try:
+        with np.load(path) as npz:
+            return {"features": npz["features"], "norm_bb": npz["norm_bb"]}
+    except (OSError, ValueError, KeyError) as exc:
+        raise VLPruneError(f"{path}: not a region feature file ({exc})") from exc
+
+
+def _lmdb_folders(folder: Path, choice: str | None) -> list[Path]:
+    """The LMDB folder of each split under `folder` (or of `folder` itself)."""
+    splits = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+    found = []
+    for split in splits:
+        names = sorted(p.name for p in split.iterdir() if IMG_DB_NAME.fullmatch(p.name))
+        if choice is not None:
+            names = [n for n in names if n == choice]
+        if len(names) > 1:
+            raise VLPruneError(
+                f"{split}: several img_db folders ({', '.join(names)}); choose one with img_db="
+            )
+        found += [split / n for n in names]
+    if not found:
+        wanted = choice or "feat_th*_max*_min*"
+        raise VLPruneError(f"{folder}: no {wanted} LMDB folder (UNITER's img_db layout)")
+    return found
+
+
+@cache
+def _environment(path: Path) -> Any:
+    """One read-only LMDB environment per folder and process: py-lmdb refuses to open the same
+    environment twice in a process. Without locking, so read-only copies of a data set work."""
+    try:
+        import lmdb
+    except ImportError as exc:
+        raise VLPruneError(f"{path}: install vl-prune[lmdb] to read UNITER img_db folders") from exc
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, create=False, readahead=False)
+    except lmdb.Error as exc:
+        raise VLPruneError(f"{path}: not an LMDB folder ({exc})") from exc
+
+
+@cache
+def _box_counts(path: Path) -> dict[str, int] | None:
+    """UNITER's precomputed per-image box counts beside the LMDB folder, if any."""
+    match = IMG_DB_NAME.fullmatch(path.name)
+    counts = path.parent / f"nbb_th{match['th']}_max{match['max']}_min{match['min']}.json"
+    if not counts.is_file():
+        return None
+    try:
+        return json.loads(counts.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise VLPruneError(f"{counts}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def _box_count(path: Path, key: str, conf: np.ndarray) -> int:
+    """How many leading regions UNITER keeps (its `compute_num_bb` when nbb is not stored)."""
+    counts = _box_counts(path)
+    if counts is not None and key in counts:
+        return int(counts[key])
+    match = IMG_DB_NAME.fullmatch(path.name)
+    keep = max(int(match["min"]), int((conf > float(match["th"])).sum()))
+    return min(int(match["max"]), keep)
 
 
 def encode(

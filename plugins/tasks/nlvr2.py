@@ -23,6 +23,8 @@ from vl_prune_plugins.tasks.inputs import ImageStore, encode
 
 LABELS = {"False": 0, "True": 1}
 WORLD_SIZES = {"train": 2000, "dev": 500}
+# UNITER keys NLVR2 region features as nlvr2_<split>-<set>-<pair>-img0.npz.
+KEY_PREFIX = "nlvr2_"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class Nlvr2(Task):
 
     def examples(self, split: str) -> list[Nlvr2Example]:
         path = self.data / f"{split}.json"
-        store = ImageStore(self.data)
+        store = ImageStore(self.data, key_prefix=KEY_PREFIX)
         out = []
         for where, record in json_lines(path):
             identifier = field(record, "identifier", str, where)
@@ -74,11 +76,11 @@ class Nlvr2(Task):
             pair = "-".join(parts[:3])
             left, right = f"{pair}-img0", f"{pair}-img1"
             for name in (left, right):
-                if (
-                    not (store.root / "features" / f"{name}.npz").is_file()
-                    and not (store.root / "images" / f"{name}.png").is_file()
-                ):
-                    raise VLPruneError(f"{where}: no features/{name}.npz or images/{name}.png")
+                if not store.has(name):
+                    raise VLPruneError(
+                        f"{where}: image {name} is missing (no features/{name}.npz, "
+                        f"images/{name}.png or img_db entry)"
+                    )
             sentence = field(record, "sentence", str, where)
             out.append(Nlvr2Example(identifier, sentence, LABELS[label], left, right))
         if not out:
@@ -113,7 +115,7 @@ class Nlvr2(Task):
         return PairedHead(backbone.hidden_size)
 
     def collate(self, examples: list[Nlvr2Example], backbone: Backbone) -> TaskBatch:
-        store = ImageStore(self.data)
+        store = ImageStore(self.data, key_prefix=KEY_PREFIX)
         texts = [e.sentence for e in examples]
         return TaskBatch(
             [

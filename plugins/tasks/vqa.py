@@ -106,11 +106,11 @@ class Vqa(Task):
                 )
             name = f"COCO_{subtype}_{image_id:012d}"
             if name not in found:
-                if (
-                    not (store.root / "features" / f"{name}.npz").is_file()
-                    and not (store.root / "images" / f"{name}.png").is_file()
-                ):
-                    raise VLPruneError(f"{where}: no features/{name}.npz or images/{name}.png")
+                if not store.has(name):
+                    raise VLPruneError(
+                        f"{where}: image {name} is missing (no features/{name}.npz, "
+                        f"images/{name}.png or img_db entry)"
+                    )
                 found.add(name)
             out.append(VqaExample(question_id, text, name, ten))
         if answers:

@@ -87,9 +87,11 @@ def statement(
         text, truth = rng.choice(STATEMENTS)(left, right, rng, settings)
         if truth == label:
             return text
-    # Some pairs admit no sentence of one truth value from a template; count words always do.
+    # Some pairs admit no sentence of one truth value from a template; counts always do.
     n = left.count() + right.count()
-    return f"there are {number(n if label else (n + 1) % 9)} objects in the two images ."
+    if label:
+        return f"there are at least {number(min(n, 8))} objects in the two images ."
+    return f"there are {number(n + 1 if n < 8 else 0)} objects in the two images ."
 
 
 def question(scene: Scene, rng: random.Random, settings: WorldSettings) -> tuple[str, str, str]:
