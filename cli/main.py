@@ -32,7 +32,7 @@ class Group(click.Group):
             # OSError here is a file the user named: unreadable, missing folder, disk full.
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            raise UserError(str(exc)) from exc
+            raise UserError(" ".join(str(exc).split())) from exc
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -126,11 +126,10 @@ def data() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
 def data_world(task_name: str, out: Path, seed: int) -> None:
     """Write the embedded world's split of a task in its official layout."""
+    from vl_prune.files import write_folder
+
     task = registry.load("tasks", task_name)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} is not empty; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    task.write_world(out, seed=seed)
+    write_folder(out, lambda folder: task.write_world(folder, seed=seed))
     files = sum(1 for p in out.rglob("*") if p.is_file())
     click.echo(f"wrote the world's {task_name} split (seed {seed}) to {out}: {files} files")
 

@@ -194,29 +194,41 @@ def test_collate_forward_and_loss(world, backbone):
     assert task.score(task.predict(logits), batch.targets) in {0, 0.25, 0.5, 0.75, 1}
 
 
-def test_uniter_tiny_learns_the_world_split(world):
-    """From a fresh uniter-tiny, 200 steps of batch 32 get well above chance on dev (about 0.75
-    when written; 0.5 is chance)."""
+def test_sentences_alone_do_not_give_the_label_away(world):
+    """A reader of the sentence without the images (the majority label of its template and
+    wording up to the first number or colour) must be no better than chance."""
+    task = Nlvr2(world)
+
+    def template(example):
+        return " ".join(example.sentence.split()[:4])
+
+    votes = {}
+    for example in task.examples("train"):
+        votes.setdefault(template(example), []).append(example.label)
+    majority = {key: round(sum(v) / len(v)) for key, v in votes.items()}
+    dev = task.examples("dev")
+    guessed = [majority.get(template(e), 1) == e.label for e in dev]
+    assert sum(guessed) / len(guessed) < 0.6
+
+
+def test_uniter_tiny_fits_the_world_split(world):
+    """From a fresh uniter-tiny, 300 steps of batch 32 fit the training pairs well above chance.
+    (Generalising to dev needs the pre-trained θ0 and more data: see the closing notes.)"""
     torch.manual_seed(0)
     backbone = Uniter.build("tiny")
     task = Nlvr2(world)
     model = VLModel(backbone, task.head(backbone))
-    train, dev = task.examples("train"), task.examples("dev")
+    train = task.examples("train")
     batches = [task.collate(train[i : i + 32], backbone) for i in range(0, len(train), 32)]
-    steps = 200
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1
-    )
-    for step in range(steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    for step in range(300):
         batch = batches[step % len(batches)]
         loss = task.loss(model(batch), batch.targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        schedule.step()
     model.eval()
     with torch.no_grad():
-        batch = task.collate(dev, backbone)
+        batch = task.collate(train[:200], backbone)
         accuracy = task.score(task.predict(model(batch)), batch.targets)
-    assert accuracy > 0.6
+    assert accuracy > 0.65

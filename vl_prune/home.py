@@ -4,10 +4,11 @@ and pre-trained tiny weights, each built once and then reused."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from vl_prune.errors import VLPruneError
+from vl_prune.files import write_folder
 
 
 def home() -> Path:
@@ -15,19 +16,13 @@ def home() -> Path:
 
 
 def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
-    """`home()/name`, made by `build(folder)` on first use. The folder is filled under a temporary
-    name and renamed when complete, so an interrupted build is never mistaken for a finished one."""
+    """`home()/name`, made by `build(folder)` on first use (atomically, see `write_folder`)."""
     final = home() / name
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        build(partial)
-        os.replace(partial, final)
-    except OSError:
-        if not final.is_dir():  # not a lost race with another process building the same
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return final
+        return write_folder(final, build)
+    except (OSError, VLPruneError):
+        if final.is_dir():  # another process built the same folder first
+            return final
+        raise

@@ -12,19 +12,23 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlparse
 
+from vl_prune.checkpoint import reason
 from vl_prune.errors import VLPruneError
 
 T = TypeVar("T")
 
 
 def _online(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
         return False
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname or ""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True  # the proxy decides; a direct probe would say nothing
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
     except OSError:
         return False
     return True
@@ -39,15 +43,14 @@ def from_hub(load: Callable[..., T], hub_id: str, **kwargs) -> T:
     # failing when `local_files_only=True` finds nothing.
     try:
         return load(snapshot_download(hub_id, local_files_only=True), **kwargs)
-    except OSError:
+    except (OSError, ValueError):  # not cached, or not a valid hub id at all
         pass
     if not _online():
         raise VLPruneError(f"cannot download {hub_id}: no network; pass a local directory or file")
     try:
         return load(hub_id, **kwargs)
-    except OSError as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise VLPruneError(f"cannot download {hub_id}: {reason}") from exc
+    except (OSError, ValueError) as exc:
+        raise VLPruneError(f"cannot download {hub_id}: {reason(exc)}") from exc
 
 
 def from_source(load: Callable[..., T], source: str, **kwargs) -> T:

@@ -12,15 +12,14 @@ def iou_heatmap(
     matrix: Sequence[Sequence[float]], labels: Sequence[str], path: os.PathLike
 ) -> Path:
     """A labelled heatmap of pairwise ticket overlap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    # A bare Figure, not pyplot: a library must not switch the user's matplotlib backend.
+    from matplotlib.figure import Figure
 
     from vl_prune.files import atomic_write
 
     size = 1.6 + 0.9 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -34,5 +33,4 @@ def iou_heatmap(
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
     return atomic_write(path, buffer.getvalue())

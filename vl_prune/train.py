@@ -98,6 +98,8 @@ def fit(
 
     A NaN or infinite loss stops with a VLPruneError rather than training on garbage.
     """
+    if not examples:
+        raise VLPruneError(f"{description}: no training examples")
     torch.manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
@@ -119,7 +121,8 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     backbone = accelerator.unwrap_model(model).backbone
     loader = _loader(task, backbone, examples, settings.batch_size, settings.seed)
-    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    # The scheduler stays unprepared: Accelerate would step it once per process.
+    optimizer, loader = accelerator.prepare(optimizer, loader)
     model.train()
     losses: list[float] = []
     bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
@@ -137,7 +140,8 @@ def fit(
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                     optimizer.zero_grad()
                 if accelerator.sync_gradients:
                     losses.append(loss.item())
@@ -159,7 +163,16 @@ def evaluate(
     accelerator: Any,
 ) -> float:
     """The task's primary score over `examples`, gathered from every process; `model` is
-    already through `accelerator.prepare`."""
+    already through `accelerator.prepare`. Collation randomness (pre-training's masks) is
+    seeded, so every model is scored on the same inputs."""
+    if not examples:
+        raise VLPruneError("nothing to evaluate: the split is empty")
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        return _evaluate(model, task, examples, settings, accelerator)
+
+
+def _evaluate(model, task, examples, settings, accelerator) -> float:
     backbone = accelerator.unwrap_model(model).backbone
     loader = accelerator.prepare(_loader(task, backbone, examples, settings.eval_batch_size, None))
     model.eval()

@@ -48,6 +48,8 @@ def files_source(checkpoint: str | os.PathLike, marker: str, default: str) -> st
     if not is_local(checkpoint):
         return str(checkpoint)
     folder = Path(checkpoint).expanduser()
+    if folder.is_file():  # a weights file: its tokenizer files would sit beside it
+        folder = folder.parent
     return str(folder) if (folder / marker).is_file() else default
 
 

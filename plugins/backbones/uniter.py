@@ -267,16 +267,19 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
     if not path.is_file():
         raise VLPruneError(f"{path}: no such checkpoint file")
     raw = read_state_dict(path)
+    # The original checkpoints prefix backbone keys with `uniter.`; a bare backbone state dict
+    # (as vl_prune itself saves θ0) has none.
+    prefix = "" if "embeddings.word_embeddings.weight" in raw else _PREFIX
     state, ignored = {}, []
     for key, value in raw.items():
         key = key.removeprefix("module.")
-        if not key.startswith(_PREFIX):
+        if not key.startswith(prefix):
             ignored.append(key)
             continue
-        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key[len(_PREFIX) :]))
+        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key[len(prefix) :]))
         state[key] = value
-    if not state:
-        raise VLPruneError(f"{path}: no {_PREFIX}* keys: not a UNITER checkpoint")
+    if not state or "embeddings.word_embeddings.weight" not in state:
+        raise VLPruneError(f"{path}: no {_PREFIX}embeddings: not a UNITER checkpoint")
     return state, ignored
 
 

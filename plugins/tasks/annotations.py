@@ -40,6 +40,8 @@ def json_file(path: Path) -> Any:
 
 def field(record: dict[str, Any], name: str, kind: type, where: str) -> Any:
     """record[name], which must exist and be of `kind`."""
+    if not isinstance(record, dict):
+        raise VLPruneError(f"{where}: expected a JSON object, got {record!r:.40}")
     if name not in record:
         raise VLPruneError(f"{where}: field {name!r} is missing")
     value = record[name]

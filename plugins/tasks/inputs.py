@@ -228,10 +228,14 @@ def encode(
     )
     if backbone.image_input == "regions":
         regions = [store.regions(name) for name in images]
+        for name, r in zip(images, regions, strict=True):
+            if r["features"].ndim != 2 or r["features"].shape[1] != backbone.img_dim:
+                raise VLPruneError(
+                    f"region features of image {name!r} are {r['features'].shape[-1]}-d; "
+                    f"{type(backbone).__name__} {backbone.preset} reads {backbone.img_dim}-d"
+                )
         width = max(len(r["features"]) for r in regions)
-        feats = torch.zeros(
-            len(images), width, regions[0]["features"].shape[1], dtype=torch.float16
-        )
+        feats = torch.zeros(len(images), width, backbone.img_dim, dtype=torch.float16)
         boxes = torch.zeros(len(images), width, 6)
         mask = torch.zeros(len(images), width, dtype=torch.long)
         for i, r in enumerate(regions):

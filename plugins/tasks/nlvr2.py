@@ -9,6 +9,7 @@ vectors go through an MLP to two classes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,12 +101,17 @@ class Nlvr2(Task):
             records = []
             for i in range(size):
                 pair = f"{split}-{i // 4}-{i % 4}"
-                left = new_scene(settings, "nlvr2", split, i, 0)
-                right = new_scene(settings, "nlvr2", split, i, 1)
+                label = rng.random() < 0.5
+                for attempt in itertools.count():
+                    # A new sentence now and then: some admit few pairs of one truth value.
+                    if attempt % 50 == 0:
+                        text, holds = statement(rng, settings)
+                    left = new_scene(settings, "nlvr2", split, i, attempt, 0)
+                    right = new_scene(settings, "nlvr2", split, i, attempt, 1)
+                    if holds(left, right) == label:
+                        break
                 write_image(left, f"{pair}-img0", out, settings)
                 write_image(right, f"{pair}-img1", out, settings)
-                label = rng.random() < 0.5
-                text = statement(left, right, label, rng, settings)
                 records.append(_record(pair, text, label))
             write_json_lines(out / f"{split}.json", records)
 

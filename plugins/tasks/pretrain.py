@@ -8,7 +8,8 @@ real θ0, cached) and to find task-agnostic tickets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from vl_prune.task import Task, TaskBatch, VLModel
 from vl_prune.train import TrainSettings
 from vl_prune_plugins.tasks.annotations import field, json_file
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.world.vocabulary import words
 
 WORLD_SIZES = {"train": 3000, "dev": 500}
 # Pre-training of the tiny presets' θ0; changing it changes every cached θ0 (and its name).
@@ -196,10 +198,12 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
     from vl_prune.home import cached_folder, home
     from vl_prune.train import fit, make_accelerator
 
-    key = f"{name}-tiny-s{settings.seed}-n{settings.steps}-lr{settings.lr}-b{settings.batch_size}"
-    path = home() / "theta0" / f"{key}.safetensors"
     torch.manual_seed(settings.seed)
     backbone = backbone_class.build("tiny")
+    # Everything that decides the weights names the file: a change builds a new θ0.
+    recipe = repr((asdict(settings), sorted(backbone.state_dict()), words(), WORLD_SIZES))
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"
     if not path.is_file():
         data = cached_folder(
             f"world/pretrain-seed{settings.seed}",

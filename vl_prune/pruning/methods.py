@@ -127,7 +127,7 @@ class ScorePruning(BoolMaskPruning):
             threshold, _ = split_smallest([t], k, [alive])
         # |t| < τ compared on the floats themselves: no full-size key tensor to allocate.
         bound = key_value(threshold)
-        flat = t.detach().reshape(-1)
+        flat = t.detach().float().reshape(-1)  # the keys were made from float32 values
         doomed = torch.lt(flat, bound).logical_and_(torch.gt(flat, -bound))
         if alive is not None:
             doomed.logical_and_(alive)

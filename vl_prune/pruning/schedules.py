@@ -21,7 +21,8 @@ def linear(total: int, final: float = 0.9, step: float = 0.1) -> list[int]:
     targets = [round(round(i * step, 10) * total) for i in range(1, rounds + 1)]
     if not targets or targets[-1] < round(final * total):
         targets.append(round(final * total))
-    return targets
+    # Tiny groups round several steps to the same count: a round that prunes nothing is waste.
+    return sorted({t for t in targets if t > 0})
 
 
 def geometric(total: int, rate: float, final: float = 0.9) -> list[int]:
