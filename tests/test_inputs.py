@@ -239,3 +239,14 @@ def test_pixel_batches_for_vilt(tmp_path):
     assert batch.pixel_mask[0, :, :64].all() and not batch.pixel_mask[0, :, 64:].any()
     assert batch.pixel_mask[1].all()
     assert model(batch).pooled.shape == (2, model.hidden_size)
+
+
+def test_features_of_the_wrong_width_are_a_clear_error(tmp_path):
+    (tmp_path / "features").mkdir()
+    np.savez(
+        tmp_path / "features" / "wide.npz",
+        features=np.zeros((3, 2048), np.float16),
+        norm_bb=np.zeros((3, 6), np.float32),
+    )
+    with pytest.raises(VLPruneError, match="'wide' are 2048-d; Uniter tiny reads 64-d"):
+        encode(["a star"], ["wide"], Uniter.build("tiny"), ImageStore(tmp_path))

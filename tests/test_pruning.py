@@ -692,3 +692,10 @@ def test_half_precision_other_methods_prune_exactly(dtype, method):
     method.prune_group(params, 11)
     assert count_pruned(params) == round(0.4 * 125) + 11
     assert all(m.weight_mask.dtype == torch.bool for m, _ in params)
+
+
+def test_linear_schedule_skips_rounds_that_would_prune_nothing():
+    from vl_prune.pruning import linear
+
+    targets = linear(5)
+    assert targets == sorted(set(targets)) and targets[0] > 0 and targets[-1] == round(0.9 * 5)

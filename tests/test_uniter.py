@@ -236,3 +236,13 @@ def test_base_tokenizer_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(VLPruneError, match="cannot download bert-base-cased: no network"):
         model.tokenizer  # noqa: B018
     assert time.perf_counter() - start < 10
+
+
+def test_bare_backbone_state_dict_loads(tmp_path):
+    source = tiny(seed=4)
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "t.safetensors"
+    )
+    model = Uniter.build(checkpoint=tmp_path / "t.safetensors").eval()
+    batch = make_batch(source)
+    assert torch.allclose(model(batch).pooled, source(batch).pooled, atol=1e-6)
