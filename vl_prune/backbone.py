@@ -153,6 +153,19 @@ class Backbone(nn.Module):
         return preset
 
 
+def with_image_types(types: nn.Embedding, count: int) -> nn.Embedding:
+    """A token-type embedding with room for `count` image types after the text type: `types`
+    itself if it has it, else a copy grown with rows copied from row 1 (the first image type),
+    as UNITER's and ViLT's two-image fine-tuning does."""
+    if types.num_embeddings > count:
+        return types
+    grown = nn.Embedding(count + 1, types.embedding_dim).to(types.weight.device, types.weight.dtype)
+    with torch.no_grad():
+        grown.weight[: types.num_embeddings] = types.weight
+        grown.weight[types.num_embeddings :] = types.weight[1]
+    return grown
+
+
 def is_local(checkpoint: str | os.PathLike) -> bool:
     """Whether a checkpoint argument names something on disk rather than a hub id."""
     text = str(checkpoint)

@@ -16,7 +16,14 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 
-from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local
+from vl_prune.backbone import (
+    Backbone,
+    LoadReport,
+    VLBatch,
+    VLOutput,
+    is_local,
+    with_image_types,
+)
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_hub
@@ -235,14 +242,8 @@ class Uniter(Backbone):
     def ensure_image_types(self, count: int) -> None:
         """Room for `count` image token types (NLVR2's paired model uses 2), new ones copied from
         the first image type, as UNITER's fine-tuning does."""
-        old = self.embeddings.token_type_embeddings
-        if old.num_embeddings > count:
-            return
-        new = nn.Embedding(count + 1, old.embedding_dim).to(old.weight.device, old.weight.dtype)
-        with torch.no_grad():
-            new.weight[: old.num_embeddings] = old.weight
-            new.weight[old.num_embeddings :] = old.weight[1]
-        self.embeddings.token_type_embeddings = new
+        types = self.embeddings.token_type_embeddings
+        self.embeddings.token_type_embeddings = with_image_types(types, count)
 
 
 def _init_weights(module: nn.Module) -> None:

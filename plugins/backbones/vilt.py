@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import ViltConfig, ViltModel
 
-from vl_prune.backbone import Backbone, VLBatch, VLOutput
+from vl_prune.backbone import Backbone, VLBatch, VLOutput, with_image_types
 from vl_prune.hub import from_source
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
@@ -180,16 +180,10 @@ class Vilt(Backbone):
     def ensure_image_types(self, count: int) -> None:
         """Room for `count` image types in the modality type embedding (row 0 is text); new rows
         start as copies of the first image's, as ViLT's NLVR2 fine-tuning does."""
-        old = self.vilt.embeddings.token_type_embeddings
-        if old.num_embeddings > count:
-            return
-        new = nn.Embedding(count + 1, old.embedding_dim).to(old.weight.device, old.weight.dtype)
-        with torch.no_grad():
-            new.weight[: old.num_embeddings] = old.weight
-            new.weight[old.num_embeddings :] = old.weight[1]
-        self.vilt.embeddings.token_type_embeddings = new
+        embeddings = self.vilt.embeddings
+        embeddings.token_type_embeddings = with_image_types(embeddings.token_type_embeddings, count)
         # save_pretrained must write a config that fits the grown embedding.
-        self.vilt.config.modality_type_vocab_size = count + 1
+        self.vilt.config.modality_type_vocab_size = embeddings.token_type_embeddings.num_embeddings
 
 
 def preset_config(preset: str, image_types: int | None = None) -> ViltConfig:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import VisualBertConfig, VisualBertModel
 
-from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local
+from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local, with_image_types
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 
@@ -203,14 +203,8 @@ class VisualBert(Backbone):
         images their own type table (`visual_token_type_embeddings`, 2 rows); new rows start as
         copies of row 1, the type every VisualBERT checkpoint was trained with."""
         embeddings = self.visual_bert.embeddings
-        old = embeddings.visual_token_type_embeddings
-        if old.num_embeddings > count:
-            return
-        new = nn.Embedding(count + 1, old.embedding_dim).to(old.weight.device, old.weight.dtype)
-        with torch.no_grad():
-            new.weight[: old.num_embeddings] = old.weight
-            new.weight[old.num_embeddings :] = old.weight[1]
-        embeddings.visual_token_type_embeddings = new
+        types = embeddings.visual_token_type_embeddings
+        embeddings.visual_token_type_embeddings = with_image_types(types, count)
 
 
 def _from_pretrained(checkpoint: str | os.PathLike) -> tuple[VisualBertModel, dict]:
