@@ -14,7 +14,6 @@ cross-entropy on soft VQA scores.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_file
+from vl_prune_plugins.tasks.annotations import field, json_file, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
 
 ANSWERS_PER_QUESTION = 10
@@ -158,7 +157,7 @@ class Vqa(Task):
                     {"image_id": image_id, "question": text, "question_id": question_id}
                 )
                 annotations.append(_annotation(question_id, image_id, text, ten, kind))
-            _write_json(
+            write_json(
                 out / f"v2_OpenEnded_mscoco_{split}_questions.json",
                 {
                     "info": INFO,
@@ -169,7 +168,7 @@ class Vqa(Task):
                     "questions": questions,
                 },
             )
-            _write_json(
+            write_json(
                 out / f"v2_mscoco_{split}_annotations.json",
                 {
                     "info": INFO,
@@ -291,9 +290,3 @@ def _annotation(question_id: int, image_id: int, text: str, answers: list[str], 
         "answer_type": kind,
         "question_id": question_id,
     }
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    from vl_prune.files import atomic_write
-
-    atomic_write(path, json.dumps(content).encode("utf-8"))

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import VisualBertConfig, VisualBertModel
 
 from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local, with_image_types
+from vl_prune.checkpoint import reason
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 
@@ -223,5 +224,4 @@ def _from_pretrained(checkpoint: str | os.PathLike) -> tuple[VisualBertModel, di
     try:
         return load(path, **options)
     except (OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VLPruneError(f"{path}: cannot load VisualBERT weights ({reason})") from exc
+        raise VLPruneError(f"{path}: cannot load VisualBERT weights ({reason(exc)})") from exc
