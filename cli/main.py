@@ -134,6 +134,250 @@ def data_world(task_name: str, out: Path, seed: int) -> None:
     click.echo(f"wrote the world's {task_name} split (seed {seed}) to {out}: {files} files")
 
 
+def _training_options(command):
+    """Fine-tuning flags shared by find and evaluate; unset ones come from the task's recipe."""
+    options = [
+        click.option("--steps", type=int, help="Optimizer steps per fine-tuning."),
+        click.option("--lr", type=float, help="Peak learning rate (linear warmup and decay)."),
+        click.option("--batch-size", type=int, help="Examples per step and process."),
+        click.option("--grad-accumulation", type=int, help="Batches per optimizer step."),
+        click.option(
+            "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
+        ),
+        click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _model_options(command):
+    options = [
+        click.option(
+            "--model",
+            "backbone",
+            default="uniter",
+            show_default=True,
+            help="Backbone plugin (see `vlprune list backbones`).",
+        ),
+        click.option("--preset", help="Backbone preset; with --checkpoint, the checkpoint's."),
+        click.option("--checkpoint", help="Pre-trained weights: a file, folder or hub id."),
+        click.option(
+            "--data", help="Task data folder in the official layout (default: the embedded world)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _settings(task: str, backbone: str, training: dict, data: str | None, **extra):
+    """FindSettings from the flags; training flags left unset come from the task's recipe."""
+    from dataclasses import replace
+
+    from vl_prune.lottery import FindSettings, recipe
+
+    given = {k: v for k, v in training.items() if v is not None}
+    train = replace(recipe(task, world=data is None), **given)
+    return FindSettings(backbone=backbone, task=task, data=data, train=train, **extra)
+
+
+@cli.command()
+@_model_options
+@click.option("--task", required=True, help="Task plugin to find the ticket on.")
+@click.option(
+    "--method",
+    default="imp",
+    show_default=True,
+    help="imp, rewind, oneshot, random, … (see `vlprune list methods`).",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["linear", "geometric"]),
+    default="linear",
+    show_default=True,
+    help="linear: 10%, 20%, … of the weights; geometric: --rate of the survivors each round.",
+)
+@click.option(
+    "--rate", type=float, default=0.2, show_default=True, help="Geometric schedule's rate."
+)
+@click.option("--sparsity", type=float, default=0.9, show_default=True, help="Final sparsity.")
+@click.option("--rewind-step", type=int, help="rewind: the dense step whose weights to reset to.")
+@click.option(
+    "--keep",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="The ticket kept is the sparsest round holding this fraction of dense.",
+)
+@_training_options
+@click.option(
+    "--runs",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder of run folders.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Save the training state every N steps (resume point).",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Also copy the final ticket here.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def find(
+    backbone,
+    preset,
+    checkpoint,
+    data,
+    task,
+    method,
+    schedule,
+    rate,
+    sparsity,
+    rewind_step,
+    keep,
+    runs,
+    checkpoint_every,
+    out,
+    quiet,
+    as_json,
+    **training,
+) -> None:
+    """Find a ticket: IMP rounds (or a baseline) to --sparsity, resumable, with a report."""
+    from vl_prune.lottery import Lottery
+
+    settings = _settings(
+        task,
+        backbone,
+        training,
+        data=data,
+        method=method,
+        preset=preset,
+        checkpoint=checkpoint,
+        schedule=schedule,
+        rate=rate,
+        sparsity=sparsity,
+        rewind_step=rewind_step,
+    )
+    say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    if settings.embedded:
+        say(
+            f"No --checkpoint/--data: running {backbone}-tiny on the embedded world's {task} "
+            "(θ0 pre-trained on the world, built once and cached); for real data pass "
+            "--checkpoint WEIGHTS --data FOLDER."
+        )
+    lottery = Lottery(settings, runs=runs, checkpoint_every=checkpoint_every, quiet=quiet, log=say)
+    say(f"run folder: {lottery.folder}")
+    report = lottery.run(keep=keep)
+    if out is not None:
+        from vl_prune.files import atomic_write
+
+        atomic_write(out, Path(report["final"]["ticket"]).read_bytes())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    rows = [
+        [
+            str(r["round"]),
+            _percent(r["sparsity"]),
+            f"{r['score']:.4f}",
+            _percent(r["fraction_of_dense"]),
+        ]
+        for r in report["rounds"]
+    ]
+    click.echo(
+        _table(["round", "sparsity", report["metric"], "of dense"], rows, right=(0, 1, 2, 3))
+    )
+    final = report["final"]
+    click.echo(
+        f"ticket: {final['ticket']} (round {final['round']}, {_percent(final['sparsity'])} sparse, "
+        f"{_percent(final['fraction_of_dense'])} of dense)"
+        + (f", copied to {out}" if out is not None else "")
+    )
+    click.echo(f"report: {lottery.folder / 'report.json'}  curve: {lottery.folder / 'curve.png'}")
+
+
+@cli.command("evaluate")
+@click.pass_context
+@click.option("--ticket", type=click.Path(path_type=Path), help="Ticket to train and score.")
+@click.option("--task", required=True, help="Task plugin to score on.")
+@_model_options
+@_training_options
+@click.option(
+    "--finetuned",
+    type=click.Path(path_type=Path),
+    help="Score these fine-tuned weights (backbone.* and head.*) instead of training.",
+)
+@click.option("--force", is_flag=True, help="Train a ticket found from other weights anyway.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate_command(
+    ctx,
+    ticket,
+    task,
+    backbone,
+    preset,
+    checkpoint,
+    data,
+    finetuned,
+    force,
+    quiet,
+    as_json,
+    **training,
+) -> None:
+    """Train a ticket from θ0 on a task and score it (or score fine-tuned weights)."""
+    from vl_prune.lottery import score_finetuned, train_ticket
+    from vl_prune.ticket import Ticket
+
+    loaded = Ticket.load(ticket) if ticket is not None else None
+    if loaded is not None and ctx.get_parameter_source("backbone").name == "DEFAULT":
+        backbone = loaded.metadata.get("backbone", backbone)
+    settings = _settings(task, backbone, training, data=data, preset=preset, checkpoint=checkpoint)
+    if finetuned is not None:
+        result = score_finetuned(loaded, finetuned, settings)
+    elif loaded is None:
+        raise UserError("evaluate needs --ticket (to train) or --finetuned (to score)")
+    else:
+        result = train_ticket(loaded, settings, force=force, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"{result['task']} {result['metric']}: {result['score']:.4f} at "
+        f"{_percent(result['sparsity'])} sparsity"
+    )
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("curves.png"),
+    show_default=True,
+    help="PNG to write.",
+)
+def plot(runs: tuple[Path, ...], out: Path) -> None:
+    """Score against sparsity for one or more run folders (e.g. imp against random)."""
+    from vl_prune.plots import curves
+
+    reports = []
+    for run in runs:
+        path = run / "report.json" if run.is_dir() else run
+        if not path.is_file():
+            raise UserError(f"{run}: no report.json (is it a finished run folder?)")
+        try:
+            reports.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg})") from exc
+    curves(reports, out)
+    click.echo(f"wrote {out}")
+
+
 def _percent(x: float) -> str:
     return f"{100 * x:.2f}%"
 

@@ -48,8 +48,12 @@ class Task:
     metric: ClassVar[str] = ""
     #: the image inputs the task can feed
     image_inputs: ClassVar[tuple[ImageInput, ...]] = ("regions", "pixels")
-    #: split names, training split first
+    #: split names, training split first, then the one scores are reported on
     splits: ClassVar[tuple[str, ...]] = ("train", "dev")
+    #: fine-tuning settings (TrainSettings fields) for real data, e.g. the published ones,
+    #: and for the embedded world; flags override them
+    recipe: ClassVar[dict[str, Any]] = {}
+    world_recipe: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, data: str | Path):
         self.data = Path(data)

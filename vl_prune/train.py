@@ -9,14 +9,18 @@ forward, whatever the optimizer does to `weight_orig`.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from vl_prune.errors import VLPruneError
+from vl_prune.files import atomic_write
 from vl_prune.task import Task, TaskBatch, VLModel
 
 
@@ -60,6 +64,7 @@ def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
 
 
 def _loader(task: Task, backbone: Any, examples: list, size: int, seed: int | None) -> DataLoader:
+    """Batches of collated examples; shuffled by `seed` (one fixed order per seed), or in order."""
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -84,6 +89,24 @@ def _progress(total: int, description: str, quiet: bool):
     )
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where and how often `fit` saves its whole state (`accelerator.save_state`: weights,
+    optimizer, schedule, random generators), so an interrupted fine-tuning continues from
+    the last save with the same result as an uninterrupted one."""
+
+    folder: Path
+    every: int
+
+    def latest(self) -> Path | None:
+        pointer = self.folder / LATEST
+        return self.folder / pointer.read_text().strip() if pointer.is_file() else None
+
+
+LATEST = "latest"
+STEP = "step_"
+
+
 def fit(
     model: VLModel,
     task: Task,
@@ -92,11 +115,15 @@ def fit(
     accelerator: Any,
     description: str = "train",
     quiet: bool = False,
+    checkpoints: Checkpoints | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Fine-tune `model` (already through `accelerator.prepare`) for `settings.steps`
-    optimizer steps; the per-step losses.
+    optimizer steps; the losses of the steps this call ran.
 
-    A NaN or infinite loss stops with a VLPruneError rather than training on garbage.
+    With `checkpoints`, the state is saved every `checkpoints.every` steps and a later call
+    resumes from the last save. `on_step(step)` runs after every optimizer step. A NaN or
+    infinite loss stops with a VLPruneError rather than training on garbage.
     """
     if not examples:
         raise VLPruneError(f"{description}: no training examples")
@@ -119,21 +146,37 @@ def fit(
         return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    backbone = accelerator.unwrap_model(model).backbone
-    loader = _loader(task, backbone, examples, settings.batch_size, settings.seed)
     # The scheduler stays unprepared: Accelerate would step it once per process.
-    optimizer, loader = accelerator.prepare(optimizer, loader)
+    optimizer = accelerator.prepare(optimizer)
+    step = 0
+    if checkpoints is not None:
+        accelerator.register_for_checkpointing(scheduler)
+        saved = checkpoints.latest()
+        if saved is not None:
+            accelerator.load_state(str(saved))
+            step = int(saved.name.removeprefix(STEP))
+    backbone = accelerator.unwrap_model(model).backbone
     model.train()
     losses: list[float] = []
     bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
+    bar.update(step)
+    accumulation = settings.grad_accumulation
     try:
-        while len(losses) < settings.steps:
+        while step < settings.steps:
+            # One fixed order per epoch, so a resumed run sees the batches the first run would.
+            epoch_steps = math.ceil(_batches(len(examples), settings, accelerator) / accumulation)
+            epoch, done = divmod(step, epoch_steps)
+            loader = accelerator.prepare(
+                _loader(task, backbone, examples, settings.batch_size, settings.seed + epoch)
+            )
+            if done:
+                loader = accelerator.skip_first_batches(loader, done * accumulation)
             for batch in loader:
                 with accelerator.accumulate(model):
                     loss = task.loss(model(batch), batch.targets)
                     if not math.isfinite(loss.item()):
                         raise VLPruneError(
-                            f"{description}: loss became {loss.item()} at step {len(losses) + 1}; "
+                            f"{description}: loss became {loss.item()} at step {step + 1}; "
                             "lower the learning rate"
                         )
                     accelerator.backward(loss)
@@ -143,15 +186,39 @@ def fit(
                     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                         scheduler.step()
                     optimizer.zero_grad()
-                if accelerator.sync_gradients:
-                    losses.append(loss.item())
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-                    if len(losses) == settings.steps:
-                        break
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if on_step is not None:
+                    on_step(step)
+                if checkpoints is not None and step % checkpoints.every == 0:
+                    _save(accelerator, checkpoints, step)
+                if step == settings.steps:
+                    break
     finally:
         bar.close()
     return losses
+
+
+def _batches(examples: int, settings: TrainSettings, accelerator: Any) -> int:
+    """Batches per epoch on each process (Accelerate evens them out across processes)."""
+    return math.ceil(math.ceil(examples / settings.batch_size) / accelerator.num_processes)
+
+
+def _save(accelerator: Any, checkpoints: Checkpoints, step: int) -> None:
+    """Save under a new name, point `latest` at it, then drop older saves: a kill at any
+    moment leaves `latest` naming a complete save (or none)."""
+    name = f"{STEP}{step:07d}"
+    accelerator.save_state(str(checkpoints.folder / name))
+    if accelerator.is_main_process:
+        atomic_write(checkpoints.folder / LATEST, name.encode())
+        for old in checkpoints.folder.glob(f"{STEP}*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 @torch.no_grad()

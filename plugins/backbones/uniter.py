@@ -163,6 +163,12 @@ class Uniter(Backbone):
         return self._tokenizer
 
     @classmethod
+    def embedded(cls) -> Uniter:
+        from vl_prune_plugins.tasks.pretrain import pretrained_tiny
+
+        return pretrained_tiny(cls, "uniter")
+
+    @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
         if checkpoint is None:
             return cls(cls.check_preset(preset))

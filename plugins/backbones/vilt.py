@@ -101,6 +101,12 @@ class Vilt(Backbone):
         return self._image_processor
 
     @classmethod
+    def embedded(cls) -> Vilt:
+        from vl_prune_plugins.tasks.pretrain import pretrained_tiny
+
+        return pretrained_tiny(cls, "vilt")
+
+    @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
         """A save_pretrained folder or hub id brings its own config: under an explicit preset it
         must match it. A state-dict file takes the preset's (default: the one of its width)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -59,6 +60,15 @@ class Nlvr2(Task):
 
     description = "NLVR2: is the sentence true of the image pair? (UNITER's paired head)"
     metric = "accuracy"
+    # UNITER's train-nlvr2-base-1gpu.json (its batches are 10,240 tokens, ~32 pairs here).
+    recipe: ClassVar[dict] = {
+        "steps": 8000,
+        "lr": 3e-5,
+        "warmup": 0.1,
+        "batch_size": 32,
+        "seed": 77,
+    }
+    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
     def examples(self, split: str) -> list[Nlvr2Example]:
         path = self.data / f"{split}.json"

@@ -13,6 +13,8 @@ from vl_prune.pruning.methods import (
     GlobalRandom,
     KeepMask,
     LayerwiseMagnitude,
+    OneShotMagnitude,
+    RewindMagnitude,
     ScorePruning,
     alive_mask,
 )
@@ -25,6 +27,8 @@ __all__ = [
     "GlobalRandom",
     "KeepMask",
     "LayerwiseMagnitude",
+    "OneShotMagnitude",
+    "RewindMagnitude",
     "ScorePruning",
     "alive_mask",
     "count_pruned",

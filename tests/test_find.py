@@ -1,0 +1,368 @@
+"""`vlprune find`, `evaluate` and `plot`: rounds, rewinding, baselines, resume, bad input.
+
+Runs on a small NLVR2 world split and a freshly initialised tiny UNITER saved as a checkpoint,
+so no test waits for the embedded θ0 to be pre-trained.
+"""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import vl_prune_plugins.tasks.nlvr2 as nlvr2
+from vl_prune.errors import VLPruneError
+from vl_prune.lottery import Experiment, FindSettings, Lottery
+from vl_prune.pruning import linear
+from vl_prune.ticket import Ticket
+from vl_prune.train import TrainSettings
+from vl_prune_cli.main import cli
+from vl_prune_plugins.backbones.uniter import Uniter
+
+WORLD = {"train": 48, "dev": 24}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nlvr2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nlvr2, "WORLD_SIZES", WORLD)
+        nlvr2.Nlvr2.write_world(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def theta0(tmp_path_factory) -> Path:
+    """A tiny UNITER checkpoint in the original key layout (bare state dict)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
+    save_file(Uniter.build("tiny").state_dict(), path)
+    return path
+
+
+def settings(world, theta0, **overrides) -> FindSettings:
+    train = TrainSettings(steps=overrides.pop("steps", 4), batch_size=8, eval_batch_size=24)
+    return FindSettings(
+        backbone="uniter",
+        task="nlvr2",
+        checkpoint=str(theta0),
+        data=str(world),
+        sparsity=overrides.pop("sparsity", 0.3),
+        train=train,
+        **overrides,
+    )
+
+
+def cli_args(world, theta0, runs, *extra) -> list[str]:
+    return [
+        *("find", "--model", "uniter", "--task", "nlvr2", "--checkpoint", str(theta0)),
+        *("--data", str(world), "--batch-size", "8", "--runs", str(runs), "--quiet"),
+        *extra,
+    ]
+
+
+def round_tickets(folder: Path) -> list[Ticket]:
+    return [Ticket.load(p / "ticket.safetensors") for p in sorted(folder.glob("round_*"))]
+
+
+def test_imp_rounds_land_on_the_schedule_and_leave_report_curve_and_ticket(world, theta0, tmp_path):
+    lottery = Lottery(settings(world, theta0), runs=tmp_path)
+    report = lottery.run()
+    tickets = round_tickets(lottery.folder)
+    targets = linear(lottery.experiment.total, 0.3)
+    assert [t.pruned for t in tickets] == [0, *targets]
+    for r, ticket in enumerate(tickets):
+        meta = ticket.metadata
+        assert (meta["round"], meta["task"], meta["method"]) == (r, "nlvr2", "imp")
+        assert meta["weights_fingerprint"] == lottery.experiment.fingerprint
+        assert meta["score"] == report["rounds"][r]["score"]
+        assert meta["dense_score"] == report["dense_score"]
+        assert [h["round"] for h in meta["history"]] == list(range(r + 1))
+    # Each IMP round prunes among the survivors of the last.
+    for before, after in itertools.pairwise(tickets):
+        assert all(bool((after.masks[n] <= before.masks[n]).all()) for n in before.masks)
+    on_disk = json.loads((lottery.folder / "report.json").read_text())
+    assert [r["sparsity"] for r in on_disk["rounds"]] == [t.sparsity for t in tickets]
+    assert (lottery.folder / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    final = Ticket.load(lottery.folder / "ticket.safetensors")
+    assert final.metadata["round"] == report["final"]["round"]
+    holding = [r for r in report["rounds"] if r["score"] >= 0.99 * report["dense_score"]]
+    assert report["final"]["sparsity"] == max(r["sparsity"] for r in holding)
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("random", {}), ("oneshot", {}), ("rewind", {"rewind_step": 2}), ("layerwise", {})],
+)
+def test_every_method_reaches_the_exact_sparsities(world, theta0, tmp_path, method, extra):
+    lottery = Lottery(settings(world, theta0, method=method, **extra), runs=tmp_path)
+    lottery.run()
+    targets = linear(lottery.experiment.total, 0.3)
+    assert [t.pruned for t in round_tickets(lottery.folder)] == [0, *targets]
+
+
+def test_geometric_schedule(world, theta0, tmp_path):
+    found = settings(world, theta0, schedule="geometric", rate=0.25, sparsity=0.5)
+    lottery = Lottery(found, runs=tmp_path)
+    lottery.run()
+    total = lottery.experiment.total
+    pruned = [t.pruned for t in round_tickets(lottery.folder)]
+    assert pruned == [0, round(0.25 * total), *pruned[2:]]
+    assert pruned[-1] == round(0.5 * total)
+
+
+def test_random_masks_are_not_magnitude_masks(world, theta0, tmp_path):
+    runs = {}
+    for method in ("imp", "random"):
+        lottery = Lottery(settings(world, theta0, method=method, sparsity=0.2), runs=tmp_path)
+        lottery.run()
+        runs[method] = round_tickets(lottery.folder)[-1]
+    assert runs["imp"].sparsity == runs["random"].sparsity
+    assert runs["imp"].iou(runs["random"]) < 0.95
+
+
+def _starting_states(monkeypatch) -> list[dict]:
+    """The model state every round starts training from, recorded."""
+    seen = []
+    train = Experiment.train
+
+    def record(self, model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return train(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Experiment, "train", record)
+    return seen
+
+
+def _plain(state: dict) -> dict:
+    """Parameter values by plain name (a pruned weight's `_orig` under the weight's name)."""
+    return {k.removesuffix("_orig"): v for k, v in state.items() if not k.endswith("_mask")}
+
+
+def test_imp_resets_survivors_to_theta0_and_head_to_phi0(world, theta0, tmp_path, monkeypatch):
+    seen = _starting_states(monkeypatch)
+    lottery = Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path)
+    lottery.run()
+    untrained = lottery.experiment.template.state_dict()
+    assert len(seen) == 3
+    for state in seen:
+        for name, value in _plain(state).items():
+            assert torch.equal(value, untrained[name]), name
+    # The rounds really did train: the dense run moved the weights.
+    assert (
+        lottery.experiment.fingerprint
+        == Ticket.load(lottery.folder / "round_01" / "ticket.safetensors").metadata[
+            "weights_fingerprint"
+        ]
+    )
+
+
+def test_rewind_resets_to_the_dense_run_after_k_steps(world, theta0, tmp_path, monkeypatch):
+    seen = _starting_states(monkeypatch)
+    found = settings(world, theta0, method="rewind", rewind_step=2, sparsity=0.2)
+    lottery = Lottery(found, runs=tmp_path)
+    lottery.run()
+    rewound = load_file(lottery.folder / "round_00" / "rewind.safetensors")
+    untrained = lottery.experiment.template.state_dict()
+    head = [k for k in rewound if k.startswith("head.")]
+    assert any(not torch.equal(rewound[k], untrained[k]) for k in head)  # φ_k is not φ0
+    for state in seen[1:]:
+        for name, value in _plain(state).items():
+            assert torch.equal(value, rewound[name]), name
+
+
+def test_pruned_weights_stay_zero_through_adamw(world, theta0, tmp_path, monkeypatch):
+    trained_models = []
+    train = Experiment.train
+
+    def keep(self, model, *args, **kwargs):
+        score, trained = train(self, model, *args, **kwargs)
+        trained_models.append(trained)
+        return score, trained
+
+    monkeypatch.setattr(Experiment, "train", keep)
+    found = settings(world, theta0, sparsity=0.5, steps=6)
+    found = FindSettings(**{**found.__dict__, "train": TrainSettings(steps=6, weight_decay=0.5)})
+    Lottery(found, runs=tmp_path).run()
+    pruned_model = trained_models[-1]
+    batch = nlvr2.Nlvr2(world)
+    pruned_model(batch.collate(batch.examples("dev")[:2], pruned_model.backbone))
+    moved = 0
+    for module, name in pruned_model.backbone.prunable():
+        mask = getattr(module, name + "_mask")
+        assert not getattr(module, name)[~mask].any()
+        # weight decay did move the hidden values under the mask: only the mask keeps them out
+        moved += int((getattr(module, name + "_orig")[~mask] != 0).sum())
+    assert moved > 0
+
+
+def test_resume_after_sigkill_skips_finished_rounds_and_matches(world, theta0, tmp_path):
+    common = ("--steps", "40", "--sparsity", "0.2", "--checkpoint-every", "3")
+    runner = [sys.executable, "-m", "vl_prune_cli.main"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(
+        [*runner, *cli_args(world, theta0, tmp_path / "a", *common)], env=env, capture_output=True
+    )
+    assert straight.returncode == 0, straight.stderr.decode()
+
+    killed = subprocess.Popen([*runner, *cli_args(world, theta0, tmp_path / "b", *common)], env=env)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "b").glob("*/round_01/checkpoint/latest")):
+        assert killed.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (run,) = (tmp_path / "b").iterdir()
+    assert not (run / "round_01" / "metrics.json").exists()
+    finished = (run / "round_00" / "metrics.json").stat().st_mtime_ns
+
+    resumed = subprocess.run(
+        [*runner, *cli_args(world, theta0, tmp_path / "b", *common)], env=env, capture_output=True
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert (run / "round_00" / "metrics.json").stat().st_mtime_ns == finished
+    (reference,) = (tmp_path / "a").iterdir()
+    assert reference.name == run.name
+    for mine, theirs in zip(round_tickets(run), round_tickets(reference), strict=True):
+        assert mine.masks.keys() == theirs.masks.keys()
+        assert all(torch.equal(mine.masks[n], theirs.masks[n]) for n in mine.masks)
+        assert mine.metadata["score"] == theirs.metadata["score"]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_finished_rounds(
+    world, theta0, tmp_path, monkeypatch
+):
+    lottery = Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path)
+    loss = nlvr2.Nlvr2.loss
+    calls = {"n": 0}
+
+    def poisoned(self, logits, targets):
+        calls["n"] += 1
+        value = loss(self, logits, targets)
+        return value * float("nan") if calls["n"] > 4 else value  # round 0 has 4 steps
+
+    monkeypatch.setattr(nlvr2.Nlvr2, "loss", poisoned)
+    with pytest.raises(VLPruneError, match="loss became nan"):
+        lottery.run()
+    done = lottery.folder / "round_00" / "metrics.json"
+    assert done.is_file()
+    assert (lottery.folder / "round_01" / "ticket.safetensors").is_file()
+    assert not (lottery.folder / "round_01" / "metrics.json").exists()
+    stamp = done.stat().st_mtime_ns
+    monkeypatch.setattr(nlvr2.Nlvr2, "loss", loss)
+    report = lottery.run()
+    assert done.stat().st_mtime_ns == stamp
+    assert len(report["rounds"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--sparsity", "0"), "--sparsity"),
+        (("--sparsity", "1"), "--sparsity"),
+        (("--sparsity", "-0.5"), "--sparsity"),
+        (("--method", "bogus"), "bogus"),
+        (("--method", "rewind"), "--rewind-step"),
+        (("--steps", "0"), "steps"),
+    ],
+)
+def test_bad_flags_fail_in_one_line_and_write_nothing(world, theta0, tmp_path, flags, message):
+    result = CliRunner().invoke(cli, cli_args(world, theta0, tmp_path / "runs", *flags))
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_model_task_and_unreadable_inputs(world, theta0, tmp_path):
+    garbage = tmp_path / "broken.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = [
+        (["--model", "uniterr"], "uniterr"),
+        (["--task", "nlvr3"], "nlvr3"),
+        (["--checkpoint", str(garbage)], "broken.pt"),
+        (["--data", str(tmp_path / "nowhere")], "nowhere"),
+    ]
+    for change, message in cases:
+        args = cli_args(world, theta0, tmp_path / "runs")
+        flag = args.index(change[0])
+        args[flag + 1] = change[1]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, change
+        assert message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists()
+
+
+def test_find_cli_then_evaluate_and_plot(world, theta0, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "final.safetensors"
+    args = cli_args(world, theta0, tmp_path / "runs", "--steps", "4", "--sparsity", "0.2")
+    found = runner.invoke(cli, [*args, "--out", str(out), "--json"])
+    assert found.exit_code == 0, found.output
+    report = json.loads(found.output)
+    assert Ticket.load(out).metadata["round"] == report["final"]["round"]
+    baseline = runner.invoke(cli, [*args, "--method", "random"])
+    assert baseline.exit_code == 0, baseline.output
+
+    round_2 = Path(report["final"]["ticket"]).parent / "round_02" / "ticket.safetensors"
+    evaluated = runner.invoke(
+        cli,
+        [
+            *("evaluate", "--ticket", str(round_2), "--task", "nlvr2"),
+            *("--checkpoint", str(theta0), "--data", str(world), "--steps", "4", "--json"),
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    result = json.loads(evaluated.output)
+    assert result["sparsity"] == pytest.approx(0.2, abs=1e-3)
+    assert 0.0 <= result["score"] <= 1.0
+
+    runs = sorted((tmp_path / "runs").iterdir())
+    plotted = runner.invoke(cli, ["plot", *map(str, runs), "--out", str(tmp_path / "c.png")])
+    assert plotted.exit_code == 0, plotted.output
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    missing = runner.invoke(cli, ["plot", str(tmp_path)])
+    assert missing.exit_code == 2
+    assert "report.json" in missing.output
+
+
+def test_evaluate_refuses_a_ticket_from_other_weights(world, theta0, tmp_path):
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_file(Uniter.build("tiny").state_dict(), other)
+    lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
+    lottery.run()
+    ticket = lottery.folder / "round_01" / "ticket.safetensors"
+    base = ["evaluate", "--ticket", str(ticket), "--task", "nlvr2", "--data", str(world)]
+    base += ["--checkpoint", str(other), "--steps", "2"]
+    refused = CliRunner().invoke(cli, base)
+    assert refused.exit_code == 2
+    assert "--force" in refused.output
+    forced = CliRunner().invoke(cli, [*base, "--force"])
+    assert forced.exit_code == 0, forced.output
+
+
+def test_scoring_finetuned_weights(world, theta0, tmp_path):
+    torch.manual_seed(0)
+    model = Experiment(settings(world, theta0)).fresh()
+    weights = tmp_path / "finetuned.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    result = CliRunner().invoke(
+        cli,
+        [
+            *("evaluate", "--finetuned", str(weights), "--task", "nlvr2"),
+            *("--checkpoint", str(theta0), "--data", str(world), "--json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["sparsity"] == 0.0

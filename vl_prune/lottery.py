@@ -1,0 +1,445 @@
+"""The lottery-ticket driver: IMP rounds, rewinding, baselines, in a resumable run folder.
+
+A run lives in `runs/<backbone>-<task>-<method>-<hash>/`, the hash taken over everything that
+decides its results. Round 0 fine-tunes the dense model from (θ0, φ0); round r trains the mask
+that the method cut for it from the reset weights. A round is finished once its
+`metrics.json` exists: the same command again skips finished rounds and continues an
+unfinished one from its last checkpoint (open_lth's levels and "skip what is done").
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vl_prune import registry
+from vl_prune.errors import VLPruneError
+from vl_prune.files import atomic_write
+from vl_prune.home import cached_folder
+from vl_prune.pruning import SCHEDULES, ScorePruning, geometric, linear, prune_to
+from vl_prune.task import VLModel
+from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
+from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
+
+TICKET = "ticket.safetensors"
+METRICS = "metrics.json"
+REWIND = "rewind.safetensors"
+
+
+@dataclass(frozen=True)
+class FindSettings:
+    """Everything that decides a run's results; hashed into its folder name."""
+
+    backbone: str
+    task: str
+    method: str = "imp"
+    preset: str | None = None
+    checkpoint: str | None = None
+    data: str | None = None
+    schedule: str = "linear"
+    rate: float = 0.2
+    sparsity: float = 0.9
+    rewind_step: int | None = None
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self):
+        if not 0.0 < self.sparsity < 1.0:
+            raise VLPruneError(f"--sparsity must be strictly between 0 and 1, not {self.sparsity}")
+        if self.schedule not in SCHEDULES:
+            known = ", ".join(SCHEDULES)
+            raise VLPruneError(f"unknown --schedule {self.schedule!r}; choose from {known}")
+        if self.schedule == "geometric" and not 0.0 < self.rate < 1.0:
+            raise VLPruneError(f"--rate must be strictly between 0 and 1, not {self.rate}")
+        if self.rewind_step is not None and not 1 <= self.rewind_step < self.train.steps:
+            raise VLPruneError(
+                f"--rewind-step must be between 1 and --steps - 1 ({self.train.steps - 1}), "
+                f"not {self.rewind_step}"
+            )
+
+    @property
+    def embedded(self) -> bool:
+        """No real weights and no real data: the tiny preset on the embedded world."""
+        return self.checkpoint is None and self.data is None
+
+
+def recipe(task: str, world: bool) -> TrainSettings:
+    """The task's fine-tuning settings for the embedded world or for real data."""
+    task_class = registry.load("tasks", task)
+    return TrainSettings(**(task_class.world_recipe if world else task_class.recipe))
+
+
+def world_data(task: str, seed: int = 0) -> Path:
+    """The embedded world's split of `task`, written on first use and cached."""
+    task_class = registry.load("tasks", task)
+    return cached_folder(f"world/{task}-seed{seed}", lambda out: task_class.write_world(out, seed))
+
+
+class Experiment:
+    """A task's data and the untrained model (θ0 and a seeded φ0) that every round starts from."""
+
+    def __init__(self, settings: FindSettings):
+        self.settings = settings
+        backbone_class = registry.load("backbones", settings.backbone)
+        task_class = registry.load("tasks", settings.task)
+        data = Path(settings.data) if settings.data else world_data(settings.task)
+        self.task = task_class(data)
+        train_split, eval_split = task_class.splits[:2]
+        self.train_examples = self.task.examples(train_split)
+        self.eval_examples = self.task.examples(eval_split)
+        if settings.checkpoint is not None:
+            backbone = backbone_class.build(settings.preset, settings.checkpoint)
+        elif settings.preset not in (None, "tiny"):
+            raise VLPruneError(
+                f"no pre-trained weights for {settings.backbone}-{settings.preset}: "
+                "pass --checkpoint (without one only the embedded tiny preset exists)"
+            )
+        else:
+            backbone = backbone_class.embedded()
+        torch.manual_seed(settings.train.seed)  # φ0: the same head for every round
+        # The head may grow the backbone (a second image type): build it before θ0 is read.
+        self.template = VLModel(backbone, self.task.head(backbone))
+        self.names = backbone.prunable_names()
+        self.total = sum(p.numel() for p in current_weights(backbone, self.names).values())
+        self.fingerprint = fingerprint(current_weights(backbone, self.names))
+        self.data = data.resolve()
+
+    def fresh(self) -> VLModel:
+        """A copy of the untrained model."""
+        return copy.deepcopy(self.template)
+
+    def train(
+        self,
+        model: VLModel,
+        description: str,
+        quiet: bool = False,
+        checkpoints: Checkpoints | None = None,
+        on_step: Callable[[int, VLModel], None] | None = None,
+    ) -> tuple[float, VLModel]:
+        """Fine-tune `model` on the training split; its score on the evaluation split and
+        the trained model."""
+        settings = self.settings.train
+        accelerator = make_accelerator(settings)
+        prepared = accelerator.prepare(model)
+
+        def step_done(step: int) -> None:
+            if on_step is not None:
+                on_step(step, accelerator.unwrap_model(prepared))
+
+        fit(
+            prepared,
+            self.task,
+            self.train_examples,
+            settings,
+            accelerator,
+            description=description,
+            quiet=quiet,
+            checkpoints=checkpoints,
+            on_step=step_done,
+        )
+        score = evaluate(prepared, self.task, self.eval_examples, settings, accelerator)
+        return score, accelerator.unwrap_model(prepared)
+
+
+class Lottery:
+    """Finds tickets: one run folder, its rounds, its report."""
+
+    def __init__(
+        self,
+        settings: FindSettings,
+        runs: str | Path = "runs",
+        checkpoint_every: int = 50,
+        quiet: bool = False,
+        log: Callable[[str], None] = lambda line: None,
+    ):
+        method = registry.load("methods", settings.method)
+        if not (isinstance(method, type) and issubclass(method, ScorePruning)):
+            raise VLPruneError(
+                f"method {settings.method!r} is not a ScorePruning method and cannot run rounds"
+            )
+        if method.rewind and settings.rewind_step is None:
+            raise VLPruneError(f"method {settings.method!r} needs --rewind-step")
+        if checkpoint_every < 1:
+            raise VLPruneError(f"--checkpoint-every must be at least 1, not {checkpoint_every}")
+        self.settings, self.method = settings, method
+        self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
+        self.experiment = Experiment(settings)
+        total = self.experiment.total
+        if settings.schedule == "geometric":
+            self.targets = geometric(total, settings.rate, settings.sparsity)
+        else:
+            self.targets = linear(total, settings.sparsity)
+        self.config = {
+            **asdict(settings),
+            "preset": self.experiment.template.backbone.preset,
+            "data": str(self.experiment.data),
+            "weights_fingerprint": self.experiment.fingerprint,
+        }
+        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        name = f"{settings.backbone}-{settings.task}-{settings.method}-{digest[:10]}"
+        self.folder = Path(runs) / name
+
+    @property
+    def rounds(self) -> int:
+        """Rounds after the dense one."""
+        return len(self.targets)
+
+    def run(self, keep: float = 0.99) -> dict[str, Any]:
+        """Run (or finish) every round and write the report, curve and final ticket."""
+        if not 0.0 < keep <= 1.0:
+            raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            config = self.folder / "config.json"
+            if not config.is_file():
+                atomic_write(config, json.dumps(self.config, indent=2).encode())
+        state.wait_for_everyone()
+        started, history, ran = time.perf_counter(), [], []
+        for r in range(self.rounds + 1):
+            history.append(self._round(r, history))
+            if not history[-1].get("skipped"):
+                ran.append(history[-1]["seconds"])
+                if r < self.rounds:
+                    left = (self.rounds - r) * sum(ran) / len(ran)
+                    self.log(f"  about {_duration(left)} left")
+        report = self._report(history, keep)
+        if state.is_main_process:
+            self._write_outputs(report)
+        state.wait_for_everyone()
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        return report
+
+    def _round(self, r: int, history: list[dict]) -> dict[str, Any]:
+        folder = self.folder / f"round_{r:02d}"
+        done = folder / METRICS
+        if done.is_file():
+            metrics = json.loads(done.read_text())
+            self.log(f"round {r}/{self.rounds}: finished earlier, skipped ({_line(metrics)})")
+            return {**metrics, "skipped": True}
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+        state.wait_for_everyone()
+        model = self.experiment.fresh()
+        if r > 0:
+            ticket_path = folder / TICKET
+            if not ticket_path.is_file():
+                raise VLPruneError(
+                    f"{ticket_path} is missing: round {r - 1} finished without cutting it; "
+                    f"delete {folder.parent / f'round_{r - 1:02d}'} to redo that round"
+                )
+            Ticket.load(ticket_path).apply(model.backbone, strict=True)
+            if self.method.rewind:
+                _load_weights(model, _read(self.folder / "round_00" / REWIND))
+        own = Ticket.from_model(model.backbone, model.backbone.prunable())
+        self.log(
+            f"round {r}/{self.rounds}: training at sparsity {own.sparsity:.1%}"
+            + (" (dense)" if r == 0 else "")
+        )
+        started = time.perf_counter()
+        score, trained = self.experiment.train(
+            model,
+            description=f"round {r}/{self.rounds}",
+            quiet=self.quiet,
+            checkpoints=Checkpoints(folder / "checkpoint", self.checkpoint_every),
+            on_step=self._rewind_saver() if r == 0 and self.method.rewind else None,
+        )
+        dense = score if r == 0 else history[0]["score"]
+        metrics = {
+            "round": r,
+            "sparsity": own.sparsity,
+            "score": score,
+            "fraction_of_dense": score / dense if dense else 0.0,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        records = [*({k: h[k] for k in ("round", "sparsity", "score")} for h in history)]
+        records.append({k: metrics[k] for k in ("round", "sparsity", "score")})
+        if r == 0 and self.method.one_shot:
+            levels = range(1, self.rounds + 1)
+        elif not self.method.one_shot and r < self.rounds:
+            levels = range(r + 1, r + 2)
+        else:
+            levels = range(0)
+        for level in levels:
+            # In the trained model, now cut to the next sparsity: its masks are the next ticket.
+            prune_to(
+                trained.backbone.prunable(),
+                self.method,
+                self.targets[level - 1],
+                seed=self.settings.train.seed * 1000 + level,
+            )
+            if state.is_main_process:
+                cut = self._ticket(Ticket.from_model(trained.backbone), level, dense, records)
+                (self.folder / f"round_{level:02d}").mkdir(exist_ok=True)
+                cut.save(self.folder / f"round_{level:02d}" / TICKET)
+        if state.is_main_process:
+            self._ticket(own, r, dense, records, score=score).save(folder / TICKET)
+            atomic_write(done, json.dumps(metrics, indent=2).encode())
+            shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+        state.wait_for_everyone()
+        self.log(f"round {r}/{self.rounds}: {_line(metrics)}")
+        return metrics
+
+    def _rewind_saver(self) -> Callable[[int, VLModel], None]:
+        """Saves θ_k and φ_k, the dense run's weights after `rewind_step` steps."""
+        from accelerate import PartialState
+
+        def save(step: int, model: VLModel) -> None:
+            if step == self.settings.rewind_step and PartialState().is_main_process:
+                from safetensors.torch import save as to_bytes
+
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                atomic_write(self.folder / "round_00" / REWIND, to_bytes(state))
+
+        return save
+
+    def _ticket(
+        self, ticket: Ticket, r: int, dense: float, history: list[dict], score: float | None = None
+    ) -> Ticket:
+        settings = self.settings
+        ticket.metadata.update(
+            backbone=settings.backbone,
+            preset=self.config["preset"],
+            weights_fingerprint=self.experiment.fingerprint,
+            task=settings.task,
+            metric=self.experiment.task.metric,
+            method=settings.method,
+            schedule=settings.schedule,
+            round=r,
+            score=score,
+            dense_score=dense,
+            history=history,
+            run=self.folder.name,
+        )
+        return ticket
+
+    def _report(self, history: list[dict], keep: float) -> dict[str, Any]:
+        dense = history[0]["score"]
+        rounds = [{k: v for k, v in h.items() if k != "skipped"} for h in history]
+        holding = [h for h in rounds if h["score"] >= keep * dense]
+        final = max(holding, key=lambda h: h["sparsity"])
+        return {
+            "run": self.folder.name,
+            "backbone": self.settings.backbone,
+            "preset": self.config["preset"],
+            "task": self.settings.task,
+            "metric": self.experiment.task.metric,
+            "method": self.settings.method,
+            "dense_score": dense,
+            "keep": keep,
+            "rounds": rounds,
+            "final": {**final, "ticket": str(self.folder / TICKET)},
+        }
+
+    def _write_outputs(self, report: dict[str, Any]) -> None:
+        from vl_prune.plots import curves
+
+        chosen = self.folder / f"round_{report['final']['round']:02d}" / TICKET
+        atomic_write(self.folder / TICKET, chosen.read_bytes())
+        atomic_write(self.folder / "report.json", json.dumps(report, indent=2).encode())
+        curves([report], self.folder / "curve.png")
+
+
+def train_ticket(
+    ticket: Ticket, settings: FindSettings, force: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it."""
+    experiment = Experiment(settings)
+    model = experiment.fresh()
+    other = _apply(ticket, model, force)
+    score, _ = experiment.train(model, description="evaluate", quiet=quiet)
+    return {**_result(ticket, experiment, score), "other_weights": other}
+
+
+def score_finetuned(
+    ticket: Ticket | None, weights: str | Path, settings: FindSettings, force: bool = False
+) -> dict[str, Any]:
+    """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`), with the
+    ticket's mask applied, on the evaluation split; no training."""
+    experiment = Experiment(settings)
+    model = experiment.fresh()
+    if ticket is not None:
+        _apply(ticket, model, force=True)
+    _load_weights(model, _read(Path(weights)))
+    accelerator = make_accelerator(settings.train)
+    prepared = accelerator.prepare(model)
+    task, examples = experiment.task, experiment.eval_examples
+    score = evaluate(prepared, task, examples, settings.train, accelerator)
+    return _result(Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score)
+
+
+def _apply(ticket: Ticket, model: VLModel, force: bool) -> bool:
+    """Prune `model` to the ticket; whether the ticket came from other weights (only allowed
+    with `force`)."""
+    found = ticket.metadata.get("weights_fingerprint")
+    other = bool(found) and found != fingerprint(current_weights(model.backbone, ticket.masks))
+    if other and not force:
+        raise VLPruneError(
+            "the ticket was found from other weights than this backbone's θ0 "
+            "(fingerprint differs); pass --force to train it anyway"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FingerprintMismatch)  # checked above
+        ticket.apply(model.backbone)
+    return other
+
+
+def _result(ticket: Ticket, experiment: Experiment, score: float) -> dict[str, Any]:
+    return {
+        "task": experiment.settings.task,
+        "metric": experiment.task.metric,
+        "score": score,
+        "sparsity": ticket.sparsity,
+    }
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch checkpoint (tensors only)."""
+    from vl_prune.checkpoint import read_state_dict
+
+    return read_state_dict(path)
+
+
+def _load_weights(model: VLModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (plain parameter names) into `model`, whose pruned weights keep their
+    values under `<name>_orig`; every tensor of the model must be given."""
+    own = model.state_dict()
+    for name, target in own.items():
+        if name.endswith("_mask"):
+            continue
+        plain = name.removesuffix("_orig")
+        value = state.get(plain, state.get(name))
+        if value is None:
+            raise VLPruneError(f"weights file has no tensor {plain!r}")
+        if value.shape != target.shape:
+            raise VLPruneError(
+                f"tensor {plain!r} has shape {tuple(value.shape)}, the model's "
+                f"{tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(value)
+
+
+def _line(metrics: dict[str, Any]) -> str:
+    return (
+        f"sparsity {metrics['sparsity']:.1%}, score {metrics['score']:.4f} "
+        f"({metrics['fraction_of_dense']:.1%} of dense)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
