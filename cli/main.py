@@ -263,6 +263,8 @@ def find(
         sparsity=sparsity,
         rewind_step=rewind_step,
     )
+    if out is not None and not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
     say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     if settings.embedded:
         say(

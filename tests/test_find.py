@@ -273,6 +273,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_finished_rounds(
         (("--method", "bogus"), "bogus"),
         (("--method", "rewind"), "--rewind-step"),
         (("--steps", "0"), "steps"),
+        (("--checkpoint-every", "0"), "--checkpoint-every"),
+        (("--out", "/nonexistent/folder/t.safetensors"), "--out"),
     ],
 )
 def test_bad_flags_fail_in_one_line_and_write_nothing(world, theta0, tmp_path, flags, message):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -75,6 +75,9 @@ class Vqa(Task):
 
     description = "VQA v2: answer a question about an image (UNITER's head, soft VQA scores)"
     metric = "vqa_score"
+    # UNITER's train-vqa-base-4gpu.json: 6000 steps, peak lr 8e-5, 600 warmup steps.
+    recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
+    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
     #: an answer joins the vocabulary if annotators gave it on at least this many training
     #: questions: every answer, in the world. Raise it for the real release, whose answers are
     #: open-ended; UNITER uses BUTD's 3,129 answers (majority answers of ≥ 9 train+val questions).

@@ -1,0 +1,139 @@
+"""`vlprune find` against its anchor, the dense model: step time, peak memory, wall time.
+
+1. One training step (forward, backward, AdamW) of UNITER-base-shaped NLVR2 pairs, pruned to
+   90% by the ticket machinery against the same dense model; steps interleaved, median of many.
+2. Peak memory of a training step, each variant in a fresh process.
+3. The wall time of the default job, `vlprune find --model uniter --task nlvr2`, in a fresh
+   `$VL_PRUNE_HOME` (first run: world data and θ0 built too) unless --skip-find.
+
+    python benchmarks/bench_find.py                 # about ten minutes on 2 cores
+    python benchmarks/bench_find.py --layers 2 --skip-find   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from vl_prune.backbone import VLBatch
+from vl_prune.pruning import GlobalMagnitude
+from vl_prune.task import VLModel
+from vl_prune_plugins.backbones.uniter import Uniter
+from vl_prune_plugins.tasks.nlvr2 import PairedHead
+
+TEXT, REGIONS, IMG_DIM = 24, 36, 2048
+
+
+def model(layers: int, sparsity: float) -> VLModel:
+    torch.manual_seed(0)
+    backbone = Uniter("base", num_hidden_layers=layers, type_vocab_size=3)
+    if sparsity:
+        GlobalMagnitude.prune_group(backbone.prunable(), sparsity)
+    return VLModel(backbone, PairedHead(backbone.hidden_size))
+
+
+def batch(size: int, image_type: int) -> VLBatch:
+    generator = torch.Generator().manual_seed(image_type)
+    out = VLBatch(
+        input_ids=torch.randint(1000, 28000, (size, TEXT), generator=generator),
+        attention_mask=torch.ones(size, TEXT, dtype=torch.long),
+        token_type_ids=torch.zeros(size, TEXT, dtype=torch.long),
+        image_type=image_type,
+    )
+    out.region_feats = torch.randn(size, REGIONS, IMG_DIM, generator=generator)
+    out.region_boxes = torch.rand(size, REGIONS, 6, generator=generator)
+    out.region_mask = torch.ones(size, REGIONS, dtype=torch.long)
+    return out
+
+
+class Step:
+    """One optimizer step of a model on fixed pairs."""
+
+    def __init__(self, net: VLModel, size: int):
+        self.net = net
+        self.inputs = [batch(size, 1), batch(size, 2)]
+        self.targets = torch.randint(0, 2, (size,))
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.98))
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        logits = self.net.head(self.net.backbone, self.inputs)
+        torch.nn.functional.cross_entropy(logits, self.targets).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return time.perf_counter() - start
+
+
+def _peak(sparsity: float, layers: int, size: int) -> int:
+    """Peak resident memory of building the model and training two steps, above the
+    interpreter's own (weights, masks, AdamW state and activations all count)."""
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    step = Step(model(layers, sparsity), size)
+    step()
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def _in_fresh_process(sparsity: float, layers: int, size: int) -> int:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak, (sparsity, layers, size))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8, help="NLVR2 pairs per step")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--skip-find", action="store_true")
+    args = parser.parse_args()
+
+    # Memory first: a spawned process inherits its parent's peak resident size.
+    peak_dense = _in_fresh_process(0.0, args.layers, args.batch)
+    peak_pruned = _in_fresh_process(args.sparsity, args.layers, args.batch)
+    dense = Step(model(args.layers, 0.0), args.batch)
+    pruned = Step(model(args.layers, args.sparsity), args.batch)
+    for step in (dense, pruned):  # warm-up: allocator, AdamW state
+        step()
+    times = {"dense": [], "pruned": []}
+    for _ in range(args.steps):
+        times["dense"].append(dense())
+        times["pruned"].append(pruned())
+    d, p = statistics.median(times["dense"]), statistics.median(times["pruned"])
+    print(f"UNITER-base shape, {args.layers} layers, {args.batch} NLVR2 pairs a step, CPU")
+    print(f"  training step  dense {d:.3f} s   pruned to {args.sparsity:.0%} {p:.3f} s")
+    print(f"                 ratio {p / d:.3f}x (median of {args.steps}, interleaved)")
+    print(
+        f"  peak memory, model + 2 steps (fresh processes)  dense +{peak_dense / 2**20:.0f} MiB   "
+        f"pruned +{peak_pruned / 2**20:.0f} MiB   ratio {peak_pruned / peak_dense:.3f}x"
+    )
+
+    if args.skip_find:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "VL_PRUNE_HOME": os.path.join(scratch, "home")}
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "vl_prune_cli.main", "find", "--model", "uniter"),
+                *("--task", "nlvr2", "--runs", os.path.join(scratch, "runs"), "--quiet"),
+            ],
+            env=env,
+            check=True,
+        )
+        wall = time.perf_counter() - start
+    print(f"  vlprune find --model uniter --task nlvr2, first run: {wall / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
