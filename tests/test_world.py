@@ -82,9 +82,10 @@ def count_word(word: str) -> int:
 def truth(text: str, left: Scene, right: Scene) -> bool:
     """The truth of a statement, recomputed from the scenes for each of the world's templates."""
     side = {"left": left, "right": right}
-    if m := re.fullmatch(r"the (left|right) image contains a (\w+) (\w+) \.", text):
-        where, colour, shape = m.groups()
-        return side[where].count(shape, colour) > 0
+    if m := re.fullmatch(r"the (left|right) image contains a (\w+) object \.", text):
+        return side[m[1]].count(colour=m[2]) > 0
+    if m := re.fullmatch(r"the (left|right) image contains a (\w+) \.", text):
+        return side[m[1]].count(m[2]) > 0
     if m := re.fullmatch(r"the (left|right) image has no (\w+) objects \.", text):
         return side[m[1]].count(colour=m[2]) == 0
     if m := re.fullmatch(r"both images contain a (\w+) \.", text):

@@ -66,6 +66,11 @@ class Pretrain(Task):
     description = "pre-training objectives: MLM + ITM (+ MRFR for region backbones)"
     metric = "mlm_itm_accuracy"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # image → every caption read for it: a pair is matched when its caption is among them.
+        self.captions_of: dict[str, set[str]] = {}
+
     def examples(self, split: str) -> list[Caption]:
         files = sorted(self.data.glob("dataset_*.json"))
         if len(files) != 1:
@@ -81,6 +86,7 @@ class Pretrain(Task):
             stem = Path(field(image, "filename", str, where)).stem
             for sentence in field(image, "sentences", list, where):
                 out.append(Caption(field(sentence, "raw", str, where), stem))
+                self.captions_of.setdefault(stem, set()).add(out[-1].text)
         if not out:
             raise VLPruneError(f"{files[0]}: no captions in split {split!r}")
         return out
@@ -88,8 +94,8 @@ class Pretrain(Task):
     @classmethod
     def write_world(cls, out: Path, seed: int = 0) -> None:
         from vl_prune_plugins.tasks.annotations import write_json
-        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
-        from vl_prune_plugins.world.language import caption
+        from vl_prune_plugins.world.images import new_scene, write_image
+        from vl_prune_plugins.world.language import presence_captions
         from vl_prune_plugins.world.scenes import WorldSettings
 
         settings = WorldSettings(seed=seed)
@@ -99,10 +105,10 @@ class Pretrain(Task):
                 name = f"world_{split}_{i:06d}"
                 scene = new_scene(settings, "pretrain", split, i)
                 write_image(scene, name, out, settings)
-                rng = scene_rng(settings, "caption", split, i)
                 sentences = []
-                for _ in range(2):
-                    raw = caption(scene, rng)
+                # Every true presence statement: a caption missing from an image's list is false
+                # of it, so ITM negatives are real negatives (see `collate`).
+                for raw in presence_captions(scene):
                     tokens = raw.rstrip(" .").split()
                     sentences.append(
                         {"tokens": tokens, "raw": raw, "imgid": len(images), "sentid": sentence_id}
@@ -127,12 +133,18 @@ class Pretrain(Task):
         # Randomness comes from torch's generator, which the trainer seeds.
         n = len(examples)
         matched = torch.rand(n) < 0.5
-        shuffled = torch.randperm(n)
-        images = [
-            examples[i].image if matched[i] else examples[int(shuffled[i])].image for i in range(n)
-        ]
-        matched &= torch.tensor(
-            [image == e.image for image, e in zip(images, examples, strict=True)]
+        images = []
+        for i, example in enumerate(examples):
+            image = example.image
+            if not matched[i]:
+                # A few tries at an image the caption is false of, as far as its captions say.
+                for j in torch.randint(n, (8,)).tolist():
+                    image = examples[j].image
+                    if not self._true_of(example, image):
+                        break
+            images.append(image)
+        matched = torch.tensor(
+            [self._true_of(e, image) for e, image in zip(examples, images, strict=True)]
         )
         batch = encode([e.text for e in examples], images, backbone, ImageStore(self.data))
         labels = _mask_tokens(batch, backbone.tokenizer)
@@ -145,6 +157,10 @@ class Pretrain(Task):
             batch.masked_regions = masked
             batch.region_feats = batch.region_feats.masked_fill(masked.unsqueeze(-1), 0)
         return TaskBatch([batch], targets)
+
+    def _true_of(self, example: Caption, image: str) -> bool:
+        """Whether the caption is true of the image: its own, or one of the image's captions."""
+        return image == example.image or example.text in self.captions_of.get(image, ())
 
     def loss(self, outputs: dict, targets: dict) -> torch.Tensor:
         mlm = outputs["mlm"]

@@ -30,6 +30,17 @@ def _relation(a: Thing, b: Thing) -> str:
     return "above" if dy > 0 else "below"
 
 
+def presence_captions(scene: Scene) -> list[str]:
+    """Every presence statement true of the scene, in a fixed order: each colour, each shape and
+    each colour–shape pair it holds. Written together, they let a reader tell a false caption
+    (one not in the image's list) from a true one: real negatives for image–text matching."""
+    colours = sorted({t.colour for t in scene.things})
+    shapes = sorted({t.shape for t in scene.things})
+    return [f"the image contains a {colour} object ." for colour in colours] + [
+        f"the image contains a {shape} ." for shape in shapes
+    ]
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """One sentence about the scene: an object and where it is relative to another, or a count."""
     things = scene.things
@@ -47,12 +58,19 @@ Predicate = Callable[[Scene, Scene], bool]
 
 def _side_contains(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]:
     side = rng.choice(("left", "right"))
-    shape, colour = rng.choice(settings.shape_names), rng.choice(settings.colour_names)
+    if rng.random() < 0.5:
+        colour = rng.choice(settings.colour_names)
 
-    def holds(left: Scene, right: Scene) -> bool:
-        return (left if side == "left" else right).count(shape, colour) > 0
+        def holds(left: Scene, right: Scene) -> bool:
+            return (left if side == "left" else right).count(colour=colour) > 0
 
-    return f"the {side} image contains a {colour} {shape} .", holds
+        return f"the {side} image contains a {colour} object .", holds
+    shape = rng.choice(settings.shape_names)
+
+    def has_shape(left: Scene, right: Scene) -> bool:
+        return (left if side == "left" else right).count(shape) > 0
+
+    return f"the {side} image contains a {shape} .", has_shape
 
 
 def _side_lacks(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]:

@@ -14,17 +14,19 @@ SIZES = ("small", "large")
 class WorldSettings:
     """Everything that decides a world; the same settings always give the same files.
 
-    The defaults make the tasks learnable by a tiny model but not trivially: region features
-    are noisy projections of the objects' attributes, among distractor regions.
+    The defaults make the tasks learnable by a tiny model in a few hundred steps but not
+    trivially: region features are noisy projections of the objects' attributes. (With 6 shapes
+    × 6 colours, noise 0.6 and 3 distractor regions, a tiny UNITER stays at chance on "does the
+    image contain X" for thousands of steps: the text–region interaction never gets learnt.)
     """
 
     seed: int = 0
     min_objects: int = 1
-    max_objects: int = 6
-    shapes: int = 6
-    colours: int = 6
-    distractors: int = 3
-    feature_noise: float = 0.6
+    max_objects: int = 4
+    shapes: int = 4
+    colours: int = 4
+    distractors: int = 0
+    feature_noise: float = 0.3
     img_dim: int = 64
     image_size: int = 64
 
