@@ -16,7 +16,7 @@ import vl_prune_plugins.tasks.nlvr2 as nlvr2
 from vl_prune_plugins.world import language
 from vl_prune_plugins.world.features import region_features
 from vl_prune_plugins.world.images import new_scene, write_image
-from vl_prune_plugins.world.language import NUMBER_WORDS, caption, question, statement
+from vl_prune_plugins.world.language import NUMBER_WORDS, captions, question, statement
 from vl_prune_plugins.world.scenes import Scene, WorldSettings, sample_scene
 from vl_prune_plugins.world.vocabulary import SHAPES, plural, words
 
@@ -67,7 +67,7 @@ def test_every_sentence_uses_only_vocabulary_words(settings):
     vocabulary = set(words())
     sentences = []
     for left, _, rng in samples(settings, 1500):
-        sentences.append(caption(left, rng))
+        sentences += captions(left)
         sentences.append(statement(rng, settings)[0])
         text, answer, kind = question(left, rng, settings)
         sentences += [text, answer, *language.human_answers(answer, kind, rng, settings)]
@@ -92,10 +92,14 @@ def truth(text: str, left: Scene, right: Scene) -> bool:
         return left.count(m[1]) > 0 and right.count(m[1]) > 0
     if m := re.fullmatch(r"at least one image contains a (\w+) \.", text):
         return left.count(m[1]) + right.count(m[1]) > 0
+    if text == "the left image has more objects than the right image .":
+        return left.count() > right.count()
     if m := re.fullmatch(r"the left image has more (\w+) than the right image \.", text):
         return left.count(SINGULAR[m[1]]) > right.count(SINGULAR[m[1]])
     if m := re.fullmatch(r"there are at least (\w+) (\w+) objects in the two images \.", text):
         return left.count(colour=m[2]) + right.count(colour=m[2]) >= count_word(m[1])
+    if m := re.fullmatch(r"the (left|right) image has at least (\w+) objects \.", text):
+        return side[m[1]].count() >= count_word(m[2])
     if m := re.fullmatch(r"there are at least (\w+) objects in the two images \.", text):
         return left.count() + right.count() >= count_word(m[1])
     if m := re.fullmatch(r"there are (\w+) objects in the two images \.", text):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from vl_prune import registry
 from vl_prune.errors import VLPruneError
@@ -197,8 +198,6 @@ class Lottery:
         """Run (or finish) every round and write the report, curve and final ticket."""
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
-        from accelerate import PartialState
-
         state = PartialState()
         if state.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -228,8 +227,6 @@ class Lottery:
             metrics = json.loads(done.read_text())
             self.log(f"round {r}/{self.rounds}: finished earlier, skipped ({_line(metrics)})")
             return {**metrics, "skipped": True}
-        from accelerate import PartialState
-
         state = PartialState()
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
@@ -266,26 +263,8 @@ class Lottery:
             "fraction_of_dense": score / dense if dense else 0.0,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        records = [*({k: h[k] for k in ("round", "sparsity", "score")} for h in history)]
-        records.append({k: metrics[k] for k in ("round", "sparsity", "score")})
-        if r == 0 and self.method.one_shot:
-            levels = range(1, self.rounds + 1)
-        elif not self.method.one_shot and r < self.rounds:
-            levels = range(r + 1, r + 2)
-        else:
-            levels = range(0)
-        for level in levels:
-            # In the trained model, now cut to the next sparsity: its masks are the next ticket.
-            prune_to(
-                trained.backbone.prunable(),
-                self.method,
-                self.targets[level - 1],
-                seed=self.settings.train.seed * 1000 + level,
-            )
-            if state.is_main_process:
-                cut = self._ticket(Ticket.from_model(trained.backbone), level, dense, records)
-                (self.folder / f"round_{level:02d}").mkdir(exist_ok=True)
-                cut.save(self.folder / f"round_{level:02d}" / TICKET)
+        records = [{k: h[k] for k in ("round", "sparsity", "score")} for h in [*history, metrics]]
+        self._cut(r, trained, dense, records)
         if state.is_main_process:
             self._ticket(own, r, dense, records, score=score).save(folder / TICKET)
             atomic_write(done, json.dumps(metrics, indent=2).encode())
@@ -294,9 +273,30 @@ class Lottery:
         self.log(f"round {r}/{self.rounds}: {_line(metrics)}")
         return metrics
 
+    def _cut(self, r: int, trained: VLModel, dense: float, records: list[dict]) -> None:
+        """Write the masks that round r's trained weights give the rounds after it: the next
+        round's, or (one-shot, after the dense round) every round's."""
+        if self.method.one_shot:
+            levels = range(1, self.rounds + 1) if r == 0 else range(0)
+        else:
+            levels = range(r + 1, min(r + 1, self.rounds) + 1)
+        parameters = trained.backbone.prunable()
+        for level in levels:
+            # The trained model itself is cut: its masks are the next round's ticket.
+            prune_to(parameters, self.method, self.targets[level - 1], seed=self._seed(level))
+            if PartialState().is_main_process:
+                cut = Ticket.from_model(trained.backbone, parameters)
+                (self.folder / f"round_{level:02d}").mkdir(exist_ok=True)
+                self._ticket(cut, level, dense, records).save(
+                    self.folder / f"round_{level:02d}" / TICKET
+                )
+
+    def _seed(self, level: int) -> int:
+        """The seed of a round's random choices (random pruning), fixed by the run's seed."""
+        return self.settings.train.seed * 1000 + level
+
     def _rewind_saver(self) -> Callable[[int, VLModel], None]:
         """Saves θ_k and φ_k, the dense run's weights after `rewind_step` steps."""
-        from accelerate import PartialState
 
         def save(step: int, model: VLModel) -> None:
             if step == self.settings.rewind_step and PartialState().is_main_process:

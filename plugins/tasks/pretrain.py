@@ -95,7 +95,7 @@ class Pretrain(Task):
     def write_world(cls, out: Path, seed: int = 0) -> None:
         from vl_prune_plugins.tasks.annotations import write_json
         from vl_prune_plugins.world.images import new_scene, write_image
-        from vl_prune_plugins.world.language import presence_captions
+        from vl_prune_plugins.world.language import captions
         from vl_prune_plugins.world.scenes import WorldSettings
 
         settings = WorldSettings(seed=seed)
@@ -108,7 +108,7 @@ class Pretrain(Task):
                 sentences = []
                 # Every true presence statement: a caption missing from an image's list is false
                 # of it, so ITM negatives are real negatives (see `collate`).
-                for raw in presence_captions(scene):
+                for raw in captions(scene):
                     tokens = raw.rstrip(" .").split()
                     sentences.append(
                         {"tokens": tokens, "raw": raw, "imgid": len(images), "sentid": sentence_id}

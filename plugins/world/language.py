@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
+from vl_prune_plugins.world.scenes import Scene, WorldSettings
 from vl_prune_plugins.world.vocabulary import NUMBERS, plural
 
 NUMBER_WORDS = NUMBERS[1:]  # "zero" .. "eight"
@@ -19,38 +19,19 @@ def number(n: int) -> str:
     return NUMBER_WORDS[n]
 
 
-def _noun(thing: Thing) -> str:
-    return f"{thing.size} {thing.colour} {thing.shape}"
-
-
-def _relation(a: Thing, b: Thing) -> str:
-    dx, dy = b.x - a.x, b.y - a.y
-    if abs(dx) >= abs(dy):
-        return "left of" if dx > 0 else "right of"
-    return "above" if dy > 0 else "below"
-
-
-def presence_captions(scene: Scene) -> list[str]:
-    """Every presence statement true of the scene, in a fixed order: each colour, each shape and
-    each colour–shape pair it holds. Written together, they let a reader tell a false caption
-    (one not in the image's list) from a true one: real negatives for image–text matching."""
+def captions(scene: Scene) -> list[str]:
+    """Every presence statement true of the scene (each colour, each shape it holds) and its
+    object count, in a fixed order. Written together as an image's captions, they let a
+    reader tell a false caption (one not in the list) from a true one: real negatives for
+    image–text matching."""
     colours = sorted({t.colour for t in scene.things})
     shapes = sorted({t.shape for t in scene.things})
-    return [f"the image contains a {colour} object ." for colour in colours] + [
-        f"the image contains a {shape} ." for shape in shapes
+    n = len(scene.things)
+    return [
+        *(f"the image contains a {colour} object ." for colour in colours),
+        *(f"the image contains a {shape} ." for shape in shapes),
+        f"there {'is' if n == 1 else 'are'} {number(n)} object{'' if n == 1 else 's'} .",
     ]
-
-
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One sentence about the scene: an object and where it is relative to another, or a count."""
-    things = scene.things
-    if len(things) >= 2 and rng.random() < 0.7:
-        a, b = rng.sample(things, 2)
-        return f"a {_noun(a)} is {_relation(a, b)} a {_noun(b)} ."
-    if rng.random() < 0.5:
-        return f"there {'is' if len(things) == 1 else 'are'} {number(len(things))} objects ."
-    thing = rng.choice(things)
-    return f"the image contains a {_noun(thing)} ."
 
 
 Predicate = Callable[[Scene, Scene], bool]
@@ -110,14 +91,43 @@ def _total(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]
     )
 
 
-TEMPLATES = (_side_contains, _side_lacks, _contain, _more, _total)
+def _more_objects(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]:
+    return (
+        "the left image has more objects than the right image .",
+        lambda a, b: a.count() > b.count(),
+    )
+
+
+def _total_objects(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]:
+    n = rng.randint(3, 6)
+    return (
+        f"there are at least {number(n)} objects in the two images .",
+        lambda a, b: a.count() + b.count() >= n,
+    )
+
+
+def _side_count(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]:
+    side, n = rng.choice(("left", "right")), rng.randint(2, 3)
+
+    def holds(left: Scene, right: Scene) -> bool:
+        return (left if side == "left" else right).count() >= n
+
+    return f"the {side} image has at least {number(n)} objects .", holds
+
+
+# How many objects the images hold: tiny models learn these from their world θ0 within a few
+# hundred steps. Statements naming a colour or shape need text–region matching, which they
+# barely learn on a CPU budget; they are a quarter of the sentences.
+COUNTING = (_more_objects, _total_objects, _side_count)
+ATTRIBUTES = (_side_contains, _side_lacks, _contain, _more, _total)
 
 
 def statement(rng: random.Random, settings: WorldSettings) -> tuple[str, Predicate]:
     """A sentence about an image pair and the test of its truth. It is drawn before any image:
     the NLVR2 writer then draws image pairs until the truth is the label it wants, so the words
     alone say nothing about the label (no language prior to learn instead of the images)."""
-    return rng.choice(TEMPLATES)(rng, settings)
+    family = COUNTING if rng.random() < 0.75 else ATTRIBUTES
+    return rng.choice(family)(rng, settings)
 
 
 def question(scene: Scene, rng: random.Random, settings: WorldSettings) -> tuple[str, str, str]:
