@@ -15,7 +15,7 @@ import time
 import torch
 
 from vl_prune import registry
-from vl_prune.home import cached_folder
+from vl_prune.lottery import world_data
 from vl_prune.pruning import GlobalMagnitude, GlobalRandom
 from vl_prune.task import VLModel
 from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
@@ -32,7 +32,7 @@ def main() -> None:
 
     backbone_class = registry.load("backbones", args.backbone)
     task_class = registry.load("tasks", args.task)
-    data = cached_folder(f"world/{args.task}-seed0", task_class.write_world)
+    data = world_data(args.task)
     task = task_class(data)
     train, dev = task.examples("train"), task.examples("dev")
     settings = TrainSettings(steps=args.steps)

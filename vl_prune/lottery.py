@@ -82,7 +82,8 @@ def recipe(task: str, world: bool) -> TrainSettings:
 def world_data(task: str, seed: int = 0) -> Path:
     """The embedded world's split of `task`, written on first use and cached."""
     task_class = registry.load("tasks", task)
-    return cached_folder(f"world/{task}-seed{seed}", lambda out: task_class.write_world(out, seed))
+    name = f"world/{task}-v{task_class.world_version}-seed{seed}"
+    return cached_folder(name, lambda out: task_class.write_world(out, seed))
 
 
 class Experiment:

@@ -54,6 +54,8 @@ class Task:
     #: and for the embedded world; flags override them
     recipe: ClassVar[dict[str, Any]] = {}
     world_recipe: ClassVar[dict[str, Any]] = {}
+    #: changes whenever `write_world` writes something else: cached world splits are keyed by it
+    world_version: ClassVar[int] = 0
 
     def __init__(self, data: str | Path):
         self.data = Path(data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class ImageStore:
         """`features` (N × D) and `norm_bb` (N × 6) of one image, UNITER's npz layout."""
         path = self.root / "features" / f"{name}.npz"
         if path.is_file():
-            return _read_npz(path)
+            return _read_npz(path, path.stat().st_mtime_ns)
         if (self.root / "img_db").is_dir():
             return self._img_db().regions(name, self.key_prefix)
         raise VLPruneError(f"{path}: region features of image {name!r} are missing")
@@ -137,8 +137,12 @@ def _keys(name: str, prefix: str) -> list[str]:
     return list(dict.fromkeys(f"{p}{name}{ext}" for p in (prefix, "") for ext in (".npz", "")))
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """An npz feature file, whole (every region it holds)."""
+# Every epoch reads each feature file again, and decompressing them took a quarter of a world
+# training step. Up to 4096 images stay in memory (~600 MB at UNITER's 36 × 2048 fp16); the
+# file's mtime is part of the key, so a rewritten file is read again.
+@lru_cache(maxsize=4096)
+def _read_npz(path: Path, mtime_ns: int) -> dict[str, np.ndarray]:
+    """An npz feature file, whole (every region it holds); callers must not modify it."""
     try:
         with np.load(path) as npz:
             return {"features": npz["features"], "norm_bb": npz["norm_bb"]}

@@ -22,6 +22,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 LABELS = {"False": 0, "True": 1}
 WORLD_SIZES = {"train": 2000, "dev": 500}
@@ -60,6 +61,7 @@ class Nlvr2(Task):
 
     description = "NLVR2: is the sentence true of the image pair? (UNITER's paired head)"
     metric = "accuracy"
+    world_version = WORLD_VERSION
     # UNITER's train-nlvr2-base-1gpu.json (its batches are 10,240 tokens, ~32 pairs here).
     recipe: ClassVar[dict] = {
         "steps": 8000,

@@ -21,6 +21,7 @@ from vl_prune.task import Task, TaskBatch, VLModel
 from vl_prune.train import TrainSettings
 from vl_prune_plugins.tasks.annotations import field, json_file
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.vocabulary import words
 
 WORLD_SIZES = {"train": 3000, "dev": 500}
@@ -65,6 +66,7 @@ class Pretrain(Task):
 
     description = "pre-training objectives: MLM + ITM (+ MRFR for region backbones)"
     metric = "mlm_itm_accuracy"
+    world_version = WORLD_VERSION
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -217,12 +219,14 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
     torch.manual_seed(settings.seed)
     backbone = backbone_class.build("tiny")
     # Everything that decides the weights names the file: a change builds a new θ0.
-    recipe = repr((asdict(settings), sorted(backbone.state_dict()), words(), WORLD_SIZES))
+    recipe = repr(
+        (asdict(settings), sorted(backbone.state_dict()), words(), WORLD_SIZES, WORLD_VERSION)
+    )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"
     if not path.is_file():
         data = cached_folder(
-            f"world/pretrain-seed{settings.seed}",
+            f"world/pretrain-v{WORLD_VERSION}-seed{settings.seed}",
             lambda out: Pretrain.write_world(out, seed=settings.seed),
         )
         task = Pretrain(data)

@@ -27,6 +27,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_file, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 ANSWERS_PER_QUESTION = 10
 WORLD_SIZES = {"train": 2000, "dev": 500}
@@ -75,6 +76,7 @@ class Vqa(Task):
 
     description = "VQA v2: answer a question about an image (UNITER's head, soft VQA scores)"
     metric = "vqa_score"
+    world_version = WORLD_VERSION
     # UNITER's train-vqa-base-4gpu.json: 6000 steps, peak lr 8e-5, 600 warmup steps.
     recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
     world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
