@@ -211,9 +211,9 @@ def test_sentences_alone_do_not_give_the_label_away(world):
     assert sum(guessed) / len(guessed) < 0.6
 
 
-def test_uniter_tiny_fits_the_world_split(world):
-    """From a fresh uniter-tiny, 300 steps of batch 32 fit the training pairs well above chance.
-    (Generalising to dev needs the pre-trained θ0 and more data: see the closing notes.)"""
+def test_uniter_tiny_learns_the_world_split(world):
+    """From a fresh uniter-tiny, 300 steps of batch 32 fit the training pairs and generalise to
+    dev well above chance (0.665 here; the world θ0 reaches about 0.85, see the README)."""
     torch.manual_seed(0)
     backbone = Uniter.build("tiny")
     task = Nlvr2(world)
@@ -229,6 +229,9 @@ def test_uniter_tiny_fits_the_world_split(world):
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        batch = task.collate(train[:200], backbone)
-        accuracy = task.score(task.predict(model(batch)), batch.targets)
-    assert accuracy > 0.65
+        scores = {}
+        for split in ("train", "dev"):
+            batch = task.collate(task.examples(split)[:200], backbone)
+            scores[split] = task.score(task.predict(model(batch)), batch.targets)
+    assert scores["train"] > 0.65
+    assert scores["dev"] > 0.6

@@ -108,8 +108,8 @@ class Pretrain(Task):
                 scene = new_scene(settings, "pretrain", split, i)
                 write_image(scene, name, out, settings)
                 sentences = []
-                # Every true presence statement: a caption missing from an image's list is false
-                # of it, so ITM negatives are real negatives (see `collate`).
+                # Every true statement `captions` makes: a caption missing from an image's list
+                # is false of it, so ITM negatives are real negatives (see `collate`).
                 for raw in captions(scene):
                     tokens = raw.rstrip(" .").split()
                     sentences.append(
