@@ -7,6 +7,7 @@ so no test waits for the embedded θ0 to be pre-trained.
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,3 +369,20 @@ def test_scoring_finetuned_weights(world, theta0, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["sparsity"] == 0.0
+
+
+def test_redoing_a_round_redoes_the_rounds_that_derive_from_it(world, theta0, tmp_path):
+    lottery = Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path)
+    lottery.run()
+    before = round_tickets(lottery.folder)
+    last = lottery.folder / "round_02" / "metrics.json"
+    stamp = last.stat().st_mtime_ns
+    shutil.rmtree(lottery.folder / "round_01")  # its mask came from round 0: gone with it
+    with pytest.raises(VLPruneError, match=r"delete .*round_00"):
+        Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path).run()
+    shutil.rmtree(lottery.folder / "round_00")
+    Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path).run()
+    assert last.stat().st_mtime_ns != stamp  # round 2 was trained again, not taken as done
+    after = round_tickets(lottery.folder)
+    for old, new in zip(before, after, strict=True):
+        assert all(torch.equal(old.masks[n], new.masks[n]) for n in old.masks)

@@ -213,6 +213,7 @@ def _save(accelerator: Any, checkpoints: Checkpoints, step: int) -> None:
     moment leaves `latest` naming a complete save (or none)."""
     name = f"{STEP}{step:07d}"
     accelerator.save_state(str(checkpoints.folder / name))
+    accelerator.wait_for_everyone()  # every process's random states are written
     if accelerator.is_main_process:
         atomic_write(checkpoints.folder / LATEST, name.encode())
         for old in checkpoints.folder.glob(f"{STEP}*"):

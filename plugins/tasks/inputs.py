@@ -145,9 +145,12 @@ def _read_npz(path: Path, mtime_ns: int) -> dict[str, np.ndarray]:
     """An npz feature file, whole (every region it holds); callers must not modify it."""
     try:
         with np.load(path) as npz:
-            return {"features": npz["features"], "norm_bb": npz["norm_bb"]}
+            regions = {"features": npz["features"], "norm_bb": npz["norm_bb"]}
     except (OSError, ValueError, KeyError) as exc:
         raise VLPruneError(f"{path}: not a region feature file ({exc})") from exc
+    for array in regions.values():
+        array.setflags(write=False)  # shared by every later read of the file
+    return regions
 
 
 def _lmdb_folders(folder: Path, choice: str | None) -> list[Path]:
