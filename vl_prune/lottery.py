@@ -281,7 +281,7 @@ class Lottery:
             levels = range(1, self.rounds + 1) if r == 0 else range(0)
         else:
             levels = range(r + 1, min(r + 1, self.rounds) + 1)
-        if PartialState().is_main_process:
+        if levels and PartialState().is_main_process:
             # Later rounds derive from this cut: anything left of them (a redone round) is stale.
             for later in range(r + 1, self.rounds + 1):
                 shutil.rmtree(self.folder / f"round_{later:02d}", ignore_errors=True)
