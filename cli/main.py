@@ -134,41 +134,44 @@ def data_world(task_name: str, out: Path, seed: int) -> None:
     click.echo(f"wrote the world's {task_name} split (seed {seed}) to {out}: {files} files")
 
 
-def _training_options(command):
-    """Fine-tuning flags shared by find and evaluate; unset ones come from the task's recipe."""
-    options = [
-        click.option("--steps", type=int, help="Optimizer steps per fine-tuning."),
-        click.option("--lr", type=float, help="Peak learning rate (linear warmup and decay)."),
-        click.option("--batch-size", type=int, help="Examples per step and process."),
-        click.option("--grad-accumulation", type=int, help="Batches per optimizer step."),
-        click.option(
-            "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
-        ),
-        click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _options(*options):
+    """One decorator applying several click options, listed in the order --help shows them."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
-def _model_options(command):
-    options = [
-        click.option(
-            "--model",
-            "backbone",
-            default="uniter",
-            show_default=True,
-            help="Backbone plugin (see `vlprune list backbones`).",
-        ),
-        click.option("--preset", help="Backbone preset; with --checkpoint, the checkpoint's."),
-        click.option("--checkpoint", help="Pre-trained weights: a file, folder or hub id."),
-        click.option(
-            "--data", help="Task data folder in the official layout (default: the embedded world)."
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+# Fine-tuning flags shared by find and evaluate; unset ones come from the task's recipe.
+_training_options = _options(
+    click.option("--steps", type=int, help="Optimizer steps per fine-tuning."),
+    click.option("--lr", type=float, help="Peak learning rate (linear warmup and decay)."),
+    click.option("--batch-size", type=int, help="Examples per step and process."),
+    click.option("--grad-accumulation", type=int, help="Batches per optimizer step."),
+    click.option(
+        "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
+    ),
+    click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
+)
+
+# Which backbone, weights and data: find and evaluate.
+_model_options = _options(
+    click.option(
+        "--model",
+        "backbone",
+        default="uniter",
+        show_default=True,
+        help="Backbone plugin (see `vlprune list backbones`).",
+    ),
+    click.option("--preset", help="Backbone preset; with --checkpoint, the checkpoint's."),
+    click.option("--checkpoint", help="Pre-trained weights: a file, folder or hub id."),
+    click.option(
+        "--data", help="Task data folder in the official layout (default: the embedded world)."
+    ),
+)
 
 
 def _settings(task: str, backbone: str, training: dict, data: str | None, **extra):

@@ -24,6 +24,7 @@ import torch
 from accelerate import PartialState
 
 from vl_prune import registry
+from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.home import cached_folder
@@ -111,8 +112,9 @@ class Experiment:
         # The head may grow the backbone (a second image type): build it before θ0 is read.
         self.template = VLModel(backbone, self.task.head(backbone))
         self.names = backbone.prunable_names()
-        self.total = sum(p.numel() for p in current_weights(backbone, self.names).values())
-        self.fingerprint = fingerprint(current_weights(backbone, self.names))
+        weights = current_weights(backbone, self.names)
+        self.total = sum(w.numel() for w in weights.values())
+        self.fingerprint = fingerprint(weights)
         self.data = data.resolve()
 
     def fresh(self) -> VLModel:
@@ -242,7 +244,7 @@ class Lottery:
                 )
             Ticket.load(ticket_path).apply(model.backbone, strict=True)
             if self.method.rewind:
-                _load_weights(model, _read(self.folder / "round_00" / REWIND))
+                _load_weights(model, read_state_dict(self.folder / "round_00" / REWIND))
         own = Ticket.from_model(model.backbone, model.backbone.prunable())
         self.log(
             f"round {r}/{self.rounds}: training at sparsity {own.sparsity:.1%}"
@@ -380,7 +382,7 @@ def score_finetuned(
     model = experiment.fresh()
     if ticket is not None:
         _apply(ticket, model, force=True)
-    _load_weights(model, _read(Path(weights)))
+    _load_weights(model, read_state_dict(weights))
     accelerator = make_accelerator(settings.train)
     prepared = accelerator.prepare(model)
     task, examples = experiment.task, experiment.eval_examples
@@ -411,13 +413,6 @@ def _result(ticket: Ticket, experiment: Experiment, score: float) -> dict[str, A
         "score": score,
         "sparsity": ticket.sparsity,
     }
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch checkpoint (tensors only)."""
-    from vl_prune.checkpoint import read_state_dict
-
-    return read_state_dict(path)
 
 
 def _load_weights(model: VLModel, state: dict[str, torch.Tensor]) -> None:
