@@ -1,7 +1,8 @@
 """`vlprune find` against its anchor, the dense model: step time, peak memory, wall time.
 
 1. One training step (forward, backward, AdamW) of UNITER-base-shaped NLVR2 pairs, pruned to
-   90% by the ticket machinery against the same dense model; steps interleaved, median of many.
+   90% by the ticket machinery, against the same dense model and against the same masks applied
+   by torch's own prune API (`prune.custom_from_mask`); steps interleaved, median of many.
 2. Peak memory of a training step, each variant in a fresh process.
 3. The wall time of the default job, `vlprune find --model uniter --task nlvr2`, in a fresh
    `$VL_PRUNE_HOME` (first run: world data and θ0 built too) unless --skip-find.
@@ -23,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from torch.nn.utils import prune
 
 from vl_prune.backbone import VLBatch
 from vl_prune.pruning import GlobalMagnitude
@@ -33,11 +35,17 @@ from vl_prune_plugins.tasks.nlvr2 import PairedHead
 TEXT, REGIONS, IMG_DIM = 24, 36, 2048
 
 
-def model(layers: int, sparsity: float) -> VLModel:
+def model(layers: int, sparsity: float, by_torch: bool = False) -> VLModel:
+    """The model, pruned by vl_prune's bool masks, or with the same masks by torch's own API."""
     torch.manual_seed(0)
     backbone = Uniter("base", num_hidden_layers=layers, type_vocab_size=3)
     if sparsity:
         GlobalMagnitude.prune_group(backbone.prunable(), sparsity)
+    if by_torch:
+        for module, name in backbone.prunable():
+            mask = getattr(module, name + "_mask").float()
+            prune.remove(module, name)
+            prune.custom_from_mask(module, name, mask)
     return VLModel(backbone, PairedHead(backbone.hidden_size))
 
 
@@ -73,20 +81,23 @@ class Step:
         return time.perf_counter() - start
 
 
-def _peak(sparsity: float, layers: int, size: int) -> int:
+VARIANTS = {"dense": (0.0, False), "vl_prune": (None, False), "torch prune": (None, True)}
+
+
+def _peak(sparsity: float, by_torch: bool, layers: int, size: int) -> int:
     """Peak resident memory of building the model and training two steps, above the
     interpreter's own (weights, masks, AdamW state and activations all count)."""
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    step = Step(model(layers, sparsity), size)
+    step = Step(model(layers, sparsity, by_torch), size)
     step()
     step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 
 
-def _in_fresh_process(sparsity: float, layers: int, size: int) -> int:
+def _in_fresh_process(*args) -> int:
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_peak, (sparsity, layers, size))
+        return pool.apply(_peak, args)
 
 
 def main() -> None:
@@ -97,25 +108,34 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--skip-find", action="store_true")
     args = parser.parse_args()
+    settings = {
+        name: (args.sparsity if sparsity is None else sparsity, by_torch)
+        for name, (sparsity, by_torch) in VARIANTS.items()
+    }
 
     # Memory first: a spawned process inherits its parent's peak resident size.
-    peak_dense = _in_fresh_process(0.0, args.layers, args.batch)
-    peak_pruned = _in_fresh_process(args.sparsity, args.layers, args.batch)
-    dense = Step(model(args.layers, 0.0), args.batch)
-    pruned = Step(model(args.layers, args.sparsity), args.batch)
-    for step in (dense, pruned):  # warm-up: allocator, AdamW state
+    peak = {name: _in_fresh_process(*s, args.layers, args.batch) for name, s in settings.items()}
+    steps = {name: Step(model(args.layers, *s), args.batch) for name, s in settings.items()}
+    for step in steps.values():  # warm-up: allocator, AdamW state
         step()
-    times = {"dense": [], "pruned": []}
+    times = {name: [] for name in steps}
     for _ in range(args.steps):
-        times["dense"].append(dense())
-        times["pruned"].append(pruned())
-    d, p = statistics.median(times["dense"]), statistics.median(times["pruned"])
-    print(f"UNITER-base shape, {args.layers} layers, {args.batch} NLVR2 pairs a step, CPU")
-    print(f"  training step  dense {d:.3f} s   pruned to {args.sparsity:.0%} {p:.3f} s")
-    print(f"                 ratio {p / d:.3f}x (median of {args.steps}, interleaved)")
+        for name, step in steps.items():
+            times[name].append(step())
+    median = {name: statistics.median(t) for name, t in times.items()}
     print(
-        f"  peak memory, model + 2 steps (fresh processes)  dense +{peak_dense / 2**20:.0f} MiB   "
-        f"pruned +{peak_pruned / 2**20:.0f} MiB   ratio {peak_pruned / peak_dense:.3f}x"
+        f"UNITER-base shape, {args.layers} layers, {args.batch} NLVR2 pairs a step, CPU; "
+        f"pruned to {args.sparsity:.0%}; median of {args.steps} interleaved steps"
+    )
+    print(f"  {'':12} {'step':>8} {'/ dense':>8} {'peak memory':>12} {'/ dense':>8}")
+    for name in steps:
+        print(
+            f"  {name:12} {median[name]:7.3f}s {median[name] / median['dense']:7.3f}x "
+            f"{peak[name] / 2**20:+10.0f}MiB {peak[name] / peak['dense']:7.3f}x"
+        )
+    print(
+        f"  vl_prune / torch prune: step {median['vl_prune'] / median['torch prune']:.3f}x, "
+        f"peak memory {peak['vl_prune'] / peak['torch prune']:.3f}x"
     )
 
     if args.skip_find:

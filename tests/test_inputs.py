@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.inputs import ImageStore, _FeatureCache, encode
 
 lmdb = pytest.importorskip("lmdb")
 
@@ -187,6 +188,32 @@ def test_msgpack_img_db_values_are_refused_clearly(tmp_path):
     write_img_db(tmp_path / "img_db" / "s", {"a.npz": b"\x83\xa8features\xc0"})
     with pytest.raises(VLPruneError, match=r"entry 'a.npz' is not npz.*--compress"):
         ImageStore(tmp_path).regions("a")
+
+
+def test_feature_files_are_read_once_then_again_when_rewritten(tmp_path):
+    write_npz(tmp_path, "a", region_dump(3, seed=0))
+    path = tmp_path / "features" / "a.npz"
+    cache = _FeatureCache(limit=1 << 20)
+    first = cache.get(path)
+    assert cache.get(path) is first  # no second read
+    assert not first["features"].flags.writeable  # shared by every later batch
+    write_npz(tmp_path, "a", region_dump(5, seed=1))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))
+    assert len(cache.get(path)["features"]) == 5
+
+
+def test_feature_cache_keeps_to_its_byte_bound(tmp_path):
+    for i in range(4):
+        write_npz(tmp_path, f"im{i}", region_dump(8, seed=i))
+    paths = [tmp_path / "features" / f"im{i}.npz" for i in range(4)]
+    one = sum(a.nbytes for a in _FeatureCache(1 << 20).get(paths[0]).values())
+    cache = _FeatureCache(limit=2 * one)
+    kept = [cache.get(p) for p in paths[:2]]
+    cache.get(paths[0])  # now the most recently used
+    cache.get(paths[2])  # drops im1, the least recently used
+    assert cache.size <= 2 * one
+    assert cache.get(paths[0]) is kept[0]
+    assert cache.get(paths[1]) is not kept[1]
 
 
 def test_missing_feature_file_and_image_are_errors_naming_them(tmp_path):

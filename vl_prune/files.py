@@ -15,11 +15,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and a rename.
-
-    `durable=False` skips the fsync, for files that can be made again (the world's images).
-    """
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
     if not path.parent.is_dir():
         raise VLPruneError(f"cannot write {path}: folder {path.parent} does not exist")
@@ -30,8 +27,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> 
             os.fchmod(out.fileno(), 0o666 & ~_UMASK)
             out.write(data)
             out.flush()
-            if durable:
-                os.fsync(out.fileno())
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

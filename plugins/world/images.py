@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 
 import numpy as np
 
-from vl_prune.files import atomic_write
 from vl_prune_plugins.world.features import region_features
 from vl_prune_plugins.world.render import render
 from vl_prune_plugins.world.scenes import Scene, WorldSettings, sample_scene
@@ -20,17 +18,16 @@ def scene_rng(settings: WorldSettings, *key: object) -> random.Random:
 
 
 def write_image(scene: Scene, name: str, root: Path, settings: WorldSettings) -> None:
-    """`root/images/<name>.png` and `root/features/<name>.npz`."""
+    """`root/images/<name>.png` and `root/features/<name>.npz`.
+
+    Plain writes: a world is written into a folder under a temporary name that is renamed once
+    complete (`cached_folder`), so a file-by-file atomic write would only add time.
+    """
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "features").mkdir(parents=True, exist_ok=True)
-    png = io.BytesIO()
-    render(scene, settings.image_size).save(png, format="PNG")
-    # No fsync: the world is cheap to write again, and half its writing time went to fsync.
-    atomic_write(root / "images" / f"{name}.png", png.getvalue(), durable=False)
+    render(scene, settings.image_size).save(root / "images" / f"{name}.png", format="PNG")
     rng = np.random.default_rng(scene_rng(settings, "features", name).getrandbits(64))
-    npz = io.BytesIO()
-    np.savez_compressed(npz, **region_features(scene, settings, rng))
-    atomic_write(root / "features" / f"{name}.npz", npz.getvalue(), durable=False)
+    np.savez_compressed(root / "features" / f"{name}.npz", **region_features(scene, settings, rng))
 
 
 def new_scene(settings: WorldSettings, *key: object) -> Scene:

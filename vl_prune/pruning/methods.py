@@ -93,6 +93,14 @@ class BoolMaskPruning(prune.BasePruningMethod):
             module._forward_pre_hooks[key] = method
         return method
 
+    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+        """`<name>_orig` with the pruned entries zeroed, as torch's `mask * orig`, but selected:
+        torch widens the mask to the weight's dtype on every forward and keeps that copy alive
+        until backward (4 bytes a weight); `where` reads the bool buffer and saves only it."""
+        mask = getattr(module, self._tensor_name + "_mask")
+        orig = getattr(module, self._tensor_name + "_orig")
+        return torch.where(mask, orig, 0.0)
+
 
 class KeepMask(BoolMaskPruning):
     """Keep exactly the weights marked True in `importance_scores` (e.g. a ticket's mask)."""
