@@ -358,6 +358,79 @@ def evaluate_command(
 
 
 @cli.command()
+@click.option(
+    "--ticket",
+    "sources",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Ticket file or run folder (its pruned rounds); repeat for a table.",
+)
+@click.option(
+    "--task", "tasks", multiple=True, required=True, help="Target task; repeat for a table."
+)
+@_model_options
+@_training_options
+@click.option("--force", is_flag=True, help="Train tickets found from other weights anyway.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Folder for transfer.json, .md and .png."
+)
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+def transfer(
+    ctx, sources, tasks, backbone, preset, checkpoint, data, force, out, quiet, as_json, **training
+) -> None:
+    """Train tickets from θ0 on other tasks and score them against each task's dense model."""
+    from vl_prune import transfer as transfers
+    from vl_prune.plots import transfer_heatmap
+    from vl_prune.ticket import Ticket
+
+    paths = transfers.ticket_paths(sources)
+    if data is not None and len(tasks) > 1:
+        raise UserError("--data is one task's folder: give a single --task with it")
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: not a folder")
+    if ctx.get_parameter_source("backbone").name == "DEFAULT":
+        backbone = Ticket.load(paths[0]).metadata.get("backbone", backbone)
+    results = []
+    for task in dict.fromkeys(tasks):
+        settings = _settings(
+            task, backbone, training, data=data, preset=preset, checkpoint=checkpoint
+        )
+        target = transfers.Transfer(settings, quiet=quiet)
+        for path in paths:
+            result = target.run(path, force=force)
+            if not quiet:
+                click.echo(f"{transfers.label(result)} → {_transfer_line(result)}", err=True)
+            results.append(result)
+    table = transfers.table(results)
+    if out is not None:
+        from vl_prune.files import atomic_write
+
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "transfer.json", json.dumps(table, indent=2).encode())
+        atomic_write(out / "transfer.md", transfers.markdown(table).encode())
+        transfer_heatmap(table, out / "transfer.png")
+    if as_json:
+        click.echo(json.dumps(table if len(results) > 1 else results[0], indent=2))
+    elif len(results) == 1:
+        click.echo(_transfer_line(results[0]))
+    else:
+        click.echo(transfers.markdown(table), nl=False)
+    if any(r["other_weights"] for r in results):
+        click.echo("* trained on weights the ticket was not found from (--force)", err=True)
+
+
+def _transfer_line(result: dict) -> str:
+    return (
+        f"{result['task']} {result['metric']}: {result['score']:.4f} at "
+        f"{_percent(result['sparsity'])} sparsity, {_percent(result['fraction_of_dense'])} of "
+        f"dense ({result['dense_score']:.4f})" + (" *" if result["other_weights"] else "")
+    )
+
+
+@cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--out",

@@ -368,7 +368,7 @@ def train_ticket(
     """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it."""
     experiment = Experiment(settings)
     model = experiment.fresh()
-    other = _apply(ticket, model, force)
+    other = apply_ticket(ticket, model, force)
     score, _ = experiment.train(model, description="evaluate", quiet=quiet)
     return {**_result(ticket, experiment, score), "other_weights": other}
 
@@ -381,7 +381,7 @@ def score_finetuned(
     experiment = Experiment(settings)
     model = experiment.fresh()
     if ticket is not None:
-        _apply(ticket, model, force=True)
+        apply_ticket(ticket, model, force=True)
     _load_weights(model, read_state_dict(weights))
     accelerator = make_accelerator(settings.train)
     prepared = accelerator.prepare(model)
@@ -390,7 +390,7 @@ def score_finetuned(
     return _result(Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score)
 
 
-def _apply(ticket: Ticket, model: VLModel, force: bool) -> bool:
+def apply_ticket(ticket: Ticket, model: VLModel, force: bool) -> bool:
     """Prune `model` to the ticket; whether the ticket came from other weights (only allowed
     with `force`)."""
     found = ticket.metadata.get("weights_fingerprint")

@@ -12,24 +12,42 @@ def iou_heatmap(
     matrix: Sequence[Sequence[float]], labels: Sequence[str], path: os.PathLike
 ) -> Path:
     """A labelled heatmap of pairwise ticket overlap."""
+    return _heatmap(matrix, labels, labels, "{:.2f}", "IoU of kept weights", "Ticket overlap", path)
+
+
+def transfer_heatmap(transfer: Mapping, path: os.PathLike) -> Path:
+    """The transfer table (`vl_prune.transfer.table`): source tickets against target tasks,
+    each cell the fraction of the target's dense score."""
+    columns = transfer["columns"]
+    nan = float("nan")
+    matrix = [
+        [row["cells"][t]["fraction_of_dense"] if t in row["cells"] else nan for t in columns]
+        for row in transfer["rows"]
+    ]
+    labels = [row["label"] for row in transfer["rows"]]
+    title = "Ticket transfer (fraction of the target's dense score)"
+    return _heatmap(matrix, labels, columns, "{:.1%}", "of dense", title, path, (0.5, 1.05))
+
+
+def _heatmap(matrix, rows, columns, fmt, legend, title, path, limits=(0.0, 1.0)) -> Path:
     # A bare Figure, not pyplot: a library must not switch the user's matplotlib backend.
     from matplotlib.figure import Figure
 
     from vl_prune.files import atomic_write
 
-    size = 1.6 + 0.9 * len(labels)
-    fig = Figure(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(3.1 + 0.9 * len(columns), 1.6 + 0.9 * len(rows)))
     ax = fig.subplots()
-    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    image = ax.imshow(matrix, vmin=limits[0], vmax=limits[1], cmap="viridis")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    middle = (limits[0] + limits[1]) / 2
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            ax.text(
-                j, i, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k"
-            )
-    fig.colorbar(image, ax=ax, label="IoU of kept weights")
-    ax.set_title("Ticket overlap")
+            if value == value:  # not NaN: a cell that was not run stays blank
+                colour = "w" if value < middle else "k"
+                ax.text(j, i, fmt.format(value), ha="center", va="center", color=colour)
+    fig.colorbar(image, ax=ax, label=legend)
+    ax.set_title(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -1,0 +1,157 @@
+"""`vlprune transfer`: tickets trained from θ0 on other tasks, scored against each task's dense
+model (trained once and cached), and the transfer table.
+
+Small NLVR2 and VQA world splits in a temporary `$VL_PRUNE_HOME`, and a freshly initialised
+tiny UNITER checkpoint as θ0, so no test waits for the embedded θ0.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.tasks.vqa as vqa
+from vl_prune.lottery import Experiment, FindSettings, Lottery
+from vl_prune.ticket import Ticket
+from vl_prune.train import TrainSettings
+from vl_prune.transfer import Transfer
+from vl_prune_cli.main import cli
+from vl_prune_plugins.backbones.uniter import Uniter
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh `$VL_PRUNE_HOME` whose world splits are small."""
+    monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(nlvr2, "WORLD_SIZES", {"train": 48, "dev": 24})
+    monkeypatch.setattr(vqa, "WORLD_SIZES", {"train": 48, "dev": 24})
+    return tmp_path / "home"
+
+
+def theta0(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_file(Uniter.build("tiny").state_dict(), path)
+    return path
+
+
+def settings(checkpoint: Path, task: str, seed: int = 0, **extra) -> FindSettings:
+    train = TrainSettings(steps=3, batch_size=8, eval_batch_size=24, seed=seed)
+    return FindSettings(
+        backbone="uniter", task=task, checkpoint=str(checkpoint), train=train, **extra
+    )
+
+
+@pytest.fixture
+def run(home, tmp_path) -> Path:
+    """A finished nlvr2 IMP run folder: rounds at 0, 10 and 20% sparsity."""
+    weights = theta0(tmp_path / "theta0.safetensors", seed=0)
+    lottery = Lottery(settings(weights, "nlvr2", sparsity=0.2), runs=tmp_path / "runs")
+    lottery.run()
+    return lottery.folder
+
+
+def trainings(monkeypatch) -> list[Experiment]:
+    """Records every fine-tuning the code under test starts."""
+    started = []
+    train = Experiment.train
+
+    def recorded(self, model, *args, **kwargs):
+        started.append(model)
+        return train(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Experiment, "train", recorded)
+    return started
+
+
+def cli_args(run: Path, *tasks: str) -> list[str]:
+    args = [
+        "transfer",
+        "--ticket",
+        str(run),
+        "--checkpoint",
+        str(run.parent.parent / "theta0.safetensors"),
+    ]
+    for task in tasks:
+        args += ["--task", task]
+    return [*args, "--steps", "3", "--batch-size", "8", "--quiet"]
+
+
+def test_a_ticket_is_scored_against_the_dense_score_trained_once(run, monkeypatch):
+    started = trainings(monkeypatch)
+    path = run / "round_02" / "ticket.safetensors"
+    ticket = Ticket.load(path)
+    target = Transfer(settings(run.parent.parent / "theta0.safetensors", "vqa"))
+    result = target.run(path)
+    assert len(started) == 2  # the ticket, then the dense model
+    assert (result["task"], result["metric"]) == ("vqa", "vqa_score")
+    assert result["source"]["task"] == "nlvr2"
+    assert result["sparsity"] == pytest.approx(ticket.sparsity)
+    assert result["fraction_of_dense"] == pytest.approx(result["score"] / result["dense_score"])
+    # The trained model is the ticket's mask on θ0's backbone: same masks, dead weights zero.
+    trained = started[0].backbone
+    for name, mask in Ticket.from_model(trained, trained.prunable()).masks.items():
+        assert torch.equal(mask, ticket.masks[name])
+    for module, name in trained.prunable():
+        assert not getattr(module, name)[~getattr(module, name + "_mask")].any()
+
+    again = Transfer(settings(run.parent.parent / "theta0.safetensors", "vqa"))
+    assert again.run(path) == result
+    assert len(started) == 2  # both results came from the cache
+    other_seed = Transfer(settings(run.parent.parent / "theta0.safetensors", "vqa", seed=1))
+    other_seed.dense_score()
+    assert len(started) == 3  # a different dense model is trained, not reused
+
+
+def test_a_run_folder_builds_the_table_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):
+    out = tmp_path / "table"
+    result = CliRunner().invoke(cli, [*cli_args(run, "nlvr2", "vqa"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "transfer.json").read_text())
+    assert table["columns"] == ["nlvr2", "vqa"]
+    assert [row["label"] for row in table["rows"]] == ["nlvr2 imp 10%", "nlvr2 imp 20%"]
+    for row in table["rows"]:
+        for task, cell in row["cells"].items():
+            assert cell["dense_score"] == table["dense"][task]
+    markdown = (out / "transfer.md").read_text()
+    assert markdown.splitlines()[0] == "| ticket | nlvr2 | vqa |"
+    assert markdown in result.output
+    assert (out / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    started = trainings(monkeypatch)
+    rerun = CliRunner().invoke(cli, [*cli_args(run, "nlvr2", "vqa"), "--json"])
+    assert rerun.exit_code == 0, rerun.output
+    assert started == []
+    assert json.loads(rerun.stdout) == table
+
+
+def test_a_ticket_from_other_weights_is_refused_unless_forced(run, tmp_path):
+    other = theta0(tmp_path / "other.safetensors", seed=1)
+    ticket = run / "round_01" / "ticket.safetensors"
+    args = ["transfer", "--ticket", str(ticket), "--task", "vqa", "--checkpoint", str(other)]
+    args += ["--steps", "2", "--batch-size", "8", "--quiet"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2
+    assert "--force" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    forced = CliRunner().invoke(cli, [*args, "--force", "--json"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["other_weights"] is True
+
+
+def test_bad_sources_and_flags_are_one_line_errors(run, tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    cases = [
+        (["--ticket", str(tmp_path / "nowhere.safetensors")], "nowhere.safetensors"),
+        (["--ticket", str(empty)], "no finished pruned rounds"),
+        (["--ticket", str(run), "--data", str(tmp_path), "--task", "nlvr2"], "single --task"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(cli, ["transfer", "--task", "vqa", *extra])
+        assert result.exit_code == 2, extra
+        assert message in result.output
+        assert len(result.output.strip().splitlines()) == 1

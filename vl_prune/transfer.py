@@ -1,0 +1,159 @@
+"""Ticket transfer: a mask found on one task, trained from θ0 on another task (with a new head
+φ0) and scored against that task's dense score — the paper's transfer tables.
+
+Every result is cached in `$VL_PRUNE_HOME/transfer/`, keyed by what decides it (the ticket's
+bytes, or the dense model, and the target's settings, data and θ0), so the dense score of a
+task is trained once per backbone, preset, data and seed, and a table that was interrupted
+goes on from the cells it had finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from vl_prune.errors import VLPruneError
+from vl_prune.files import atomic_write
+from vl_prune.home import home
+from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, apply_ticket
+from vl_prune.ticket import Ticket
+
+# The fields of FindSettings that only steer `find`'s rounds, not one fine-tuning.
+_ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step")
+
+
+def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
+    """Ticket files from files and run folders (each finished round past the dense one)."""
+    paths = []
+    for source in map(Path, sources):
+        if source.is_file():
+            paths.append(source)
+        elif source.is_dir():
+            rounds = sorted(
+                folder / TICKET
+                for folder in source.glob("round_*")
+                if (folder / METRICS).is_file() and folder.name != "round_00"
+            )
+            if not rounds:
+                raise VLPruneError(f"{source}: no finished pruned rounds (is it a run folder?)")
+            paths += rounds
+        else:
+            raise VLPruneError(f"{source}: no such ticket file or run folder")
+    return paths
+
+
+class Transfer:
+    """Trains tickets on one target task and scores them against that task's dense model."""
+
+    def __init__(self, settings: FindSettings, quiet: bool = False):
+        self.experiment = Experiment(settings)
+        self.quiet = quiet
+        target = {k: v for k, v in asdict(settings).items() if k not in _ROUND_FIELDS}
+        self.target = {
+            **target,
+            "preset": self.experiment.template.backbone.preset,
+            "data": str(self.experiment.data),
+            "weights_fingerprint": self.experiment.fingerprint,
+        }
+
+    def dense_score(self) -> float:
+        """The dense model's score on the target task, trained once and cached."""
+        result = self._cached({"dense": True}, lambda: self._train(None))
+        return result["score"]
+
+    def run(self, path: Path, force: bool = False) -> dict[str, Any]:
+        """Train the ticket at `path` on the target task; its score, the dense score and the
+        fraction of dense, with where the ticket came from."""
+        ticket = Ticket.load(path)
+        key = {"ticket": hashlib.sha256(path.read_bytes()).hexdigest(), "force": force}
+        result = self._cached(key, lambda: self._train(ticket, force))
+        dense = self.dense_score()
+        meta = ticket.metadata
+        return {
+            "ticket": str(path),
+            "source": {k: meta.get(k) for k in ("task", "method", "round", "backbone")},
+            **result,
+            "dense_score": dense,
+            "fraction_of_dense": result["score"] / dense if dense else float("nan"),
+        }
+
+    def _train(self, ticket: Ticket | None, force: bool = False) -> dict[str, Any]:
+        experiment = self.experiment
+        model = experiment.fresh()
+        other = apply_ticket(ticket, model, force) if ticket is not None else False
+        what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
+        task = experiment.settings.task
+        score, _ = experiment.train(model, f"{what} on {task}", quiet=self.quiet)
+        return {
+            "task": task,
+            "metric": experiment.task.metric,
+            "score": score,
+            "sparsity": 0.0 if ticket is None else ticket.sparsity,
+            "other_weights": other,
+        }
+
+    def _cached(self, key: dict[str, Any], compute: Callable[[], dict]) -> dict[str, Any]:
+        identity = json.dumps({**key, "target": self.target}, sort_keys=True)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        settings = self.experiment.settings
+        path = home() / "transfer" / f"{settings.backbone}-{settings.task}-{digest}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = compute()
+        if PartialState().is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(result, indent=2).encode())
+        return result
+
+
+def table(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The transfer table: a row per source ticket, a column per target task, cells the
+    fraction of the target's dense score."""
+    rows = list(dict.fromkeys(r["ticket"] for r in results))
+    columns = list(dict.fromkeys(r["task"] for r in results))
+    cells = {(r["ticket"], r["task"]): r for r in results}
+    return {
+        "columns": columns,
+        "dense": {
+            task: next(r["dense_score"] for r in results if r["task"] == task) for task in columns
+        },
+        "rows": [
+            {
+                "ticket": row,
+                "label": label(next(r for r in results if r["ticket"] == row)),
+                "cells": {task: cells[row, task] for task in columns if (row, task) in cells},
+            }
+            for row in rows
+        ],
+    }
+
+
+def label(result: dict[str, Any]) -> str:
+    """A source ticket in a few words: its task, method and sparsity."""
+    source = result["source"]
+    found = " ".join(str(source[k]) for k in ("task", "method") if source.get(k))
+    return f"{found or Path(result['ticket']).name} {result['sparsity']:.0%}"
+
+
+def markdown(transfer: dict[str, Any]) -> str:
+    """The table as markdown; `*` marks a ticket trained on weights it was not found from."""
+    columns = transfer["columns"]
+    lines = [
+        "| ticket | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        "| dense | " + " | ".join(f"{transfer['dense'][t]:.4f}" for t in columns) + " |",
+    ]
+    for row in transfer["rows"]:
+        cells = []
+        for task in columns:
+            cell = row["cells"].get(task)
+            mark = "*" if cell and cell["other_weights"] else ""
+            cells.append("" if cell is None else f"{cell['fraction_of_dense']:.1%}{mark}")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
