@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.tasks.pretrain as pretrain
 import vl_prune_plugins.tasks.vqa as vqa
 from vl_prune.lottery import Experiment, FindSettings, Lottery
 from vl_prune.ticket import Ticket
@@ -29,6 +30,7 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(nlvr2, "WORLD_SIZES", {"train": 48, "dev": 24})
     monkeypatch.setattr(vqa, "WORLD_SIZES", {"train": 48, "dev": 24})
+    monkeypatch.setattr(pretrain, "WORLD_SIZES", {"train": 48, "dev": 24})
     return tmp_path / "home"
 
 
@@ -126,6 +128,20 @@ def test_a_run_folder_builds_the_table_and_a_rerun_trains_nothing(run, tmp_path,
     assert rerun.exit_code == 0, rerun.output
     assert started == []
     assert json.loads(rerun.stdout) == table
+
+
+def test_a_pretraining_ticket_transfers_to_every_task(home, tmp_path):
+    weights = theta0(tmp_path / "theta0.safetensors", seed=0)
+    lottery = Lottery(settings(weights, "pretrain", sparsity=0.1), runs=tmp_path / "runs")
+    lottery.run()
+    args = ["transfer", "--ticket", str(lottery.folder), "--checkpoint", str(weights)]
+    args += ["--task", "nlvr2", "--task", "vqa", "--steps", "2", "--batch-size", "8"]
+    result = CliRunner().invoke(cli, [*args, "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["rows"]
+    assert row["label"] == "pretrain imp 10%"
+    assert sorted(row["cells"]) == ["nlvr2", "vqa"]
+    assert not any(cell["other_weights"] for cell in row["cells"].values())
 
 
 def test_a_ticket_from_other_weights_is_refused_unless_forced(run, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -67,6 +68,13 @@ class Pretrain(Task):
     description = "pre-training objectives: MLM + ITM (+ MRFR for region backbones)"
     metric = "mlm_itm_accuracy"
     world_version = WORLD_VERSION
+    # `vlprune find --task pretrain` (task-agnostic tickets): each round continues pre-training
+    # for a quarter of θ0's steps, as the paper gives each IMP round a fraction of pre-training.
+    world_recipe: ClassVar[dict] = {
+        "steps": THETA0.steps // 4,
+        "lr": THETA0.lr,
+        "batch_size": THETA0.batch_size,
+    }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
