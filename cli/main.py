@@ -145,7 +145,7 @@ def _options(*options):
     return apply
 
 
-# Fine-tuning flags shared by find and evaluate; unset ones come from the task's recipe.
+# Fine-tuning flags shared by find, evaluate and transfer; unset ones come from the task's recipe.
 _training_options = _options(
     click.option("--steps", type=int, help="Optimizer steps per fine-tuning."),
     click.option("--lr", type=float, help="Peak learning rate (linear warmup and decay)."),
@@ -157,7 +157,7 @@ _training_options = _options(
     click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
 )
 
-# Which backbone, weights and data: find and evaluate.
+# Which backbone, weights and data: find, evaluate and transfer.
 _model_options = _options(
     click.option(
         "--model",
@@ -373,42 +373,69 @@ def evaluate_command(
 @_training_options
 @click.option("--force", is_flag=True, help="Train tickets found from other weights anyway.")
 @click.option(
+    "--runs",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder of run folders; results are kept in its transfer/.",
+)
+@click.option(
     "--out", type=click.Path(path_type=Path), help="Folder for transfer.json, .md and .png."
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.pass_context
 def transfer(
-    ctx, sources, tasks, backbone, preset, checkpoint, data, force, out, quiet, as_json, **training
+    ctx,
+    sources,
+    tasks,
+    backbone,
+    preset,
+    checkpoint,
+    data,
+    force,
+    runs,
+    out,
+    quiet,
+    as_json,
+    **training,
 ) -> None:
     """Train tickets from θ0 on other tasks and score them against each task's dense model."""
+    from accelerate import PartialState
+
     from vl_prune import transfer as transfers
     from vl_prune.plots import transfer_heatmap
     from vl_prune.ticket import Ticket
 
     paths = transfers.ticket_paths(sources)
+    tasks = list(dict.fromkeys(tasks))
     if data is not None and len(tasks) > 1:
         raise UserError("--data is one task's folder: give a single --task with it")
-    if out is not None and out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: not a folder")
+    main_process = PartialState().is_main_process
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: not a folder")
+        if main_process:
+            out.mkdir(parents=True, exist_ok=True)
     if ctx.get_parameter_source("backbone").name == "DEFAULT":
         backbone = Ticket.load(paths[0]).metadata.get("backbone", backbone)
+    say = click.echo if main_process and not quiet and len(paths) * len(tasks) > 1 else None
     results = []
-    for task in dict.fromkeys(tasks):
+    for task in tasks:
         settings = _settings(
             task, backbone, training, data=data, preset=preset, checkpoint=checkpoint
         )
-        target = transfers.Transfer(settings, quiet=quiet)
+        target = transfers.Transfer(settings, runs=runs, quiet=quiet)
         for path in paths:
-            result = target.run(path, force=force)
-            if not quiet:
-                click.echo(f"{transfers.label(result)} → {_transfer_line(result)}", err=True)
-            results.append(result)
+            results.append(target.run(path, force=force))
+            if say is not None:
+                say(f"{transfers.label(results[-1])} → {_transfer_line(results[-1])}", err=True)
+    if not main_process:
+        return
     table = transfers.table(results)
     if out is not None:
         from vl_prune.files import atomic_write
 
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "transfer.json", json.dumps(table, indent=2).encode())
         atomic_write(out / "transfer.md", transfers.markdown(table).encode())
         transfer_heatmap(table, out / "transfer.png")
@@ -423,10 +450,12 @@ def transfer(
 
 
 def _transfer_line(result: dict) -> str:
+    fraction = result["fraction_of_dense"]
     return (
         f"{result['task']} {result['metric']}: {result['score']:.4f} at "
-        f"{_percent(result['sparsity'])} sparsity, {_percent(result['fraction_of_dense'])} of "
-        f"dense ({result['dense_score']:.4f})" + (" *" if result["other_weights"] else "")
+        f"{_percent(result['sparsity'])} sparsity, "
+        f"{'n/a' if fraction is None else _percent(fraction)} of dense "
+        f"({result['dense_score']:.4f})" + (" *" if result["other_weights"] else "")
     )
 
 

@@ -6,6 +6,7 @@ tiny UNITER checkpoint as θ0, so no test waits for the embedded θ0.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,14 +80,15 @@ def cli_args(run: Path, *tasks: str) -> list[str]:
     ]
     for task in tasks:
         args += ["--task", task]
-    return [*args, "--steps", "3", "--batch-size", "8", "--quiet"]
+    return [*args, "--steps", "3", "--batch-size", "8", "--runs", str(run.parent), "--quiet"]
 
 
 def test_a_ticket_is_scored_against_the_dense_score_trained_once(run, monkeypatch):
     started = trainings(monkeypatch)
     path = run / "round_02" / "ticket.safetensors"
     ticket = Ticket.load(path)
-    target = Transfer(settings(run.parent.parent / "theta0.safetensors", "vqa"))
+    weights = run.parent.parent / "theta0.safetensors"
+    target = Transfer(settings(weights, "vqa"), runs=run.parent)
     result = target.run(path)
     assert len(started) == 2  # the ticket, then the dense model
     assert (result["task"], result["metric"]) == ("vqa", "vqa_score")
@@ -100,12 +102,15 @@ def test_a_ticket_is_scored_against_the_dense_score_trained_once(run, monkeypatc
     for module, name in trained.prunable():
         assert not getattr(module, name)[~getattr(module, name + "_mask")].any()
 
-    again = Transfer(settings(run.parent.parent / "theta0.safetensors", "vqa"))
+    again = Transfer(settings(weights, "vqa"), runs=run.parent)
     assert again.run(path) == result
     assert len(started) == 2  # both results came from the cache
-    other_seed = Transfer(settings(run.parent.parent / "theta0.safetensors", "vqa", seed=1))
-    other_seed.dense_score()
-    assert len(started) == 3  # a different dense model is trained, not reused
+    assert len(list((run.parent / "transfer").glob("uniter-vqa-*.json"))) == 2
+    Transfer(settings(weights, "vqa", seed=1), runs=run.parent).dense_score()
+    assert len(started) == 3  # another seed trains another dense model
+    longer = replace(settings(weights, "vqa"), train=TrainSettings(steps=4, batch_size=8))
+    Transfer(longer, runs=run.parent).dense_score()
+    assert len(started) == 4  # and so do other training settings
 
 
 def test_a_run_folder_builds_the_table_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):
@@ -136,6 +141,7 @@ def test_a_pretraining_ticket_transfers_to_every_task(home, tmp_path):
     lottery.run()
     args = ["transfer", "--ticket", str(lottery.folder), "--checkpoint", str(weights)]
     args += ["--task", "nlvr2", "--task", "vqa", "--steps", "2", "--batch-size", "8"]
+    args += ["--runs", str(tmp_path / "runs")]
     result = CliRunner().invoke(cli, [*args, "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.stdout)["rows"]
@@ -148,7 +154,7 @@ def test_a_ticket_from_other_weights_is_refused_unless_forced(run, tmp_path):
     other = theta0(tmp_path / "other.safetensors", seed=1)
     ticket = run / "round_01" / "ticket.safetensors"
     args = ["transfer", "--ticket", str(ticket), "--task", "vqa", "--checkpoint", str(other)]
-    args += ["--steps", "2", "--batch-size", "8", "--quiet"]
+    args += ["--steps", "2", "--batch-size", "8", "--runs", str(run.parent), "--quiet"]
     refused = CliRunner().invoke(cli, args)
     assert refused.exit_code == 2
     assert "--force" in refused.output
@@ -165,6 +171,7 @@ def test_bad_sources_and_flags_are_one_line_errors(run, tmp_path):
         (["--ticket", str(tmp_path / "nowhere.safetensors")], "nowhere.safetensors"),
         (["--ticket", str(empty)], "no finished pruned rounds"),
         (["--ticket", str(run), "--data", str(tmp_path), "--task", "nlvr2"], "single --task"),
+        (["--ticket", str(run), "--out", str(run / "config.json")], "not a folder"),
     ]
     for extra, message in cases:
         result = CliRunner().invoke(cli, ["transfer", "--task", "vqa", *extra])

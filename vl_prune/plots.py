@@ -21,7 +21,7 @@ def transfer_heatmap(transfer: Mapping, path: os.PathLike) -> Path:
     columns = transfer["columns"]
     nan = float("nan")
     matrix = [
-        [row["cells"][t]["fraction_of_dense"] if t in row["cells"] else nan for t in columns]
+        [(row["cells"].get(t) or {}).get("fraction_of_dense") or nan for t in columns]
         for row in transfer["rows"]
     ]
     labels = [row["label"] for row in transfer["rows"]]

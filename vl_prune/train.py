@@ -104,6 +104,9 @@ class Checkpoints:
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+#: names fit's optimizer in the keys of cached results it trained (the world θ0): a change of
+#: optimizer changes the weights
+OPTIMIZER = "adamw-fused"
 LATEST = "latest"
 STEP = "step_"
 
@@ -138,8 +141,11 @@ def fit(
         ],
         lr=settings.lr,
         betas=settings.betas,
-        # One kernel for every tensor: the per-tensor loop cost small models 6% of a step.
-        fused=all(p.device.type in FUSED_ADAMW_DEVICES for p in model.parameters()),
+        # One kernel for every tensor: the per-tensor loop cost small models 6% of a step. Not
+        # under fp16's GradScaler: fused AdamW skips overflow steps itself, and Accelerate
+        # would no longer see the skip (the schedule must not advance on one).
+        fused=accelerator.scaler is None
+        and all(p.device.type in FUSED_ADAMW_DEVICES for p in model.parameters()),
     )
     warmup = max(1, int(settings.warmup * settings.steps))
 

@@ -1,10 +1,10 @@
 """Ticket transfer: a mask found on one task, trained from θ0 on another task (with a new head
 φ0) and scored against that task's dense score — the paper's transfer tables.
 
-Every result is cached in `$VL_PRUNE_HOME/transfer/`, keyed by what decides it (the ticket's
-bytes, or the dense model, and the target's settings, data and θ0), so the dense score of a
-task is trained once per backbone, preset, data and seed, and a table that was interrupted
-goes on from the cells it had finished.
+Every result is kept in `<runs>/transfer/` (beside `find`'s run folders), keyed by what decides
+it (the ticket's bytes, or the dense model, and the target's settings, data, θ0, process count
+and vl_prune version), so the dense score of a task is trained once per backbone, preset, data
+and seed, and a table that was interrupted goes on from the cells it had finished.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 from accelerate import PartialState
 
+from vl_prune import __version__
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
-from vl_prune.home import home
 from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, apply_ticket
 from vl_prune.ticket import Ticket
 
@@ -29,7 +29,8 @@ _ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step")
 
 
 def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
-    """Ticket files from files and run folders (each finished round past the dense one)."""
+    """Ticket files from files and run folders (each finished round past the dense one), each
+    once."""
     paths = []
     for source in map(Path, sources):
         if source.is_file():
@@ -45,14 +46,15 @@ def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
             paths += rounds
         else:
             raise VLPruneError(f"{source}: no such ticket file or run folder")
-    return paths
+    return list({path.resolve(): path for path in paths}.values())
 
 
 class Transfer:
     """Trains tickets on one target task and scores them against that task's dense model."""
 
-    def __init__(self, settings: FindSettings, quiet: bool = False):
+    def __init__(self, settings: FindSettings, runs: str | Path = "runs", quiet: bool = False):
         self.experiment = Experiment(settings)
+        self.folder = Path(runs) / "transfer"
         self.quiet = quiet
         target = {k: v for k, v in asdict(settings).items() if k not in _ROUND_FIELDS}
         self.target = {
@@ -60,6 +62,9 @@ class Transfer:
             "preset": self.experiment.template.backbone.preset,
             "data": str(self.experiment.data),
             "weights_fingerprint": self.experiment.fingerprint,
+            # --batch-size is per process: another process count is another training
+            "processes": PartialState().num_processes,
+            "vl_prune": __version__,
         }
 
     def dense_score(self) -> float:
@@ -80,7 +85,7 @@ class Transfer:
             "source": {k: meta.get(k) for k in ("task", "method", "round", "backbone")},
             **result,
             "dense_score": dense,
-            "fraction_of_dense": result["score"] / dense if dense else float("nan"),
+            "fraction_of_dense": result["score"] / dense if dense else None,
         }
 
     def _train(self, ticket: Ticket | None, force: bool = False) -> dict[str, Any]:
@@ -102,13 +107,18 @@ class Transfer:
         identity = json.dumps({**key, "target": self.target}, sort_keys=True)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         settings = self.experiment.settings
-        path = home() / "transfer" / f"{settings.backbone}-{settings.task}-{digest}.json"
+        path = self.folder / f"{settings.backbone}-{settings.task}-{digest}.json"
+        state = PartialState()
+        # Every process looks only once the last result is written, so all of them agree on
+        # whether to train (one process training alone would hang the job).
+        state.wait_for_everyone()
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
-        if PartialState().is_main_process:
+        if state.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(result, indent=2).encode())
+        state.wait_for_everyone()
         return result
 
 
@@ -118,6 +128,11 @@ def table(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = list(dict.fromkeys(r["ticket"] for r in results))
     columns = list(dict.fromkeys(r["task"] for r in results))
     cells = {(r["ticket"], r["task"]): r for r in results}
+    labels = {row: label(next(r for r in results if r["ticket"] == row)) for row in rows}
+    repeated = {name for name in labels.values() if list(labels.values()).count(name) > 1}
+    for row, name in labels.items():
+        if name in repeated:  # e.g. two runs of the same task and method
+            labels[row] = f"{name} ({Path(row).parent.name}/{Path(row).name})"
     return {
         "columns": columns,
         "dense": {
@@ -126,7 +141,7 @@ def table(results: list[dict[str, Any]]) -> dict[str, Any]:
         "rows": [
             {
                 "ticket": row,
-                "label": label(next(r for r in results if r["ticket"] == row)),
+                "label": labels[row],
                 "cells": {task: cells[row, task] for task in columns if (row, task) in cells},
             }
             for row in rows
@@ -154,6 +169,7 @@ def markdown(transfer: dict[str, Any]) -> str:
         for task in columns:
             cell = row["cells"].get(task)
             mark = "*" if cell and cell["other_weights"] else ""
-            cells.append("" if cell is None else f"{cell['fraction_of_dense']:.1%}{mark}")
+            fraction = None if cell is None else cell["fraction_of_dense"]
+            cells.append("" if fraction is None else f"{fraction:.1%}{mark}")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

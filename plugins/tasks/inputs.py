@@ -156,15 +156,16 @@ class _FeatureCache:
     Every epoch reads each file again, and decompressing them cost a quarter of a world training
     step. A bound in bytes rather than files: a count small enough for UNITER's 36 × 2048 fp16
     regions (150 kB a file) made the world's 5,000 small images (16 kB) miss on almost every read.
-    The file's mtime is part of the key, so a rewritten file is read again.
+    The file's mtime and size are part of the key, so a rewritten file is read again.
     """
 
     def __init__(self, limit: int):
         self.limit, self.size = limit, 0
-        self.entries: OrderedDict[tuple[Path, int], dict[str, np.ndarray]] = OrderedDict()
+        self.entries: OrderedDict[tuple[Path, int, int], dict[str, np.ndarray]] = OrderedDict()
 
     def get(self, path: Path) -> dict[str, np.ndarray]:
-        key = (path, path.stat().st_mtime_ns)
+        stat = path.stat()
+        key = (path, stat.st_mtime_ns, stat.st_size)
         regions = self.entries.get(key)
         if regions is not None:
             self.entries.move_to_end(key)

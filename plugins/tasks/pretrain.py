@@ -19,7 +19,7 @@ from torch import nn
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, VLModel
-from vl_prune.train import TrainSettings
+from vl_prune.train import OPTIMIZER, TrainSettings
 from vl_prune_plugins.tasks.annotations import field, json_file
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
@@ -228,7 +228,14 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
     backbone = backbone_class.build("tiny")
     # Everything that decides the weights names the file: a change builds a new θ0.
     recipe = repr(
-        (asdict(settings), sorted(backbone.state_dict()), words(), WORLD_SIZES, WORLD_VERSION)
+        (
+            asdict(settings),
+            sorted(backbone.state_dict()),
+            words(),
+            WORLD_SIZES,
+            WORLD_VERSION,
+            OPTIMIZER,
+        )
     )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"

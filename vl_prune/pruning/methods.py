@@ -99,7 +99,7 @@ class BoolMaskPruning(prune.BasePruningMethod):
         until backward (4 bytes a weight); `where` reads the bool buffer and saves only it."""
         mask = getattr(module, self._tensor_name + "_mask")
         orig = getattr(module, self._tensor_name + "_orig")
-        return torch.where(mask, orig, 0.0)
+        return torch.where(mask.bool(), orig, 0.0)  # bool() is free on a bool mask
 
 
 class KeepMask(BoolMaskPruning):
