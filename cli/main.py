@@ -318,6 +318,13 @@ def find(
     help="Score these fine-tuned weights (backbone.* and head.*) instead of training.",
 )
 @click.option("--force", is_flag=True, help="Train a ticket found from other weights anyway.")
+@click.option(
+    "--weights",
+    type=click.Choice(["theta0", "shuffled"]),
+    default="theta0",
+    show_default=True,
+    help="Start from θ0, or from θ0 shuffled within each layer (a baseline).",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate_command(
@@ -330,6 +337,7 @@ def evaluate_command(
     data,
     finetuned,
     force,
+    weights,
     quiet,
     as_json,
     **training,
@@ -342,18 +350,21 @@ def evaluate_command(
     if loaded is not None and ctx.get_parameter_source("backbone").name == "DEFAULT":
         backbone = loaded.metadata.get("backbone", backbone)
     settings = _settings(task, backbone, training, data=data, preset=preset, checkpoint=checkpoint)
+    if finetuned is not None and weights != "theta0":
+        raise UserError("--weights chooses where training starts; --finetuned trains nothing")
     if finetuned is not None:
         result = score_finetuned(loaded, finetuned, settings)
     elif loaded is None:
         raise UserError("evaluate needs --ticket (to train) or --finetuned (to score)")
     else:
-        result = train_ticket(loaded, settings, force=force, quiet=quiet)
+        result = train_ticket(loaded, settings, force=force, quiet=quiet, weights=weights)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(
         f"{result['task']} {result['metric']}: {result['score']:.4f} at "
         f"{_percent(result['sparsity'])} sparsity"
+        + (" from shuffled θ0" if result.get("weights") == "shuffled" else "")
     )
 
 

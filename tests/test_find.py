@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
 from vl_prune.errors import VLPruneError
-from vl_prune.lottery import Experiment, FindSettings, Lottery
+from vl_prune.lottery import Experiment, FindSettings, Lottery, train_ticket
 from vl_prune.pruning import linear
-from vl_prune.ticket import Ticket
+from vl_prune.ticket import Ticket, current_weights
 from vl_prune.train import TrainSettings
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.uniter import Uniter
@@ -353,6 +353,41 @@ def test_evaluate_refuses_a_ticket_from_other_weights(world, theta0, tmp_path):
     assert "--force" in refused.output
     forced = CliRunner().invoke(cli, [*base, "--force"])
     assert forced.exit_code == 0, forced.output
+
+
+def test_shuffled_weights_baseline_permutes_theta0_within_each_tensor(
+    world, theta0, tmp_path, monkeypatch
+):
+    lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
+    lottery.run()
+    ticket = Ticket.load(lottery.folder / "round_01" / "ticket.safetensors")
+    template = lottery.experiment.template.backbone
+    started = {}
+
+    def capture(self, model, *args, **kwargs):
+        started.update(
+            {n: w.clone() for n, w in current_weights(model.backbone, ticket.masks).items()}
+        )
+        return 0.5, model
+
+    monkeypatch.setattr(Experiment, "train", capture)
+    result = train_ticket(ticket, settings(world, theta0), weights="shuffled")
+    assert result["weights"] == "shuffled"
+    original = current_weights(template, ticket.masks)
+    for name, weight in started.items():
+        # The same values in another order: the layer's distribution, not its structure.
+        assert torch.equal(weight.flatten().sort().values, original[name].flatten().sort().values)
+        assert not torch.equal(weight, original[name])
+    cli_result = CliRunner().invoke(
+        cli,
+        [
+            *("evaluate", "--ticket", str(lottery.folder / "round_01" / "ticket.safetensors")),
+            *("--task", "nlvr2", "--data", str(world), "--checkpoint", str(theta0)),
+            *("--weights", "shuffled", "--finetuned", str(theta0)),
+        ],
+    )
+    assert cli_result.exit_code == 2
+    assert "--finetuned trains nothing" in cli_result.output
 
 
 def test_scoring_finetuned_weights(world, theta0, tmp_path):

@@ -29,6 +29,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.home import cached_folder
 from vl_prune.pruning import SCHEDULES, ScorePruning, geometric, linear, prune_to
+from vl_prune.pruning.methods import current_weight
 from vl_prune.task import VLModel
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
 from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
@@ -362,15 +363,38 @@ class Lottery:
         curves([report], self.folder / "curve.png")
 
 
+WEIGHTS = ("theta0", "shuffled")
+
+
 def train_ticket(
-    ticket: Ticket, settings: FindSettings, force: bool = False, quiet: bool = False
+    ticket: Ticket,
+    settings: FindSettings,
+    force: bool = False,
+    quiet: bool = False,
+    weights: str = "theta0",
 ) -> dict[str, Any]:
-    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it."""
+    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
+    `weights="shuffled"` starts from θ0 shuffled within each prunable tensor instead."""
+    if weights not in WEIGHTS:
+        raise VLPruneError(f"unknown --weights {weights!r}; choose from {', '.join(WEIGHTS)}")
     experiment = Experiment(settings)
     model = experiment.fresh()
     other = apply_ticket(ticket, model, force)
+    if weights == "shuffled":
+        shuffle_within_tensors(model, settings.train.seed)
     score, _ = experiment.train(model, description="evaluate", quiet=quiet)
-    return {**_result(ticket, experiment, score), "other_weights": other}
+    return {**_result(ticket, experiment, score), "other_weights": other, "weights": weights}
+
+
+def shuffle_within_tensors(model: VLModel, seed: int) -> None:
+    """Permute the values of each prunable tensor in place (the paper's shuffled-weights
+    baseline: every layer keeps its distribution of values, not where they sit)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module, name in model.backbone.prunable():
+            weight = current_weight(module, name)
+            order = torch.randperm(weight.numel(), generator=generator)
+            weight.copy_(weight.reshape(-1)[order].view_as(weight))
 
 
 def score_finetuned(
