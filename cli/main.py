@@ -174,6 +174,15 @@ _model_options = _options(
 )
 
 
+_runs_option = click.option(
+    "--runs",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder of run folders (transfer keeps its results in its transfer/).",
+)
+
+
 def _settings(task: str, backbone: str, training: dict, data: str | None, **extra):
     """FindSettings from the flags; training flags left unset come from the task's recipe."""
     from dataclasses import replace
@@ -214,13 +223,7 @@ def _settings(task: str, backbone: str, training: dict, data: str | None, **extr
     help="The ticket kept is the sparsest round holding this fraction of dense.",
 )
 @_training_options
-@click.option(
-    "--runs",
-    type=click.Path(path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Folder of run folders.",
-)
+@_runs_option
 @click.option(
     "--checkpoint-every",
     type=int,
@@ -383,13 +386,7 @@ def evaluate_command(
 @_model_options
 @_training_options
 @click.option("--force", is_flag=True, help="Train tickets found from other weights anyway.")
-@click.option(
-    "--runs",
-    type=click.Path(path_type=Path),
-    default=Path("runs"),
-    show_default=True,
-    help="Folder of run folders; results are kept in its transfer/.",
-)
+@_runs_option
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Folder for transfer.json, .md and .png."
 )

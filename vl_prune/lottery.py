@@ -375,14 +375,25 @@ def train_ticket(
 ) -> dict[str, Any]:
     """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
     `weights="shuffled"` starts from θ0 shuffled within each prunable tensor instead."""
+    return train_mask(Experiment(settings), ticket, force, quiet, weights)
+
+
+def train_mask(
+    experiment: Experiment,
+    ticket: Ticket | None,
+    force: bool = False,
+    quiet: bool = False,
+    weights: str = "theta0",
+) -> dict[str, Any]:
+    """`train_ticket` on an experiment already set up; `ticket=None` trains the dense model."""
     if weights not in WEIGHTS:
         raise VLPruneError(f"unknown --weights {weights!r}; choose from {', '.join(WEIGHTS)}")
-    experiment = Experiment(settings)
     model = experiment.fresh()
-    other = apply_ticket(ticket, model, force)
+    other = apply_ticket(ticket, model, force) if ticket is not None else False
     if weights == "shuffled":
-        shuffle_within_tensors(model, settings.train.seed)
-    score, _ = experiment.train(model, description="evaluate", quiet=quiet)
+        shuffle_within_tensors(model, experiment.settings.train.seed)
+    what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
+    score, _ = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
     return {**_result(ticket, experiment, score), "other_weights": other, "weights": weights}
 
 
@@ -430,12 +441,12 @@ def apply_ticket(ticket: Ticket, model: VLModel, force: bool) -> bool:
     return other
 
 
-def _result(ticket: Ticket, experiment: Experiment, score: float) -> dict[str, Any]:
+def _result(ticket: Ticket | None, experiment: Experiment, score: float) -> dict[str, Any]:
     return {
         "task": experiment.settings.task,
         "metric": experiment.task.metric,
         "score": score,
-        "sparsity": ticket.sparsity,
+        "sparsity": 0.0 if ticket is None else ticket.sparsity,
     }
 
 

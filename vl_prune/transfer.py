@@ -21,7 +21,7 @@ from accelerate import PartialState
 from vl_prune import __version__
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
-from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, apply_ticket
+from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, train_mask
 from vl_prune.ticket import Ticket
 
 # The fields of FindSettings that only steer `find`'s rounds, not one fine-tuning.
@@ -69,7 +69,9 @@ class Transfer:
 
     def dense_score(self) -> float:
         """The dense model's score on the target task, trained once and cached."""
-        result = self._cached({"dense": True}, lambda: self._train(None))
+        result = self._cached(
+            {"dense": True}, lambda: train_mask(self.experiment, None, quiet=self.quiet)
+        )
         return result["score"]
 
     def run(self, path: Path, force: bool = False) -> dict[str, Any]:
@@ -77,7 +79,9 @@ class Transfer:
         fraction of dense, with where the ticket came from."""
         ticket = Ticket.load(path)
         key = {"ticket": hashlib.sha256(path.read_bytes()).hexdigest(), "force": force}
-        result = self._cached(key, lambda: self._train(ticket, force))
+        result = self._cached(
+            key, lambda: train_mask(self.experiment, ticket, force, quiet=self.quiet)
+        )
         dense = self.dense_score()
         meta = ticket.metadata
         return {
@@ -86,21 +90,6 @@ class Transfer:
             **result,
             "dense_score": dense,
             "fraction_of_dense": result["score"] / dense if dense else None,
-        }
-
-    def _train(self, ticket: Ticket | None, force: bool = False) -> dict[str, Any]:
-        experiment = self.experiment
-        model = experiment.fresh()
-        other = apply_ticket(ticket, model, force) if ticket is not None else False
-        what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
-        task = experiment.settings.task
-        score, _ = experiment.train(model, f"{what} on {task}", quiet=self.quiet)
-        return {
-            "task": task,
-            "metric": experiment.task.metric,
-            "score": score,
-            "sparsity": 0.0 if ticket is None else ticket.sparsity,
-            "other_weights": other,
         }
 
     def _cached(self, key: dict[str, Any], compute: Callable[[], dict]) -> dict[str, Any]:
