@@ -174,6 +174,38 @@ _model_options = _options(
 )
 
 
+# Adversarial fine-tuning (VILLA): find, evaluate and transfer.
+_adversarial_options = _options(
+    click.option(
+        "--adversarial", is_flag=True, help="Fine-tune adversarially (VILLA); adv-imp implies it."
+    ),
+    click.option("--adv-steps", type=int, help="Ascent steps per training step [3]."),
+    click.option("--adv-lr", type=float, help="Size of each ascent step (L2) [1e-3]."),
+    click.option("--adv-max-norm", type=float, help="Bound on each perturbation's L2 norm [none]."),
+    click.option("--adv-kl", type=float, help="Weight of the clean/perturbed KL term [1.5]."),
+    click.option(
+        "--adv-modality",
+        type=click.Choice(["text", "image", "both"]),
+        help="What is perturbed [both].",
+    ),
+)
+
+_ADVERSARIAL_FLAGS = ("adv_steps", "adv_lr", "adv_max_norm", "adv_kl", "adv_modality")
+
+
+def _adversarial(training: dict, implied: bool = False):
+    """Pop the adversarial flags out of `training`; AdversarialSettings if asked for, else None."""
+    from vl_prune.adversarial import AdversarialSettings
+
+    wanted = training.pop("adversarial") or implied
+    given = {k.removeprefix("adv_"): training.pop(k) for k in _ADVERSARIAL_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not wanted:
+        flag = "--adv-" + next(iter(given)).replace("_", "-")
+        raise UserError(f"{flag} needs --adversarial (or an adversarial method such as adv-imp)")
+    return AdversarialSettings(**given) if wanted else None
+
+
 _runs_option = click.option(
     "--runs",
     type=click.Path(path_type=Path),
@@ -183,14 +215,19 @@ _runs_option = click.option(
 )
 
 
-def _settings(task: str, backbone: str, training: dict, data: str | None, **extra):
-    """FindSettings from the flags; training flags left unset come from the task's recipe."""
+def _settings(
+    task: str, backbone: str, training: dict, data: str | None, implied: bool = False, **extra
+):
+    """FindSettings from the flags; training flags left unset come from the task's recipe.
+    `implied`: the method fine-tunes adversarially whether --adversarial is given or not."""
     from dataclasses import replace
 
     from vl_prune.lottery import FindSettings, recipe
 
+    training = dict(training)
+    adversarial = _adversarial(training, implied)
     given = {k: v for k, v in training.items() if v is not None}
-    train = replace(recipe(task, world=data is None), **given)
+    train = replace(recipe(task, world=data is None), **given, adversarial=adversarial)
     return FindSettings(backbone=backbone, task=task, data=data, train=train, **extra)
 
 
@@ -201,7 +238,7 @@ def _settings(task: str, backbone: str, training: dict, data: str | None, **extr
     "--method",
     default="imp",
     show_default=True,
-    help="imp, rewind, oneshot, random, … (see `vlprune list methods`).",
+    help="imp, rewind, adv-imp, oneshot, random, … (see `vlprune list methods`).",
 )
 @click.option(
     "--schedule",
@@ -223,6 +260,7 @@ def _settings(task: str, backbone: str, training: dict, data: str | None, **extr
     help="The ticket kept is the sparsest round holding this fraction of dense.",
 )
 @_training_options
+@_adversarial_options
 @_runs_option
 @click.option(
     "--checkpoint-every",
@@ -261,6 +299,7 @@ def find(
         backbone,
         training,
         data=data,
+        implied=getattr(registry.load("methods", method), "adversarial", False),
         method=method,
         preset=preset,
         checkpoint=checkpoint,
@@ -315,6 +354,7 @@ def find(
 @click.option("--task", required=True, help="Task plugin to score on.")
 @_model_options
 @_training_options
+@_adversarial_options
 @click.option(
     "--finetuned",
     type=click.Path(path_type=Path),
@@ -353,8 +393,9 @@ def evaluate_command(
     if loaded is not None and ctx.get_parameter_source("backbone").name == "DEFAULT":
         backbone = loaded.metadata.get("backbone", backbone)
     settings = _settings(task, backbone, training, data=data, preset=preset, checkpoint=checkpoint)
-    if finetuned is not None and weights != "theta0":
-        raise UserError("--weights chooses where training starts; --finetuned trains nothing")
+    if finetuned is not None and (weights != "theta0" or settings.train.adversarial):
+        flag = "--weights" if weights != "theta0" else "--adversarial"
+        raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
     if finetuned is not None:
         result = score_finetuned(loaded, finetuned, settings)
     elif loaded is None:
@@ -368,6 +409,7 @@ def evaluate_command(
         f"{result['task']} {result['metric']}: {result['score']:.4f} at "
         f"{_percent(result['sparsity'])} sparsity"
         + (" from shuffled θ0" if result.get("weights") == "shuffled" else "")
+        + (" (adversarial)" if settings.train.adversarial else "")
     )
 
 
@@ -385,6 +427,7 @@ def evaluate_command(
 )
 @_model_options
 @_training_options
+@_adversarial_options
 @click.option("--force", is_flag=True, help="Train tickets found from other weights anyway.")
 @_runs_option
 @click.option(

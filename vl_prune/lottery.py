@@ -16,7 +16,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from accelerate import PartialState
 
 from vl_prune import registry
+from vl_prune.adversarial import AdversarialSettings
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
@@ -68,6 +69,10 @@ class FindSettings:
                 f"--rewind-step must be between 1 and --steps - 1 ({self.train.steps - 1}), "
                 f"not {self.rewind_step}"
             )
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as hashed into run names (see `TrainSettings.identity`)."""
+        return {**asdict(self), "train": self.train.identity()}
 
     @property
     def embedded(self) -> bool:
@@ -175,6 +180,9 @@ class Lottery:
             raise VLPruneError(f"method {settings.method!r} needs --rewind-step")
         if checkpoint_every < 1:
             raise VLPruneError(f"--checkpoint-every must be at least 1, not {checkpoint_every}")
+        if method.adversarial and settings.train.adversarial is None:
+            adversarial = replace(settings.train, adversarial=AdversarialSettings())
+            settings = replace(settings, train=adversarial)
         self.settings, self.method = settings, method
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
         self.experiment = Experiment(settings)
@@ -184,7 +192,7 @@ class Lottery:
         else:
             self.targets = linear(total, settings.sparsity)
         self.config = {
-            **asdict(settings),
+            **settings.identity(),
             "preset": self.experiment.template.backbone.preset,
             "data": str(self.experiment.data),
             "weights_fingerprint": self.experiment.fingerprint,

@@ -92,6 +92,13 @@ class Task:
         concatenated)."""
         raise NotImplementedError
 
+    def consistency(self, clean: Any, perturbed: Any) -> torch.Tensor:
+        """How far the outputs on perturbed input moved from those on clean input (`clean` is
+        detached): adversarial training's consistency term. The default is the symmetric KL
+        between the softmax distributions over the last dimension of every output tensor;
+        tasks with regression outputs override it."""
+        return symmetric_kl(clean, perturbed)
+
     def check_backbone(self, backbone: Backbone) -> None:
         """A clear error when the backbone's image input does not fit the task."""
         if backbone.image_input not in self.image_inputs:
@@ -109,5 +116,42 @@ class VLModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, batch: TaskBatch) -> torch.Tensor:
-        return self.head(self.backbone, batch.inputs)
+    def forward(self, batch: TaskBatch, deltas: list | None = None) -> Any:
+        """The head's outputs; `deltas` (one (text_delta, image_delta) pair per input of the
+        batch) perturb the backbone's embeddings, for adversarial training."""
+        if deltas is None:
+            return self.head(self.backbone, batch.inputs)
+        return self.head(_Perturbed(self.backbone, batch.inputs, deltas), batch.inputs)
+
+
+class _Perturbed:
+    """The backbone as a head sees it in an adversarial pass: called on one of the batch's
+    inputs, it adds that input's perturbations. Heads stay unaware of adversarial training."""
+
+    def __init__(self, backbone: Backbone, inputs: list[VLBatch], deltas: list):
+        self._backbone = backbone
+        self._deltas = {id(batch): pair for batch, pair in zip(inputs, deltas, strict=True)}
+
+    def __call__(self, batch: VLBatch):
+        pair = self._deltas.get(id(batch))
+        if pair is None:
+            raise VLPruneError(
+                "the head called the backbone on an input that is not one of the batch's "
+                "inputs; adversarial training needs heads to encode batch.inputs themselves"
+            )
+        return self._backbone(batch, *pair)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+
+def symmetric_kl(clean: Any, perturbed: Any) -> torch.Tensor:
+    """KL(p‖q) + KL(q‖p) of the softmax distributions over the last dimension, averaged over
+    the other dimensions and summed over the tensors of a dict or tuple of outputs."""
+    if isinstance(clean, dict):
+        return sum(symmetric_kl(clean[key], perturbed[key]) for key in clean)
+    if isinstance(clean, (tuple, list)):
+        return sum(symmetric_kl(c, p) for c, p in zip(clean, perturbed, strict=True))
+    log_p = torch.log_softmax(clean.float(), dim=-1)
+    log_q = torch.log_softmax(perturbed.float(), dim=-1)
+    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()

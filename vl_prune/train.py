@@ -12,13 +12,14 @@ import math
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from vl_prune.adversarial import AdversarialSettings, adversarial_backward
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.task import Task, TaskBatch, VLModel
@@ -39,6 +40,8 @@ class TrainSettings:
     eval_batch_size: int = 64
     seed: int = 0
     mixed_precision: str = "no"
+    #: fine-tune adversarially (VILLA) with these settings; None: plain fine-tuning
+    adversarial: AdversarialSettings | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
@@ -47,6 +50,14 @@ class TrainSettings:
             raise VLPruneError(
                 f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision}"
             )
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as hashed into the names of results: a field added later is left out
+        while it is off, so results from before it keep their names."""
+        fields = asdict(self)
+        if self.adversarial is None:
+            del fields["adversarial"]
+        return fields
 
 
 def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
@@ -182,13 +193,12 @@ def fit(
                 loader = accelerator.skip_first_batches(loader, done * accumulation)
             for batch in loader:
                 with accelerator.accumulate(model):
-                    loss = task.loss(model(batch), batch.targets)
+                    loss = _backward(model, task, batch, settings, accelerator)
                     if not math.isfinite(loss.item()):
                         raise VLPruneError(
                             f"{description}: loss became {loss.item()} at step {step + 1}; "
                             "lower the learning rate"
                         )
-                    accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
                     optimizer.step()
@@ -210,6 +220,18 @@ def fit(
     finally:
         bar.close()
     return losses
+
+
+def _backward(
+    model: VLModel, task: Task, batch: TaskBatch, settings: TrainSettings, accelerator: Any
+) -> torch.Tensor:
+    """Accumulate one batch's gradients; the (clean) loss."""
+    if settings.adversarial is not None:
+        return adversarial_backward(model, task, batch, settings.adversarial, accelerator).loss
+    loss = task.loss(model(batch), batch.targets)
+    if math.isfinite(loss.item()):
+        accelerator.backward(loss)
+    return loss
 
 
 def _batches(examples: int, settings: TrainSettings, accelerator: Any) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ class Transfer:
         self.experiment = Experiment(settings)
         self.folder = Path(runs) / "transfer"
         self.quiet = quiet
-        target = {k: v for k, v in asdict(settings).items() if k not in _ROUND_FIELDS}
+        target = {k: v for k, v in settings.identity().items() if k not in _ROUND_FIELDS}
         self.target = {
             **target,
             "preset": self.experiment.template.backbone.preset,

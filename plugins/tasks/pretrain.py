@@ -9,7 +9,7 @@ real θ0, cached) and to find task-agnostic tickets.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
-from vl_prune.task import Task, TaskBatch, VLModel
+from vl_prune.task import Task, TaskBatch, VLModel, symmetric_kl
 from vl_prune.train import OPTIMIZER, TrainSettings
 from vl_prune_plugins.tasks.annotations import field, json_file
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
@@ -186,6 +186,13 @@ class Pretrain(Task):
     def predict(self, outputs: dict) -> dict:
         return {"mlm": outputs["mlm"].argmax(-1), "itm": outputs["itm"].argmax(-1)}
 
+    def consistency(self, clean: dict, perturbed: dict) -> torch.Tensor:
+        """The symmetric KL of the MLM and ITM predictions (MRFR regresses, it has none)."""
+        return symmetric_kl(
+            {key: clean[key] for key in ("mlm", "itm")},
+            {key: perturbed[key] for key in ("mlm", "itm")},
+        )
+
     def score(self, predictions: dict, targets: dict) -> float:
         """The mean of MLM accuracy (masked tokens) and ITM accuracy."""
         labelled = targets["mlm"] != IGNORE
@@ -229,7 +236,7 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
     # Everything that decides the weights names the file: a change builds a new θ0.
     recipe = repr(
         (
-            asdict(settings),
+            settings.identity(),
             sorted(backbone.state_dict()),
             words(),
             WORLD_SIZES,

@@ -124,8 +124,10 @@ class ScorePruning(BoolMaskPruning):
     #: `--rewind-step` steps instead of θ0 (rewinding) ...
     rewind: ClassVar[bool] = False
     #: ... and cut every sparsity from the dense-trained weights at once instead of round by
-    #: round (one-shot pruning)
+    #: round (one-shot pruning) ...
     one_shot: ClassVar[bool] = False
+    #: ... and fine-tune adversarially (VILLA) in every round
+    adversarial: ClassVar[bool] = False
 
     def __init__(self, amount: float | int, threshold: int | None = None):
         check_amount(amount)
@@ -200,6 +202,12 @@ class RewindMagnitude(GlobalMagnitude):
     """IMP with rewinding: survivors restart from the dense run's weights after k steps."""
 
     rewind = True
+
+
+class AdversarialMagnitude(GlobalMagnitude):
+    """Adversarial IMP: every round fine-tunes with VILLA's adversarial training."""
+
+    adversarial = True
 
 
 class OneShotMagnitude(GlobalMagnitude):
