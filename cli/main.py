@@ -363,10 +363,10 @@ def find(
 @click.option("--force", is_flag=True, help="Train a ticket found from other weights anyway.")
 @click.option(
     "--weights",
-    type=click.Choice(["theta0", "shuffled"]),
     default="theta0",
     show_default=True,
-    help="Start from θ0, or from θ0 shuffled within each layer (a baseline).",
+    help="Start from θ0; from θ0 shuffled within each layer (`shuffled`); or from another "
+    "pre-trained weights file (e.g. BERT's), its tensors matched by name (baselines).",
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -408,9 +408,19 @@ def evaluate_command(
     click.echo(
         f"{result['task']} {result['metric']}: {result['score']:.4f} at "
         f"{_percent(result['sparsity'])} sparsity"
-        + (" from shuffled θ0" if result.get("weights") == "shuffled" else "")
+        + _start(result)
         + (" (adversarial)" if settings.train.adversarial else "")
     )
+
+
+def _start(result: dict) -> str:
+    """Where training started, when not from θ0."""
+    if result.get("weights", "theta0") == "theta0":
+        return ""
+    if result["weights"] == "shuffled":
+        return " from shuffled θ0"
+    kept = result["replaced"]["kept"]
+    return f" from {result['weights']}" + (f" ({len(kept)} tensors kept from θ0)" if kept else "")
 
 
 @cli.command()

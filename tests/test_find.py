@@ -390,6 +390,74 @@ def test_shuffled_weights_baseline_permutes_theta0_within_each_tensor(
     assert "--finetuned trains nothing" in cli_result.output
 
 
+def bert_weights(path: Path, drop: str | None = None) -> Path:
+    """A BERT checkpoint of uniter-tiny's text shapes, in BertForPreTraining's key layout."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(7)
+    tiny = Uniter.build("tiny")
+    config = BertConfig(
+        vocab_size=tiny.embeddings.word_embeddings.num_embeddings,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+    )
+    state = {f"bert.{k}": v for k, v in BertModel(config).state_dict().items() if k != drop}
+    save_file(state, path)
+    return path
+
+
+def test_another_pretrained_set_replaces_theta0_where_names_match(
+    world, theta0, tmp_path, monkeypatch
+):
+    lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
+    lottery.run()
+    path = lottery.folder / "round_01" / "ticket.safetensors"
+    ticket = Ticket.load(path)
+    bert = load_file(bert_weights(tmp_path / "bert.safetensors"))
+    started = {}
+
+    def capture(self, model, *args, **kwargs):
+        started.update({n: p.detach().clone() for n, p in model.backbone.named_parameters()})
+        return 0.5, model
+
+    monkeypatch.setattr(Experiment, "train", capture)
+    result = train_ticket(
+        ticket, settings(world, theta0), weights=str(tmp_path / "bert.safetensors")
+    )
+    template = dict(lottery.experiment.template.backbone.named_parameters())
+    for name in ticket.masks:  # every prunable tensor is BERT's
+        assert torch.equal(started[name + "_orig"], bert["bert." + name])
+    # No image embeddings in BERT, and NLVR2's third token type does not fit BERT's two.
+    kept = result["replaced"]["kept"]
+    assert "embeddings.token_type_embeddings.weight" in kept
+    assert all(n in kept for n in template if n.startswith("img_embeddings."))
+    for name in kept:
+        assert torch.equal(started[name], template[name])
+    assert torch.equal(
+        started["embeddings.word_embeddings.weight"], bert["bert.embeddings.word_embeddings.weight"]
+    )
+
+    monkeypatch.undo()
+    args = [
+        *("evaluate", "--ticket", str(path), "--task", "nlvr2", "--data", str(world)),
+        *("--checkpoint", str(theta0), "--steps", "2", "--batch-size", "8", "--quiet"),
+    ]
+    scored = CliRunner().invoke(cli, [*args, "--weights", str(tmp_path / "bert.safetensors")])
+    assert scored.exit_code == 0, scored.output
+    assert (
+        f"from {tmp_path / 'bert.safetensors'} ({len(kept)} tensors kept from θ0)" in scored.output
+    )
+    query = "encoder.layer.2.attention.self.query.weight"
+    partial = bert_weights(tmp_path / "partial.safetensors", drop=query)
+    for weights, message in [(partial, repr(query)), (tmp_path / "none.pt", "no such file")]:
+        failed = CliRunner().invoke(cli, [*args, "--weights", str(weights)])
+        assert failed.exit_code == 2
+        assert message in failed.output and len(failed.output.strip().splitlines()) == 1
+
+
 def test_scoring_finetuned_weights(world, theta0, tmp_path):
     torch.manual_seed(0)
     model = Experiment(settings(world, theta0)).fresh()

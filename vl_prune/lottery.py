@@ -25,12 +25,12 @@ from accelerate import PartialState
 
 from vl_prune import registry
 from vl_prune.adversarial import AdversarialSettings
+from vl_prune.baselines import load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.home import cached_folder
 from vl_prune.pruning import SCHEDULES, ScorePruning, geometric, linear, prune_to
-from vl_prune.pruning.methods import current_weight
 from vl_prune.task import VLModel
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
 from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
@@ -371,9 +371,6 @@ class Lottery:
         curves([report], self.folder / "curve.png")
 
 
-WEIGHTS = ("theta0", "shuffled")
-
-
 def train_ticket(
     ticket: Ticket,
     settings: FindSettings,
@@ -382,7 +379,8 @@ def train_ticket(
     weights: str = "theta0",
 ) -> dict[str, Any]:
     """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
-    `weights="shuffled"` starts from θ0 shuffled within each prunable tensor instead."""
+    `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
+    another pre-trained set (see `vl_prune.baselines`)."""
     return train_mask(Experiment(settings), ticket, force, quiet, weights)
 
 
@@ -394,26 +392,22 @@ def train_mask(
     weights: str = "theta0",
 ) -> dict[str, Any]:
     """`train_ticket` on an experiment already set up; `ticket=None` trains the dense model."""
-    if weights not in WEIGHTS:
-        raise VLPruneError(f"unknown --weights {weights!r}; choose from {', '.join(WEIGHTS)}")
     model = experiment.fresh()
     other = apply_ticket(ticket, model, force) if ticket is not None else False
+    result = {}
     if weights == "shuffled":
         shuffle_within_tensors(model, experiment.settings.train.seed)
+    elif weights != "theta0":
+        replaced = load_other_weights(model, weights)
+        result["replaced"] = {"taken": len(replaced.taken), "kept": replaced.kept}
     what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
     score, _ = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
-    return {**_result(ticket, experiment, score), "other_weights": other, "weights": weights}
-
-
-def shuffle_within_tensors(model: VLModel, seed: int) -> None:
-    """Permute the values of each prunable tensor in place (the paper's shuffled-weights
-    baseline: every layer keeps its distribution of values, not where they sit)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module, name in model.backbone.prunable():
-            weight = current_weight(module, name)
-            order = torch.randperm(weight.numel(), generator=generator)
-            weight.copy_(weight.reshape(-1)[order].view_as(weight))
+    return {
+        **_result(ticket, experiment, score),
+        "other_weights": other,
+        "weights": weights,
+        **result,
+    }
 
 
 def score_finetuned(
