@@ -292,6 +292,7 @@ def find(
     **training,
 ) -> None:
     """Find a ticket: IMP rounds (or a baseline) to --sparsity, resumable, with a report."""
+    from vl_prune.distributed import process_state
     from vl_prune.lottery import Lottery
 
     settings = _settings(
@@ -310,7 +311,9 @@ def find(
     )
     if out is not None and not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    main_process = process_state().is_main_process  # one job: one process writes and prints
+    silent = quiet or not main_process
+    say = (lambda line: None) if silent else (lambda line: click.echo(line, err=True))
     if settings.embedded:
         say(
             f"No --checkpoint/--data: running {backbone}-tiny on the embedded world's {task} "
@@ -320,6 +323,8 @@ def find(
     lottery = Lottery(settings, runs=runs, checkpoint_every=checkpoint_every, quiet=quiet, log=say)
     say(f"run folder: {lottery.folder}")
     report = lottery.run(keep=keep)
+    if not main_process:
+        return
     if out is not None:
         from vl_prune.files import atomic_write
 
@@ -362,6 +367,19 @@ def find(
 )
 @click.option("--force", is_flag=True, help="Train a ticket found from other weights anyway.")
 @click.option(
+    "--lora", type=int, help="Train rank-R LoRA adapters over the frozen masked backbone."
+)
+@click.option(
+    "--adapters",
+    type=click.Path(path_type=Path),
+    help="New folder for the LoRA adapters (peft format) [beside the ticket].",
+)
+@click.option(
+    "--merge",
+    type=click.Path(path_type=Path),
+    help="Also merge the adapters, mask kept, and write the weights here (.safetensors).",
+)
+@click.option(
     "--weights",
     default="theta0",
     show_default=True,
@@ -380,6 +398,9 @@ def evaluate_command(
     data,
     finetuned,
     force,
+    lora,
+    adapters,
+    merge,
     weights,
     quiet,
     as_json,
@@ -389,6 +410,10 @@ def evaluate_command(
     from vl_prune.lottery import score_finetuned, train_ticket
     from vl_prune.ticket import Ticket
 
+    if lora is None and (adapters is not None or merge is not None):
+        raise UserError(f"{'--adapters' if adapters is not None else '--merge'} needs --lora R")
+    if lora is not None and ticket is None:
+        raise UserError("--lora trains adapters over a ticket: give --ticket")
     loaded = Ticket.load(ticket) if ticket is not None else None
     if loaded is not None and ctx.get_parameter_source("backbone").name == "DEFAULT":
         backbone = loaded.metadata.get("backbone", backbone)
@@ -396,12 +421,17 @@ def evaluate_command(
     if finetuned is not None and (weights != "theta0" or settings.train.adversarial):
         flag = "--weights" if weights != "theta0" else "--adversarial"
         raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
+    if finetuned is not None and lora is not None:
+        raise UserError("--lora chooses how to train; --finetuned trains nothing")
     if finetuned is not None:
         result = score_finetuned(loaded, finetuned, settings)
     elif loaded is None:
         raise UserError("evaluate needs --ticket (to train) or --finetuned (to score)")
     else:
-        result = train_ticket(loaded, settings, force=force, quiet=quiet, weights=weights)
+        options = _lora(lora, adapters, merge, ticket, task)
+        result = train_ticket(
+            loaded, settings, force=force, quiet=quiet, weights=weights, lora=options
+        )
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -410,7 +440,35 @@ def evaluate_command(
         f"{_percent(result['sparsity'])} sparsity"
         + _start(result)
         + (" (adversarial)" if settings.train.adversarial else "")
+        + (f" with LoRA r{result['lora']['rank']}" if "lora" in result else "")
     )
+    if "lora" in result:
+        click.echo(f"adapters: {result['lora']['adapters']}")
+        merged = result["lora"].get("merge")
+        if merged is not None:
+            click.echo(merged["report"])
+            click.echo(
+                f"merged {result['metric']}: {merged['score']:.4f} "
+                f"(with adapters {merged['score_before']:.4f}); weights: {merged['path']}"
+            )
+
+
+def _lora(rank: int | None, adapters: Path | None, merge: Path | None, ticket: Path, task: str):
+    """The LoRA options, checked before any training: the adapters' folder must be new (by
+    default beside the ticket) and the merged weights' folder must exist."""
+    from vl_prune.lottery import Lora
+
+    if rank is None:
+        return None
+    if rank < 1:
+        raise UserError(f"--lora must be a rank of at least 1, not {rank}")
+    if adapters is None:
+        adapters = ticket.with_name(f"{ticket.stem}.lora-r{rank}-{task}")
+    if adapters.exists():
+        raise UserError(f"--adapters {adapters} already exists; remove it or name another folder")
+    if merge is not None and not merge.parent.is_dir():
+        raise UserError(f"--merge {merge}: folder {merge.parent} does not exist")
+    return Lora(rank, adapters, merge)
 
 
 def _start(result: dict) -> str:
@@ -439,6 +497,11 @@ def _start(result: dict) -> str:
 @_training_options
 @_adversarial_options
 @click.option("--force", is_flag=True, help="Train tickets found from other weights anyway.")
+@click.option(
+    "--lora",
+    type=int,
+    help="Train rank-R LoRA adapters over each frozen masked backbone (kept beside each result).",
+)
 @_runs_option
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Folder for transfer.json, .md and .png."
@@ -455,6 +518,7 @@ def transfer(
     checkpoint,
     data,
     force,
+    lora,
     runs,
     out,
     quiet,
@@ -462,17 +526,18 @@ def transfer(
     **training,
 ) -> None:
     """Train tickets from θ0 on other tasks and score them against each task's dense model."""
-    from accelerate import PartialState
-
     from vl_prune import transfer as transfers
+    from vl_prune.distributed import process_state
     from vl_prune.plots import transfer_heatmap
     from vl_prune.ticket import Ticket
 
     paths = transfers.ticket_paths(sources)
     tasks = list(dict.fromkeys(tasks))
+    if lora is not None and lora < 1:
+        raise UserError(f"--lora must be a rank of at least 1, not {lora}")
     if data is not None and len(tasks) > 1:
         raise UserError("--data is one task's folder: give a single --task with it")
-    main_process = PartialState().is_main_process
+    main_process = process_state().is_main_process
     if out is not None:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: not a folder")
@@ -486,7 +551,7 @@ def transfer(
         settings = _settings(
             task, backbone, training, data=data, preset=preset, checkpoint=checkpoint
         )
-        target = transfers.Transfer(settings, runs=runs, quiet=quiet)
+        target = transfers.Transfer(settings, runs=runs, quiet=quiet, lora=lora)
         for path in paths:
             results.append(target.run(path, force=force))
             if say is not None:
@@ -516,7 +581,9 @@ def _transfer_line(result: dict) -> str:
         f"{result['task']} {result['metric']}: {result['score']:.4f} at "
         f"{_percent(result['sparsity'])} sparsity, "
         f"{'n/a' if fraction is None else _percent(fraction)} of dense "
-        f"({result['dense_score']:.4f})" + (" *" if result["other_weights"] else "")
+        f"({result['dense_score']:.4f})"
+        + (f", LoRA r{result['lora']['rank']}" if "lora" in result else "")
+        + (" *" if result["other_weights"] else "")
     )
 
 

@@ -4,7 +4,8 @@ and pre-trained tiny weights, each built once and then reused."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vl_prune.errors import VLPruneError
@@ -16,8 +17,33 @@ def home() -> Path:
 
 
 def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
-    """`home()/name`, made by `build(folder)` on first use (atomically, see `write_folder`)."""
+    """`home()/name`, made by `build(folder)` on first use (atomically, see `write_folder`).
+
+    In a multi-process job one process per machine builds it while the others wait, then
+    read it: N ranks building the same folder would do the work N times and all write."""
     final = home() / name
+    # Every rank passes the barrier, found or not: a rank that skipped it because another had
+    # just built the folder would meet the others' barrier at its next collective call.
+    with local_main_first() as builder:
+        if builder:
+            return _build(final, build)
+    if not final.is_dir():
+        raise VLPruneError(f"{final} is missing: this machine's main process did not build it")
+    return final
+
+
+@contextmanager
+def local_main_first() -> Iterator[bool]:
+    """Run the block on each machine's main process first, then on the others; yields
+    whether this is that main process (always, outside a multi-process job)."""
+    from vl_prune.distributed import process_state
+
+    state = process_state()
+    with state.local_main_process_first():
+        yield state.is_local_main_process
+
+
+def _build(final: Path, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
     try:

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 
 from vl_prune import registry
 from vl_prune.adversarial import AdversarialSettings
 from vl_prune.baselines import load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
+from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.home import cached_folder
@@ -100,6 +100,7 @@ class Experiment:
         self.settings = settings
         backbone_class = registry.load("backbones", settings.backbone)
         task_class = registry.load("tasks", settings.task)
+        task_class.check_backbone(backbone_class)  # before any data or θ0 is built
         data = Path(settings.data) if settings.data else world_data(settings.task)
         self.task = task_class(data)
         train_split, eval_split = task_class.splits[:2]
@@ -159,6 +160,12 @@ class Experiment:
         score = evaluate(prepared, self.task, self.eval_examples, settings, accelerator)
         return score, accelerator.unwrap_model(prepared)
 
+    def score(self, model: VLModel) -> float:
+        """`model`'s score on the evaluation split, without training."""
+        accelerator = make_accelerator(self.settings.train)
+        prepared = accelerator.prepare(model)
+        return evaluate(prepared, self.task, self.eval_examples, self.settings.train, accelerator)
+
 
 class Lottery:
     """Finds tickets: one run folder, its rounds, its report."""
@@ -210,7 +217,7 @@ class Lottery:
         """Run (or finish) every round and write the report, curve and final ticket."""
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
-        state = PartialState()
+        state = process_state()
         if state.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
             config = self.folder / "config.json"
@@ -239,7 +246,7 @@ class Lottery:
             metrics = json.loads(done.read_text())
             self.log(f"round {r}/{self.rounds}: finished earlier, skipped ({_line(metrics)})")
             return {**metrics, "skipped": True}
-        state = PartialState()
+        state = process_state()
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
@@ -292,16 +299,16 @@ class Lottery:
             levels = range(1, self.rounds + 1) if r == 0 else range(0)
         else:
             levels = range(r + 1, min(r + 1, self.rounds) + 1)
-        if levels and PartialState().is_main_process:
+        if levels and process_state().is_main_process:
             # Later rounds derive from this cut: anything left of them (a redone round) is stale.
             for later in range(r + 1, self.rounds + 1):
                 shutil.rmtree(self.folder / f"round_{later:02d}", ignore_errors=True)
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
         parameters = trained.backbone.prunable()
         for level in levels:
             # The trained model itself is cut: its masks are the next round's ticket.
             prune_to(parameters, self.method, self.targets[level - 1], seed=self._seed(level))
-            if PartialState().is_main_process:
+            if process_state().is_main_process:
                 cut = Ticket.from_model(trained.backbone, parameters)
                 (self.folder / f"round_{level:02d}").mkdir(exist_ok=True)
                 self._ticket(cut, level, dense, records).save(
@@ -316,7 +323,7 @@ class Lottery:
         """Saves θ_k and φ_k, the dense run's weights after `rewind_step` steps."""
 
         def save(step: int, model: VLModel) -> None:
-            if step == self.settings.rewind_step and PartialState().is_main_process:
+            if step == self.settings.rewind_step and process_state().is_main_process:
                 from safetensors.torch import save as to_bytes
 
                 state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -377,11 +384,23 @@ def train_ticket(
     force: bool = False,
     quiet: bool = False,
     weights: str = "theta0",
+    lora: Lora | None = None,
 ) -> dict[str, Any]:
     """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
     `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
-    another pre-trained set (see `vl_prune.baselines`)."""
-    return train_mask(Experiment(settings), ticket, force, quiet, weights)
+    another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
+    frozen masked backbone instead of the backbone itself."""
+    return train_mask(Experiment(settings), ticket, force, quiet, weights, lora)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA adapters on a ticket: their rank, the new folder they are saved in (peft format),
+    and where to write the weights with the adapters merged in, mask kept (None: no merge)."""
+
+    rank: int
+    adapters: Path | None = None
+    merged: Path | None = None
 
 
 def train_mask(
@@ -390,6 +409,7 @@ def train_mask(
     force: bool = False,
     quiet: bool = False,
     weights: str = "theta0",
+    lora: Lora | None = None,
 ) -> dict[str, Any]:
     """`train_ticket` on an experiment already set up; `ticket=None` trains the dense model."""
     model = experiment.fresh()
@@ -400,14 +420,69 @@ def train_mask(
     elif weights != "theta0":
         replaced = load_other_weights(model, weights)
         result["replaced"] = {"taken": len(replaced.taken), "kept": replaced.kept}
+    if lora is not None:
+        from vl_prune.lora import add_lora
+
+        model = add_lora(model, lora.rank)
     what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
-    score, _ = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
+    what += f" + LoRA r{lora.rank}" if lora is not None else ""
+    score, trained = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
+    if lora is not None:
+        result["lora"] = _finish_lora(experiment, trained, lora, score)
     return {
         **_result(ticket, experiment, score),
         "other_weights": other,
         "weights": weights,
         **result,
     }
+
+
+def _finish_lora(experiment: Experiment, trained: Any, lora: Lora, score: float) -> dict:
+    """Save the adapters and, if asked, merge them keeping the mask, score the merged model
+    and write its weights (pruned entries zero, torch names)."""
+    from vl_prune.lora import merge_lora, save_adapters
+
+    state = process_state()
+    out: dict[str, Any] = {"rank": lora.rank}
+    if lora.adapters is not None:
+        if state.is_main_process:
+            settings = experiment.settings
+            save_adapters(trained, lora.adapters, task=settings.task, backbone=settings.backbone)
+        state.wait_for_everyone()
+        out["adapters"] = str(lora.adapters)
+    if lora.merged is not None:
+        batch = experiment.task.collate(experiment.eval_examples[:8], trained.backbone)
+        merged, report = merge_lora(trained, batch)
+        merged_score = experiment.score(merged)
+        if state.is_main_process:
+            from safetensors.torch import save as to_bytes
+
+            atomic_write(lora.merged, to_bytes(_baked(merged)))
+        state.wait_for_everyone()
+        out["merge"] = {
+            "path": str(lora.merged),
+            "score": merged_score,
+            "score_before": score,
+            "dropped": report.dropped,
+            "max_change": report.max_change,
+            "report": str(report),
+        }
+    return out
+
+
+def _baked(model: VLModel) -> dict[str, torch.Tensor]:
+    """The model's tensors under their plain names, pruned entries zero: what
+    `prune.remove` would leave, without touching `model`."""
+    tensors = model.state_dict()
+    state = {}
+    for name, value in tensors.items():
+        if name.endswith("_mask"):
+            continue
+        plain = name.removesuffix("_orig")
+        if name.endswith("_orig"):
+            value = torch.where(tensors[plain + "_mask"].bool(), value, 0.0)
+        state[plain] = value.detach().cpu().contiguous()
+    return state
 
 
 def score_finetuned(
@@ -420,10 +495,7 @@ def score_finetuned(
     if ticket is not None:
         apply_ticket(ticket, model, force=True)
     _load_weights(model, read_state_dict(weights))
-    accelerator = make_accelerator(settings.train)
-    prepared = accelerator.prepare(model)
-    task, examples = experiment.task, experiment.eval_examples
-    score = evaluate(prepared, task, examples, settings.train, accelerator)
+    score = experiment.score(model)
     return _result(Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score)
 
 

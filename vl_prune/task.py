@@ -99,12 +99,15 @@ class Task:
         tasks with regression outputs override it."""
         return symmetric_kl(clean, perturbed)
 
-    def check_backbone(self, backbone: Backbone) -> None:
-        """A clear error when the backbone's image input does not fit the task."""
-        if backbone.image_input not in self.image_inputs:
+    @classmethod
+    def check_backbone(cls, backbone: Backbone | type[Backbone]) -> None:
+        """A clear error when the backbone's (or backbone class's) image input does not fit
+        the task."""
+        if backbone.image_input not in cls.image_inputs:
+            name = backbone.__name__ if isinstance(backbone, type) else type(backbone).__name__
             raise VLPruneError(
-                f"{type(self).__name__} needs {' or '.join(self.image_inputs)} input; "
-                f"{type(backbone).__name__} reads {backbone.image_input}"
+                f"{cls.__name__} needs {' or '.join(cls.image_inputs)} input; "
+                f"{name} reads {backbone.image_input}"
             )
 
 

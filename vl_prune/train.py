@@ -64,13 +64,20 @@ def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
     """An Accelerator; on a machine without GPUs it is told so (cpu=True), otherwise every rank
     of a multi-process launch would silently run as its own one-process job."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from vl_prune.distributed import process_state
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    process_state(cpu)  # fails if something already made Accelerate's state blind to the job
     return Accelerator(
         cpu=cpu,
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.grad_accumulation,
+        # Backbones hold parameters a task never uses (UNITER's masked-region embedding is
+        # for pre-training only); DDP would stop at the first step of a multi-process job.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-
 from vl_prune import __version__
+from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
-from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, train_mask
+from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, Lora, train_mask
 from vl_prune.ticket import Ticket
 
 # The fields of FindSettings that only steer `find`'s rounds, not one fine-tuning.
@@ -51,10 +51,19 @@ def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
 class Transfer:
     """Trains tickets on one target task and scores them against that task's dense model."""
 
-    def __init__(self, settings: FindSettings, runs: str | Path = "runs", quiet: bool = False):
+    def __init__(
+        self,
+        settings: FindSettings,
+        runs: str | Path = "runs",
+        quiet: bool = False,
+        lora: int | None = None,
+    ):
         self.experiment = Experiment(settings)
         self.folder = Path(runs) / "transfer"
         self.quiet = quiet
+        #: train LoRA adapters of this rank over each masked backbone (the dense model
+        #: it is compared with stays fully fine-tuned)
+        self.lora = lora
         target = {k: v for k, v in settings.identity().items() if k not in _ROUND_FIELDS}
         self.target = {
             **target,
@@ -62,14 +71,14 @@ class Transfer:
             "data": str(self.experiment.data),
             "weights_fingerprint": self.experiment.fingerprint,
             # --batch-size is per process: another process count is another training
-            "processes": PartialState().num_processes,
+            "processes": process_state().num_processes,
             "vl_prune": __version__,
         }
 
     def dense_score(self) -> float:
         """The dense model's score on the target task, trained once and cached."""
         result = self._cached(
-            {"dense": True}, lambda: train_mask(self.experiment, None, quiet=self.quiet)
+            {"dense": True}, lambda _: train_mask(self.experiment, None, quiet=self.quiet)
         )
         return result["score"]
 
@@ -78,9 +87,15 @@ class Transfer:
         fraction of dense, with where the ticket came from."""
         ticket = Ticket.load(path)
         key = {"ticket": hashlib.sha256(path.read_bytes()).hexdigest(), "force": force}
-        result = self._cached(
-            key, lambda: train_mask(self.experiment, ticket, force, quiet=self.quiet)
-        )
+        if self.lora is not None:
+            key["lora"] = self.lora
+
+        def train(cell: Path) -> dict[str, Any]:
+            # The adapters go beside the cell's result, named after it.
+            adapters = Lora(self.lora, cell.with_suffix(".lora")) if self.lora else None
+            return train_mask(self.experiment, ticket, force, quiet=self.quiet, lora=adapters)
+
+        result = self._cached(key, train)
         dense = self.dense_score()
         meta = ticket.metadata
         return {
@@ -91,20 +106,24 @@ class Transfer:
             "fraction_of_dense": result["score"] / dense if dense else None,
         }
 
-    def _cached(self, key: dict[str, Any], compute: Callable[[], dict]) -> dict[str, Any]:
+    def _cached(self, key: dict[str, Any], compute: Callable[[Path], dict]) -> dict[str, Any]:
+        """The result kept under `key`, or `compute(path)`'s, then kept at `path`."""
         identity = json.dumps({**key, "target": self.target}, sort_keys=True)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         settings = self.experiment.settings
         path = self.folder / f"{settings.backbone}-{settings.task}-{digest}.json"
-        state = PartialState()
+        state = process_state()
         # Every process looks only once the last result is written, so all of them agree on
         # whether to train (one process training alone would hang the job).
         state.wait_for_everyone()
         if path.is_file():
             return json.loads(path.read_text())
-        result = compute()
         if state.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(path.with_suffix(".lora"), ignore_errors=True)  # a killed run's
+        state.wait_for_everyone()
+        result = compute(path)
+        if state.is_main_process:
             atomic_write(path, json.dumps(result, indent=2).encode())
         state.wait_for_everyone()
         return result

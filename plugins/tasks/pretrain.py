@@ -225,11 +225,10 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
     """The tiny preset of a backbone pre-trained on the embedded world (MLM + ITM, + MRFR for
     region backbones): a real θ0. Built on first use, deterministically, and cached under
     `$VL_PRUNE_HOME/theta0/`; later calls load it."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
 
-    from vl_prune.files import atomic_write
-    from vl_prune.home import cached_folder, home
-    from vl_prune.train import fit, make_accelerator
+    from vl_prune.distributed import process_state, run_alone
+    from vl_prune.home import home, local_main_first
 
     torch.manual_seed(settings.seed)
     backbone = backbone_class.build("tiny")
@@ -246,24 +245,52 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
     )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"
-    if not path.is_file():
-        data = cached_folder(
-            f"world/pretrain-v{WORLD_VERSION}-seed{settings.seed}",
-            lambda out: Pretrain.write_world(out, seed=settings.seed),
-        )
-        task = Pretrain(data)
-        model = VLModel(backbone, task.head(backbone))
-        accelerator = make_accelerator(settings)
-        fit(
-            accelerator.prepare(model),
-            task,
-            task.examples("train"),
-            settings,
-            accelerator,
-            description=f"pre-training {name}-tiny",
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-        atomic_write(path, save(state))
+    # In a multi-process job one process per machine builds it, the others wait; every rank
+    # passes the barrier, built or not (see `cached_folder`). The build runs in a process of
+    # its own: inside the job, Accelerate would split its batches across the ranks and give
+    # another θ0 under the same name.
+    with local_main_first() as builder:
+        if builder and not path.is_file():
+            if process_state().num_processes > 1:
+                run_alone(_pretrain_fresh, backbone_class, name, settings, path)
+            else:
+                _pretrain(backbone, name, settings, path)
     backbone.load_state_dict(load_file(path))
     return backbone
+
+
+def _pretrain(backbone: Backbone, name: str, settings: TrainSettings, path: Path) -> None:
+    """Pre-train `backbone` (the tiny preset, seeded) on the world's captions; write it to
+    `path`."""
+    from safetensors.torch import save
+
+    from vl_prune.files import atomic_write
+    from vl_prune.home import cached_folder
+    from vl_prune.train import fit, make_accelerator
+
+    data = cached_folder(
+        f"world/pretrain-v{WORLD_VERSION}-seed{settings.seed}",
+        lambda out: Pretrain.write_world(out, seed=settings.seed),
+    )
+    task = Pretrain(data)
+    model = VLModel(backbone, task.head(backbone))
+    accelerator = make_accelerator(settings)
+    fit(
+        accelerator.prepare(model),
+        task,
+        task.examples("train"),
+        settings,
+        accelerator,
+        description=f"pre-training {name}-tiny",
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    atomic_write(path, save(state))
+
+
+def _pretrain_fresh(
+    backbone_class: type[Backbone], name: str, settings: TrainSettings, path: Path
+) -> None:
+    """`_pretrain` on a new tiny backbone, seeded as `pretrained_tiny` seeds its own."""
+    torch.manual_seed(settings.seed)
+    _pretrain(backbone_class.build("tiny"), name, settings, path)

@@ -1,0 +1,62 @@
+"""The job this process belongs to (rank, world size), made the one way that sees every rank.
+
+Accelerate fixes a process's distributed state the first time anything asks for it
+(`PartialState`, `Accelerator`). Asked without `cpu=True` on a machine without GPUs, it ignores
+the launcher (torchrun, `accelerate launch`) and every rank runs alone: N independent trainings
+that all look fine. So vl_prune asks only through `process_state`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from typing import Any
+
+from vl_prune.errors import VLPruneError
+
+
+def process_state(cpu: bool | None = None):
+    """Accelerate's `PartialState`, on the CPU (gloo) when there is no GPU or `cpu` says so."""
+    import torch
+    from accelerate import PartialState
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes == 1 and launched > 1:
+        raise VLPruneError(
+            f"launched as one of {launched} processes, but Accelerate runs this one alone: "
+            "something made its state before vl_prune did, without cpu=True on a machine "
+            "without GPUs"
+        )
+    return state
+
+
+#: what makes Accelerate see a multi-process job (torchrun / accelerate launch, and MPI)
+JOB_VARIABLES = (
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+)
+
+
+def run_alone(function: Callable[..., None], *args: Any) -> None:
+    """`function(*args)` in a new Python process that is no part of this job: for work whose
+    result must not depend on how many processes a job has (inside the job, Accelerate would
+    split it across every rank). Arguments go by pickle; a failure raises here."""
+    child = multiprocessing.get_context("spawn").Process(target=_alone, args=(function, *args))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"{function.__qualname__} failed (exit code {child.exitcode})")
+
+
+def _alone(function: Callable[..., None], *args: Any) -> None:
+    for name in JOB_VARIABLES:
+        os.environ.pop(name, None)
+    function(*args)
