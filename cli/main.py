@@ -407,6 +407,8 @@ def evaluate_command(
     **training,
 ) -> None:
     """Train a ticket from θ0 on a task and score it (or score fine-tuned weights)."""
+    from vl_prune.baselines import NAMED
+    from vl_prune.distributed import process_state
     from vl_prune.lottery import score_finetuned, train_ticket
     from vl_prune.ticket import Ticket
 
@@ -423,6 +425,8 @@ def evaluate_command(
         raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
     if finetuned is not None and lora is not None:
         raise UserError("--lora chooses how to train; --finetuned trains nothing")
+    if weights not in NAMED and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file (give {', '.join(NAMED)} or a file)")
     if finetuned is not None:
         result = score_finetuned(loaded, finetuned, settings)
     elif loaded is None:
@@ -432,6 +436,8 @@ def evaluate_command(
         result = train_ticket(
             loaded, settings, force=force, quiet=quiet, weights=weights, lora=options
         )
+    if not process_state().is_main_process:
+        return
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -90,6 +90,11 @@ def adversarial_backward(
             perturbed = model(batch, deltas=deltas)
             task_loss = task.loss(perturbed, batch.targets)
             total = task_loss + settings.kl * task.consistency(reference, perturbed)
+            if not torch.isfinite(total):
+                raise VLPruneError(
+                    f"the loss on perturbed input became {total.item()} at ascent step {k + 1}; "
+                    "lower --adv-lr or bound the perturbation with --adv-max-norm"
+                )
             accelerator.backward(total / settings.steps)
         step.perturbed_losses.append(task_loss.item())
     step.deltas = [tuple(_plain(d) for d in pair) for pair in deltas]

@@ -42,7 +42,13 @@ JOB_VARIABLES = (
     "PMI_SIZE",
     "OMPI_COMM_WORLD_SIZE",
     "MV2_COMM_WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
 )
+#: the launchers' own settings (FSDP, DeepSpeed, dynamo, elastic agent), not the child's
+LAUNCHER_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_")
 
 
 def run_alone(function: Callable[..., None], *args: Any) -> None:
@@ -53,10 +59,14 @@ def run_alone(function: Callable[..., None], *args: Any) -> None:
     child.start()
     child.join()
     if child.exitcode != 0:
-        raise RuntimeError(f"{function.__qualname__} failed (exit code {child.exitcode})")
+        raise VLPruneError(
+            f"{function.__qualname__} failed in its own process (exit code {child.exitcode}); "
+            "its error is printed above"
+        )
 
 
 def _alone(function: Callable[..., None], *args: Any) -> None:
-    for name in JOB_VARIABLES:
-        os.environ.pop(name, None)
+    for name in list(os.environ):
+        if name in JOB_VARIABLES or name.startswith(LAUNCHER_PREFIXES):
+            del os.environ[name]
     function(*args)

@@ -39,8 +39,16 @@ def local_main_first() -> Iterator[bool]:
     from vl_prune.distributed import process_state
 
     state = process_state()
-    with state.local_main_process_first():
-        yield state.is_local_main_process
+    first = state.is_local_main_process
+    if not first:
+        state.wait_for_everyone()
+    try:
+        yield first
+    finally:
+        # Reached on failure too, so the waiting processes go on (and fail on the missing
+        # result) rather than hang in their barrier.
+        if first:
+            state.wait_for_everyone()
 
 
 def _build(final: Path, build: Callable[[Path], None]) -> Path:

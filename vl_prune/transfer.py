@@ -58,6 +58,8 @@ class Transfer:
         quiet: bool = False,
         lora: int | None = None,
     ):
+        if lora is not None and lora < 1:
+            raise VLPruneError(f"--lora must be a rank of at least 1, not {lora}")
         self.experiment = Experiment(settings)
         self.folder = Path(runs) / "transfer"
         self.quiet = quiet
@@ -92,7 +94,7 @@ class Transfer:
 
         def train(cell: Path) -> dict[str, Any]:
             # The adapters go beside the cell's result, named after it.
-            adapters = Lora(self.lora, cell.with_suffix(".lora")) if self.lora else None
+            adapters = None if self.lora is None else Lora(self.lora, cell.with_suffix(".lora"))
             return train_mask(self.experiment, ticket, force, quiet=self.quiet, lora=adapters)
 
         result = self._cached(key, train)

@@ -262,6 +262,7 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
 def _pretrain(backbone: Backbone, name: str, settings: TrainSettings, path: Path) -> None:
     """Pre-train `backbone` (the tiny preset, seeded) on the world's captions; write it to
     `path`."""
+    from accelerate.state import AcceleratorState
     from safetensors.torch import save
 
     from vl_prune.files import atomic_write
@@ -286,6 +287,9 @@ def _pretrain(backbone: Backbone, name: str, settings: TrainSettings, path: Path
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     atomic_write(path, save(state))
+    # θ0 trains in full precision; Accelerate allows the fine-tuning that follows in this
+    # process another precision (--mixed-precision) only on a fresh state.
+    AcceleratorState._reset_state()
 
 
 def _pretrain_fresh(
