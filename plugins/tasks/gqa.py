@@ -1,0 +1,375 @@
+"""GQA (Hudson and Manning, 2019): answer a compositional question about an image.
+
+A split is read from one of two files in the data folder, the first that exists:
+
+- `<split>_balanced_questions.json`, GQA's release: `{question_id: {"imageId", "question",
+  "answer", "fullAnswer", "types", "semantic", …}}`;
+- `<split>.json`, LXMERT's preprocessed GQA (also VOLTA's): `[{"img_id", "sent", "label":
+  {answer: score}, "question_id": "…"}]`, whose gold answer is the label with the highest score.
+
+So `task.examples("testdev")` reads `testdev_balanced_questions.json`, or else `testdev.json`.
+Images are `images/<imageId>.png` and region features `features/<imageId>.npz`. Splits without
+answers (`test`, `submission`) cannot be read. The world writes the release's layout, splits
+`train` and `testdev` (the split GQA results are reported on). The head is UNITER's VQA head
+over the answers of the training split, trained with cross-entropy: a GQA question has exactly
+one gold answer (LXMERT's labels all score it 1.0), so a softmax over answers fits the metric,
+accuracy of the argmax, better than VQA's per-answer soft scores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vl_prune.backbone import Backbone
+from vl_prune.errors import VLPruneError
+from vl_prune.task import Task, TaskBatch
+from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.vqa import VqaHead
+from vl_prune_plugins.world import VERSION as WORLD_VERSION
+from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
+from vl_prune_plugins.world.vocabulary import plural
+
+WORLD_SIZES = {"train": 2000, "testdev": 500}
+QUESTIONS_PER_IMAGE = 2
+# GQA's question ids are digit strings; the world numbers each split's questions from here.
+FIRST_QUESTION = {"train": 10_000_000, "testdev": 20_000_000}
+IGNORE = -100  # the target of an answer outside the training vocabulary: no loss, never right
+# Two objects of one shape are told apart by side only when they stand in different columns.
+APART = 0.15
+
+
+@dataclass(frozen=True)
+class GqaExample:
+    question_id: str
+    question: str
+    image: str
+    answer: str
+
+
+class Gqa(Task):
+    """GQA: compositional questions, one gold answer each (UNITER's VQA head, accuracy)."""
+
+    description = "GQA: answer a compositional question about an image (UNITER's VQA head)"
+    metric = "accuracy"
+    splits = ("train", "testdev")
+    world_version = WORLD_VERSION
+    # UNITER ships no GQA config; the paper fine-tunes GQA as VQA: train-vqa-base-4gpu.json,
+    # 6000 steps, peak lr 8e-5, 600 warmup steps.
+    recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
+    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
+
+    def __init__(self, data: str | Path):
+        super().__init__(data)
+        #: the answer vocabulary, sorted: class i of the head is answers[i]; set by reading the
+        #: training split (`splits[0]`), which `head` and `collate` do if nobody has yet
+        self.answers: list[str] | None = None
+
+    def examples(self, split: str) -> list[GqaExample]:
+        official = self.data / f"{split}_balanced_questions.json"
+        lxmert = self.data / f"{split}.json"
+        if official.is_file():
+            path, records = official, _balanced_questions(official)
+        elif lxmert.is_file():
+            path, records = lxmert, _lxmert_questions(lxmert)
+        else:
+            raise VLPruneError(
+                f"{self.data}: split {split!r} has neither {official.name} (GQA's release) "
+                f"nor {lxmert.name} (LXMERT's GQA)"
+            )
+        store = ImageStore(self.data)
+        found: set[str] = set()  # GQA asks many questions per image: look each up once
+        out = []
+        for where, example in records:
+            if example.image not in found:
+                if not store.has(example.image):
+                    name = example.image
+                    raise VLPruneError(
+                        f"{where}: image {name} is missing (no features/{name}.npz, "
+                        f"images/{name}.png or img_db entry)"
+                    )
+                found.add(example.image)
+            out.append(example)
+        if not out:
+            raise VLPruneError(f"{path}: no questions")
+        if split == self.splits[0]:
+            self.answers = sorted({e.answer for e in out})
+        return out
+
+    def vocabulary(self) -> list[str]:
+        """The answers the head chooses from, reading the training split if not done yet."""
+        if self.answers is None:
+            self.examples(self.splits[0])
+        return self.answers
+
+    @classmethod
+    def write_world(cls, out: Path, seed: int = 0) -> None:
+        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
+
+        settings = WorldSettings(seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        for split, size in WORLD_SIZES.items():
+            rng = scene_rng(settings, "gqa", split)
+            questions = {}
+            for i in range(0, size, QUESTIONS_PER_IMAGE):
+                # What to ask, and the yes/no answers, are drawn before the image: each family
+                # answers yes as often as no, whatever its words.
+                wanted = [_draw_family(rng) for _ in range(min(QUESTIONS_PER_IMAGE, size - i))]
+                for attempt in itertools.count():
+                    scene = new_scene(settings, "gqa", split, i, attempt)
+                    asked = [family(scene, rng, settings, yes) for family, yes in wanted]
+                    if all(asked):
+                        break
+                image = _image_id(split, i // QUESTIONS_PER_IMAGE)
+                write_image(scene, image, out, settings)
+                for k, (family, _) in enumerate(wanted):
+                    question_id = str(FIRST_QUESTION[split] + i + k)
+                    text, answer = asked[k]
+                    questions[question_id] = _record(question_id, image, text, answer, family)
+            write_json(out / f"{split}_balanced_questions.json", questions)
+
+    def head(self, backbone: Backbone) -> nn.Module:
+        self.check_backbone(backbone)
+        return VqaHead(backbone.hidden_size, len(self.vocabulary()))
+
+    def collate(self, examples: list[GqaExample], backbone: Backbone) -> TaskBatch:
+        columns = {answer: i for i, answer in enumerate(self.vocabulary())}
+        batch = encode(
+            [e.question for e in examples],
+            [e.image for e in examples],
+            backbone,
+            ImageStore(self.data),
+        )
+        targets = torch.tensor([columns.get(e.answer, IGNORE) for e in examples])
+        return TaskBatch([batch], targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
+        # Answers outside the training vocabulary (target IGNORE) count as wrong, as in GQA's
+        # evaluation, where the model could not have given them.
+        return (predictions == targets).float().mean().item()
+
+
+def _balanced_questions(path: Path) -> list[tuple[str, GqaExample]]:
+    """(where, example) of every question of a release file, in file order."""
+    content = json_file(path)
+    if not isinstance(content, dict):
+        raise VLPruneError(f"{path}: expected a JSON object of question_id → question")
+    out = []
+    for question_id, record in content.items():
+        where = f"{path}: question {question_id}"
+        example = GqaExample(
+            question_id,
+            field(record, "question", str, where),
+            field(record, "imageId", str, where),
+            field(record, "answer", str, where),
+        )
+        out.append((where, example))
+    return out
+
+
+def _lxmert_questions(path: Path) -> list[tuple[str, GqaExample]]:
+    """(where, example) of every question of an LXMERT file, in file order."""
+    content = json_file(path)
+    if not isinstance(content, list):
+        raise VLPruneError(f"{path}: expected a JSON list of questions (LXMERT's GQA layout)")
+    seen: set[str] = set()
+    out = []
+    for i, record in enumerate(content):
+        where = f"{path}: [{i}]"
+        question_id = field(record, "question_id", str, where)
+        where = f"{where} (question_id {question_id})"
+        if question_id in seen:
+            raise VLPruneError(f"{where}: question_id {question_id} appears twice")
+        seen.add(question_id)
+        label = field(record, "label", dict, where)
+        for answer, score in label.items():
+            if not isinstance(score, (int, float)) or isinstance(score, bool):
+                raise VLPruneError(f"{where}: label {answer!r} has score {score!r}, not a number")
+        if not label:
+            raise VLPruneError(f"{where}: label is empty, no gold answer")
+        gold = max(label, key=label.__getitem__)  # the first of equal scores
+        image = field(record, "img_id", str, where)
+        out.append((where, GqaExample(question_id, field(record, "sent", str, where), image, gold)))
+    return out
+
+
+def _image_id(split: str, index: int) -> str:
+    """GQA's image ids: Visual Genome numbers for train, "n…" for testdev."""
+    return f"n{index + 1}" if split == "testdev" else str(index + 1)
+
+
+# GQA's question types of each world family: (detailed, semantic, structural).
+TYPES = {
+    "query_colour": ("queryAttr", "attr", "query"),
+    "query_shape": ("queryObject", "obj", "query"),
+    "choose_colour": ("chooseAttr", "attr", "choose"),
+    "exist": ("existAttr", "obj", "verify"),
+    "and": ("existAnd", "obj", "logical"),
+    "or": ("existOr", "obj", "logical"),
+    "rel_verify": ("relVerify", "rel", "verify"),
+    "same_colour": ("sameColor", "attr", "compare"),
+}
+
+
+def _record(question_id: str, image: str, text: str, answer: str, family: Family) -> dict:
+    """A question in the release's field order. The world keeps no scene graph, so the
+    program fields are empty and the full answer is the short one."""
+    name = family.__name__.removeprefix("_")
+    detailed, semantic, structural = TYPES[name]
+    return {
+        "semantic": [],
+        "entailed": [],
+        "equivalent": [question_id],
+        "question": text,
+        "imageId": image,
+        "isBalanced": True,
+        "groups": {"global": None, "local": name},
+        "answer": answer,
+        "semanticStr": "",
+        "annotations": {"answer": {}, "question": {}, "fullAnswer": {}},
+        "types": {"detailed": detailed, "semantic": semantic, "structural": structural},
+        "fullAnswer": answer,
+    }
+
+
+Asked = tuple[str, str] | None
+Family = Callable[[Scene, random.Random, WorldSettings, bool], Asked]
+
+
+def _references(scene: Scene, by: str) -> list[tuple[str, Thing]]:
+    """Phrases that pick out exactly one object, and the object: `by` "shape" names its shape
+    (and side, where two share it), "colour" its colour, "any" either or both."""
+    out = []
+    for thing in scene.things:
+        shape, colour = thing.shape, thing.colour
+        if by in ("shape", "any") and scene.count(shape) == 1:
+            out.append((f"the {shape}", thing))
+        if by in ("shape", "any") and scene.count(shape) == 2:
+            (other,) = (t for t in scene.things if t.shape == shape and t is not thing)
+            if abs(thing.x - other.x) > APART:
+                side = "left" if thing.x < other.x else "right"
+                out.append((f"the {shape} on the {side}", thing))
+        if by in ("colour", "any") and scene.count(colour=colour) == 1:
+            out.append((f"the {colour} object", thing))
+        if by == "any" and scene.count(shape) > 1 and scene.count(shape, colour) == 1:
+            out.append((f"the {colour} {shape}", thing))
+    return out
+
+
+def _query_colour(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    references = _references(scene, "shape")
+    if not references:
+        return None
+    phrase, thing = rng.choice(references)
+    return f"what colour is {phrase} ?", thing.colour
+
+
+def _query_shape(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    references = _references(scene, "colour")
+    if not references:
+        return None
+    phrase, thing = rng.choice(references)
+    return f"what shape is {phrase} ?", thing.shape
+
+
+def _choose_colour(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    references = _references(scene, "shape")
+    if not references:
+        return None
+    phrase, thing = rng.choice(references)
+    other = rng.choice([c for c in settings.colour_names if c != thing.colour])
+    first, second = rng.sample((thing.colour, other), 2)
+    return f"is {phrase} {first} or {second} ?", thing.colour
+
+
+def _exist(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    pairs = [(s, c) for s in settings.shape_names for c in settings.colour_names]
+    fitting = [(s, c) for s, c in pairs if (scene.count(s, c) > 0) == yes]
+    shape, colour = rng.choice(fitting)
+    return f"is there a {colour} {shape} ?", _yes_no(yes)
+
+
+def _and(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    pairs = list(itertools.combinations(settings.colour_names, 2))
+    fitting = [p for p in pairs if all(scene.count(colour=c) for c in p) == yes]
+    if not fitting:
+        return None
+    first, second = rng.sample(rng.choice(fitting), 2)
+    return f"are there both {first} and {second} objects ?", _yes_no(yes)
+
+
+def _or(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    pairs = list(itertools.combinations(settings.shape_names, 2))
+    fitting = [p for p in pairs if any(scene.count(s) for s in p) == yes]
+    if not fitting:
+        return None
+    first, second = rng.sample(rng.choice(fitting), 2)
+    return f"are there any {plural(first)} or {plural(second)} ?", _yes_no(yes)
+
+
+def _rel_verify(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    references = _references(scene, "any")
+    pairs = [(a, b) for a, b in itertools.permutations(references, 2) if a[1] is not b[1]]
+    if not pairs:
+        return None
+    (phrase_a, a), (phrase_b, b) = rng.choice(pairs)
+    # Both readings of a relation, each asked where it holds and where it does not.
+    horizontal = abs(a.x - b.x) > APART
+    vertical = abs(a.y - b.y) > APART
+    relations = []
+    if horizontal:
+        relations += [("to the left of", a.x < b.x), ("to the right of", a.x > b.x)]
+    if vertical:
+        relations += [("above", a.y < b.y), ("below", a.y > b.y)]
+    fitting = [words for words, holds in relations if holds == yes]
+    if not fitting:
+        return None
+    return f"is {phrase_a} {rng.choice(fitting)} {phrase_b} ?", _yes_no(yes)
+
+
+def _same_colour(scene: Scene, rng: random.Random, settings: WorldSettings, yes: bool) -> Asked:
+    references = _references(scene, "shape")
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(references, 2)
+        if a[1] is not b[1] and (a[1].colour == b[1].colour) == yes
+    ]
+    if not pairs:
+        return None
+    (phrase_a, _), (phrase_b, _) = rng.sample(rng.choice(pairs), 2)
+    return f"are {phrase_a} and {phrase_b} the same colour ?", _yes_no(yes)
+
+
+FAMILIES: tuple[Family, ...] = (
+    _query_colour,
+    _query_shape,
+    _choose_colour,
+    _exist,
+    _and,
+    _or,
+    _rel_verify,
+    _same_colour,
+)
+
+
+def _draw_family(rng: random.Random) -> tuple[Family, bool]:
+    """A question family and, for yes/no families, the answer to ask for."""
+    return rng.choice(FAMILIES), rng.random() < 0.5
+
+
+def _yes_no(yes: bool) -> str:
+    return "yes" if yes else "no"

@@ -1,0 +1,392 @@
+"""RefCOCO+ (Yu et al., 2016): which object of the image does a referring expression mean?
+
+Reads the refer toolkit's layout (lichengunc/refer): `refcoco+/instances.json` (COCO-style
+`images` {id, file_name, width, height}, `annotations` {id, image_id, bbox [x, y, w, h], …},
+`categories`) and `refcoco+/refs(unc).p`, a pickle of the refs {ref_id, ann_id, image_id, split
+"train"/"val"/"testA"/"testB", sentences [{sent, raw, tokens, sent_id}], …}, or the same list as
+`refs(unc).json`. The pickle is read by an unpickler that refuses every class and function, so a
+malicious file cannot run code. Region features are `features/<file_name stem>.npz` beside
+`refcoco+/` (or a UNITER img_db under `img_db/`). Each sentence is one example. The world's
+split has scenes of 3-5 objects, two referred objects an image and two appearance-only
+expressions each (`world/referring.py`), written as `refs(unc).json`.
+
+The head is UNITER's RE head: every region's state through an MLP to one score, padded regions
+masked out, cross-entropy towards the region that overlaps the referred box most. A prediction
+is right when its region's box has IoU ≥ 0.5 with the referred box (regions come from a
+detector on real data; in the world they are the objects, so the rule gives exact matches).
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+
+import torch
+from torch import nn
+
+from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.errors import VLPruneError
+from vl_prune.task import Task, TaskBatch, symmetric_kl
+from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.world import VERSION as WORLD_VERSION
+
+if TYPE_CHECKING:
+    from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
+
+FOLDER = "refcoco+"
+INSTANCES = "instances.json"
+REFS_PICKLE = "refs(unc).p"
+REFS_JSON = "refs(unc).json"
+#: images per world split; each gets REFS_PER_IMAGE referred objects, SENTENCES_PER_REF each
+WORLD_SIZES = {"train": 1000, "val": 250}
+REFS_PER_IMAGE = 2
+SENTENCES_PER_REF = 2
+#: objects per world scene: enough that an expression often needs two attributes
+WORLD_SCENES = {"min_objects": 3, "max_objects": 5}
+#: the overlap with the referred box that makes a predicted region right (the standard rule)
+IOU_THRESHOLD = 0.5
+# UNITER masks the scores of padded regions with this (not -inf: fp16, and the KL term).
+MASKED = -1e4
+
+
+@dataclass(frozen=True)
+class RefExample:
+    sent_id: int
+    ref_id: int
+    sentence: str
+    image: str
+    #: the referred object's box x1, y1, x2, y2, normalised by the image's size like `norm_bb`
+    box: tuple[float, float, float, float]
+
+
+class ReHead(nn.Module):
+    """UNITER's RE head (mlp 2): region state → Linear(H, H) → GELU → LayerNorm → Linear(H, 1).
+
+    Its outputs are the scores and the regions' boxes, so that a prediction is a box."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.scorer = nn.Sequential(
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.LayerNorm(hidden, eps=1e-12),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, backbone: Backbone, inputs: list[VLBatch]) -> dict[str, torch.Tensor]:
+        (batch,) = inputs
+        scores = self.scorer(backbone(batch).image_states).squeeze(-1)
+        return {
+            "scores": scores.masked_fill(batch.region_mask == 0, MASKED),
+            "boxes": batch.region_boxes[..., :4],
+        }
+
+
+class RefcocoPlus(Task):
+    """RefCOCO+: pick the region a referring expression means (UNITER's RE head, accuracy)."""
+
+    description = "RefCOCO+: which region does the expression refer to? (UNITER's RE head)"
+    metric = "accuracy"
+    # Regions are what the head chooses between; pixel backbones have none.
+    image_inputs = ("regions",)
+    splits = ("train", "val", "testA", "testB")
+    world_version = WORLD_VERSION
+    # UNITER's train-refcoco+-base-1gpu.json: 10000 steps, lr 6e-5, 1000 warmup, 128 a batch.
+    recipe: ClassVar[dict] = {
+        "steps": 10000,
+        "lr": 6e-5,
+        "warmup": 0.1,
+        "batch_size": 128,
+        "seed": 24,
+    }
+    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
+
+    def examples(self, split: str) -> list[RefExample]:
+        folder = self.data / FOLDER
+        refs_path, refs = read_refs(folder)
+        instances = _Instances(folder / INSTANCES)
+        store = ImageStore(self.data)
+        found: set[str] = set()  # several refs share an image: look each up once
+        out, seen_splits = [], set()
+        for i, ref in enumerate(refs):
+            where = f"{refs_path}: refs[{i}]"
+            ref_id = field(ref, "ref_id", int, where)
+            where = f"{where} (ref_id {ref_id})"
+            ref_split = field(ref, "split", str, where)
+            seen_splits.add(ref_split)
+            if ref_split != split:
+                continue
+            image_id = field(ref, "image_id", int, where)
+            ann_id = field(ref, "ann_id", int, where)
+            name, box = instances.referred(ann_id, image_id, where)
+            if name not in found:
+                if not store.has(name):
+                    raise VLPruneError(
+                        f"{where}: image {name} is missing (no features/{name}.npz, "
+                        f"images/{name}.png or img_db entry)"
+                    )
+                found.add(name)
+            sentences = field(ref, "sentences", list, where)
+            if not sentences:
+                raise VLPruneError(f"{where}: no sentences")
+            for j, sentence in enumerate(sentences):
+                at = f"{where}: sentences[{j}]"
+                text = field(sentence, "sent", str, at)
+                out.append(RefExample(field(sentence, "sent_id", int, at), ref_id, text, name, box))
+        if not out:
+            raise VLPruneError(
+                f"{refs_path}: no refs of split {split!r} (it has {sorted(seen_splits)})"
+            )
+        return out
+
+    @classmethod
+    def write_world(cls, out: Path, seed: int = 0) -> None:
+        from vl_prune_plugins.world.images import scene_rng, write_image
+        from vl_prune_plugins.world.referring import expression
+        from vl_prune_plugins.world.scenes import WorldSettings
+
+        settings = WorldSettings(seed=seed, **WORLD_SCENES)
+        side = settings.image_size
+        images, annotations, refs = [], [], []
+        image_id = 0  # COCO ids start at 1, and refer's splits share one id space
+        for split, size in WORLD_SIZES.items():
+            rng = scene_rng(settings, "refcoco+", split)
+            for _ in range(size):
+                image_id += 1
+                scene, describable = _world_scene(settings, split, image_id)
+                name = f"COCO_train2014_{image_id:012d}"
+                write_image(scene, name, out, settings)
+                images.append(
+                    {"file_name": f"{name}.png", "height": side, "width": side, "id": image_id}
+                )
+                # COCO numbers annotations across the release; an image's k-th is id*10+k here.
+                ann_ids = {thing: image_id * 10 + k for k, thing in enumerate(scene.things)}
+                for thing, ann_id in ann_ids.items():
+                    annotations.append(_annotation(ann_id, image_id, thing, settings))
+                for thing in rng.sample(describable, REFS_PER_IMAGE):
+                    texts = [expression(scene, thing, rng) for _ in range(SENTENCES_PER_REF)]
+                    refs.append(
+                        _ref(len(refs), thing, ann_ids[thing], image_id, split, texts, settings)
+                    )
+        folder = out / FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        categories = [
+            {"supercategory": "shape", "id": k, "name": shape}
+            for k, shape in enumerate(settings.shape_names, 1)
+        ]
+        write_json(
+            folder / INSTANCES,
+            {"images": images, "annotations": annotations, "categories": categories},
+        )
+        write_json(folder / REFS_JSON, refs)
+
+    def head(self, backbone: Backbone) -> nn.Module:
+        self.check_backbone(backbone)
+        return ReHead(backbone.hidden_size)
+
+    def collate(self, examples: list[RefExample], backbone: Backbone) -> TaskBatch:
+        self.check_backbone(backbone)
+        batch = encode(
+            [e.sentence for e in examples],
+            [e.image for e in examples],
+            backbone,
+            ImageStore(self.data),
+        )
+        boxes = torch.tensor([e.box for e in examples])
+        overlap = iou(batch.region_boxes[..., :4], boxes[:, None])
+        overlap = overlap.masked_fill(batch.region_mask == 0, -1.0)
+        return TaskBatch([batch], {"region": overlap.argmax(1), "box": boxes})
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs["scores"], targets["region"])
+
+    def predict(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The box of the best-scoring region of each example (B × 4)."""
+        chosen = outputs["scores"].argmax(-1)
+        rows = torch.arange(len(chosen), device=chosen.device)
+        return outputs["boxes"][rows, chosen].float()
+
+    def score(self, predictions: torch.Tensor, targets: dict) -> float:
+        return accuracy(predictions, targets["box"])
+
+    def consistency(self, clean: dict, perturbed: dict) -> torch.Tensor:
+        """The symmetric KL of the region choice (boxes are inputs, not predictions)."""
+        return symmetric_kl(clean["scores"], perturbed["scores"])
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of x1, y1, x2, y2 boxes (last dimension), broadcast over the
+    others. It does not change when x and y are scaled, so normalised boxes give the IoU of
+    the boxes in pixels."""
+    width = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(0)
+    height = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(0)
+    inter = width * height
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area_a + area_b - inter).clamp_min(1e-12)
+
+
+def accuracy(predicted: torch.Tensor, referred: torch.Tensor) -> float:
+    """The share of predicted boxes with IoU ≥ 0.5 with the referred box (B × 4 each)."""
+    return (iou(predicted.float(), referred.float()) >= IOU_THRESHOLD).float().mean().item()
+
+
+def read_refs(folder: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The refs list, from `refs(unc).p` or else `refs(unc).json`, and the file it came from."""
+    pickled, plain = folder / REFS_PICKLE, folder / REFS_JSON
+    if pickled.is_file():
+        path = pickled
+        with path.open("rb") as file:
+            refs = load_plain_pickle(file, path)
+    elif plain.is_file():
+        path, refs = plain, json_file(plain)
+    else:
+        raise VLPruneError(f"{folder}: no {REFS_PICKLE} or {REFS_JSON} (the refer toolkit's refs)")
+    if not isinstance(refs, list):
+        raise VLPruneError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return path, refs
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Admits plain containers, strings and numbers only: every class or function a pickle
+    names is refused, since calling one is how a malicious pickle runs code."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        # Python 2's refer wrote str as bytes; they are UTF-8 (ASCII in the releases).
+        super().__init__(file, encoding="utf-8")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise VLPruneError(
+            f"{self.path}: refused to load {module}.{name}; a refs pickle holds only lists, "
+            "dicts, strings and numbers"
+        )
+
+
+def load_plain_pickle(file: BinaryIO, path: Path) -> Any:
+    """The content of a pickle of plain data (lists, dicts, strings, numbers)."""
+    try:
+        return _PlainUnpickler(file, path).load()
+    except VLPruneError:
+        raise
+    except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same here
+        raise VLPruneError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
+
+
+class _Instances:
+    """instances.json, indexed by image and annotation id; records are checked when used."""
+
+    def __init__(self, path: Path):
+        content = json_file(path)
+        if not isinstance(content, dict):
+            raise VLPruneError(f"{path}: expected a JSON object with 'images' and 'annotations'")
+        self.path = path
+        self.images = self._index(content, "images")
+        self.annotations = self._index(content, "annotations")
+
+    def _index(self, content: dict, key: str) -> dict[int, tuple[str, dict]]:
+        """id → (where the record is, the record)."""
+        out = {}
+        for i, record in enumerate(field(content, key, list, str(self.path))):
+            where = f"{self.path}: {key}[{i}]"
+            record_id = field(record, "id", int, where)
+            if record_id in out:
+                raise VLPruneError(f"{where}: id {record_id} appears twice")
+            out[record_id] = f"{where} (id {record_id})", record
+        return out
+
+    def referred(self, ann_id: int, image_id: int, ref: str) -> tuple[str, tuple[float, ...]]:
+        """The image name (file name without extension) and the normalised x1, y1, x2, y2 box
+        of the annotation a ref points at."""
+        if ann_id not in self.annotations:
+            raise VLPruneError(f"{ref}: ann_id {ann_id} is not in {self.path}")
+        where, annotation = self.annotations[ann_id]
+        if field(annotation, "image_id", int, where) != image_id:
+            raise VLPruneError(
+                f"{ref}: image_id {image_id}, but {where} is on image {annotation['image_id']}"
+            )
+        if image_id not in self.images:
+            raise VLPruneError(f"{ref}: image_id {image_id} is not in {self.path}")
+        image_where, image = self.images[image_id]
+        name = Path(field(image, "file_name", str, image_where)).stem
+        width = _positive(image, "width", image_where)
+        height = _positive(image, "height", image_where)
+        bbox = field(annotation, "bbox", list, where)
+        if len(bbox) != 4 or not all(_number(v) for v in bbox) or min(bbox[2:]) <= 0:
+            raise VLPruneError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
+        x, y, w, h = bbox
+        return name, (x / width, y / height, (x + w) / width, (y + h) / height)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(record: dict, name: str, where: str) -> float:
+    value = field(record, name, int, where)
+    if value <= 0:
+        raise VLPruneError(f"{where}: field {name!r} should be positive, got {value}")
+    return value
+
+
+def _world_scene(settings: WorldSettings, split: str, image_id: int) -> tuple[Scene, list[Thing]]:
+    """The image's scene and those of its objects that some expression singles out: the first
+    scene drawn for the image with REFS_PER_IMAGE of them (objects with a twin have none)."""
+    from vl_prune_plugins.world.images import new_scene
+    from vl_prune_plugins.world.referring import distinguishing
+
+    for attempt in itertools.count():
+        scene = new_scene(settings, "refcoco+", split, image_id, attempt)
+        describable = [t for t in scene.things if distinguishing(scene, t)]
+        if len(describable) >= REFS_PER_IMAGE:
+            return scene, describable
+
+
+def _category(thing: Thing, settings: WorldSettings) -> int:
+    """The COCO category id of the world's object: its shape's place, from 1."""
+    return settings.shape_names.index(thing.shape) + 1
+
+
+def _annotation(ann_id: int, image_id: int, thing: Thing, settings: WorldSettings) -> dict:
+    """A COCO instance of the world: its box in pixels, the box as its segmentation polygon."""
+    x1, y1, x2, y2 = (v * settings.image_size for v in thing.box())
+    return {
+        "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+        "area": (x2 - x1) * (y2 - y1),
+        "iscrowd": 0,
+        "image_id": image_id,
+        "bbox": [x1, y1, x2 - x1, y2 - y1],
+        "category_id": _category(thing, settings),
+        "id": ann_id,
+    }
+
+
+def _ref(
+    ref_id: int,
+    thing: Thing,
+    ann_id: int,
+    image_id: int,
+    split: str,
+    texts: list[str],
+    settings: WorldSettings,
+) -> dict:
+    """A ref in the refer toolkit's field order; sentence ids are ref_id*10+k here."""
+    sent_ids = [ref_id * 10 + k for k in range(len(texts))]
+    return {
+        "sent_ids": sent_ids,
+        # refer names a ref's picture after its image and annotation.
+        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.png",
+        "ann_id": ann_id,
+        "ref_id": ref_id,
+        "image_id": image_id,
+        "split": split,
+        "sentences": [
+            {"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text}
+            for text, sent_id in zip(texts, sent_ids, strict=True)
+        ],
+        "category_id": _category(thing, settings),
+    }

@@ -1,0 +1,430 @@
+"""Flickr30k image–text retrieval (Karpathy split): find a caption's image (IR) and an image's
+captions (TR).
+
+Reads Karpathy's split file `dataset_<name>.json` (`images[*]`: `filename`, `split` train / val /
+test / restval, `sentences[*].raw`), the one NeuralTalk and UNITER's Flickr30k and COCO text
+databases come from; images are `images/<stem>.png` and region features `features/<stem>.npz`,
+named by the filename's stem. "restval" images (COCO has them) train with "train", as in
+Karpathy's and UNITER's COCO set-ups. To report on the test split: `task.splits = ("train",
+"test")`.
+
+The head is UNITER's retrieval head, pooled → Linear → one matching score, trained with its
+triplet loss: each caption with its own image against one sampled negative image and one sampled
+negative caption (sigmoid scores, margin 0.2). A negative is never a pair the file gives: its
+caption text is not among its image's captions.
+
+The training split's examples are its captions; any other split's are every (image, caption)
+pair of its pool, image-major, as a lazy sequence (a pair is made only when its batch is
+collated). `score` scatters the gathered scores back into the images × captions matrix and
+returns the mean of IR and TR R@1/5/10 (`recalls`).
+
+What a real-size evaluation costs (estimated, not measured): Flickr30k's test split is 1,000
+images × 5,000 captions = 5 M pairs, each one UNITER-base forward pass of ~50 tokens (~17 words,
+~36 regions): ~9 GFLOP a pair, ~45 PFLOP in all, about 6 minutes on one A100 at 40% of its fp16
+peak (~15 on a V100), in batches of 400 pairs. Collation is the other cost: it tokenises 5 M
+captions and copies the 36 × 2048 fp16 region features of every pair into its batch (~0.7 TB),
+minutes of CPU time; the gathered scores and their targets take 140 MB.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, overload
+
+import torch
+from torch import nn
+
+from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.errors import VLPruneError
+from vl_prune.task import Task, TaskBatch, symmetric_kl
+from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.world import VERSION as WORLD_VERSION
+from vl_prune_plugins.world.language import number
+from vl_prune_plugins.world.scenes import Scene, WorldSettings
+from vl_prune_plugins.world.vocabulary import plural
+
+#: images per split of the world; each has five captions
+WORLD_SIZES = {"train": 1000, "val": 50}
+#: the Karpathy splits read for a split name: Karpathy's "restval" images are training images
+READS = {"train": ("train", "restval")}
+#: negative images and negative captions per caption (UNITER's negative_size)
+NEGATIVES = 1
+MARGIN = 0.2
+RECALL_AT = (1, 5, 10)
+# Tries at drawing a negative before concluding the split has none for a caption.
+DRAWS = 100
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and the image it was written for: a training example."""
+
+    text: str
+    image: str
+    split: str
+    #: its position among the split's captions
+    index: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One (image, caption) pair of an evaluation pool, by their positions in the split."""
+
+    split: str
+    image: int
+    caption: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of the Karpathy file: its images (feature names) and captions, in file order."""
+
+    name: str
+    images: tuple[str, ...]
+    captions: tuple[Caption, ...]
+    #: caption position → position of its image
+    image_of: tuple[int, ...]
+    #: caption text → positions of the images it was written for
+    holders: dict[str, frozenset[int]]
+
+
+class Pool(Sequence):
+    """Every (image, caption) pair of a split, image-major, each made when asked for: Flickr30k's
+    test pool is 5 M pairs, too many to keep as Python objects."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.images) * len(self.split.captions)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        image, caption = divmod(index, len(self.split.captions))
+        return Candidate(self.split.name, image, caption)
+
+
+class RankHead(nn.Module):
+    """UNITER's retrieval head: pooled → Linear(H, 1), one matching score per pair."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.rank_output = nn.Linear(hidden, 1)
+
+    def forward(self, backbone: Backbone, inputs: list[VLBatch]) -> torch.Tensor:
+        (batch,) = inputs
+        return self.rank_output(backbone(batch).pooled).squeeze(-1)
+
+
+class Retrieval(Task):
+    """Image–text retrieval: UNITER's ranking head and triplet loss, IR/TR recall."""
+
+    description = "Flickr30k image-text retrieval: mean of IR and TR R@1/5/10 (UNITER's ITM head)"
+    metric = "recall_mean"
+    splits = ("train", "val")
+    world_version = WORLD_VERSION
+    # UNITER's train-itm-flickr-base-8gpu.json: 20,000 steps, lr 5e-5, 2,000 warmup steps,
+    # 40 captions per GPU, 4 accumulated batches; run on 8 processes as it ran on 8 GPUs.
+    # Pools are scored 400 pairs a batch (its inf_minibatch_size is 40; a GPU holds far more).
+    recipe: ClassVar[dict] = {
+        "steps": 20000,
+        "lr": 5e-5,
+        "warmup": 0.1,
+        "batch_size": 40,
+        "grad_accumulation": 4,
+        "eval_batch_size": 400,
+        "seed": 42,
+    }
+    # Batches of 250 pairs score the pool twice as fast as 64 on a CPU.
+    world_recipe: ClassVar[dict] = {
+        "steps": 150,
+        "lr": 1e-3,
+        "batch_size": 32,
+        "eval_batch_size": 250,
+    }
+
+    def __init__(self, data: str | Path):
+        super().__init__(data)
+        self._read: dict[str, Split] = {}
+
+    def examples(self, split: str) -> list[Caption] | Pool:
+        """The training split's captions (`splits[0]`); for any other split, its pool of every
+        (image, caption) pair."""
+        read = self.read(split)
+        return list(read.captions) if split == self.splits[0] else Pool(read)
+
+    def read(self, split: str) -> Split:
+        """The split's images and captions, read and checked once."""
+        if split not in self._read:
+            self._read[split] = _read_split(self.data, split)
+        return self._read[split]
+
+    @classmethod
+    def write_world(cls, out: Path, seed: int = 0) -> None:
+        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
+
+        settings = WorldSettings(seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        images, sentence_id = [], 0
+        for split, size in WORLD_SIZES.items():
+            rng = scene_rng(settings, "retrieval", split)
+            seen = set()
+            for i in range(size):
+                # Captions name every object: scenes holding the same objects would share them.
+                for attempt in itertools.count():
+                    scene = new_scene(settings, "retrieval", split, i, attempt)
+                    if _objects(scene) not in seen:
+                        break
+                seen.add(_objects(scene))
+                name = f"world_{split}_{i:06d}"
+                write_image(scene, name, out, settings)
+                sentences = []
+                for raw in _world_captions(scene, rng):
+                    tokens = [word for word in raw.split() if word not in (",", ".")]
+                    sentences.append(
+                        {"tokens": tokens, "raw": raw, "imgid": len(images), "sentid": sentence_id}
+                    )
+                    sentence_id += 1
+                images.append(
+                    {
+                        "sentids": [s["sentid"] for s in sentences],
+                        "imgid": len(images),
+                        "sentences": sentences,
+                        "split": split,
+                        "filename": f"{name}.png",
+                    }
+                )
+        write_json(out / "dataset_world.json", {"images": images, "dataset": "world"})
+
+    def head(self, backbone: Backbone) -> nn.Module:
+        self.check_backbone(backbone)
+        return RankHead(backbone.hidden_size)
+
+    def collate(self, examples: list[Caption] | list[Candidate], backbone: Backbone) -> TaskBatch:
+        """Training captions become groups of 1 + 2 × NEGATIVES pairs (its own, negative images,
+        negative captions) with targets 1, 0, …, 0 per group; pool pairs become one pair each
+        with targets (image, caption, the caption's image), positions in the split."""
+        if isinstance(examples[0], Candidate):
+            return self._candidates(examples, backbone)
+        texts, images, targets = [], [], []
+        for example in examples:
+            split = self.read(example.split)
+            own = split.image_of[example.index]
+            negative_images = [_negative_image(split, example) for _ in range(NEGATIVES)]
+            negative_captions = [_negative_caption(split, own) for _ in range(NEGATIVES)]
+            texts += [example.text] * (1 + NEGATIVES) + [c.text for c in negative_captions]
+            images += [example.image, *negative_images] + [example.image] * NEGATIVES
+            targets.append([1] + [0] * 2 * NEGATIVES)
+        batch = encode(texts, images, backbone, ImageStore(self.data))
+        return TaskBatch([batch], torch.tensor(targets))
+
+    def _candidates(self, candidates: list[Candidate], backbone: Backbone) -> TaskBatch:
+        split = self.read(candidates[0].split)
+        batch = encode(
+            [split.captions[c.caption].text for c in candidates],
+            [split.images[c.image] for c in candidates],
+            backbone,
+            ImageStore(self.data),
+        )
+        targets = [[c.image, c.caption, split.image_of[c.caption]] for c in candidates]
+        return TaskBatch([batch], torch.tensor(targets))
+
+    def loss(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """UNITER's triplet loss: every negative's sigmoid score should stay `MARGIN` below its
+        caption's own pair's, averaged over the negatives."""
+        grouped = torch.sigmoid(scores).view(targets.shape)
+        return (MARGIN + grouped[:, 1:] - grouped[:, :1]).clamp(min=0).mean()
+
+    def predict(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.float()
+
+    def consistency(self, clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """The symmetric KL between the match probabilities σ(score) on clean and perturbed
+        input (softmax over [0, score] is [1 − σ, σ])."""
+        return symmetric_kl(_two_way(clean), _two_way(perturbed))
+
+    def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
+        """The mean of IR and TR R@1/5/10 over the pool whose pairs were scored."""
+        if targets.dim() != 2 or targets.shape[1] != 3 or len(predictions) != len(targets):
+            raise VLPruneError(
+                "retrieval scores the pairs of an evaluation pool; these predictions are not "
+                "(pass a split other than the training split)"
+            )
+        # Placed by their positions, the pairs may come in any order, from any process.
+        images, captions, owners = targets.long().cpu().unbind(1)
+        shape = (int(max(images.max(), owners.max())) + 1, int(captions.max()) + 1)
+        covered = torch.zeros(shape, dtype=torch.long).index_put_(
+            (images, captions), torch.ones_like(images), accumulate=True
+        )
+        if not (covered == 1).all():
+            raise VLPruneError(
+                f"the scores cover {int((covered > 0).sum())} of the pool's {shape[0] * shape[1]} "
+                f"image-caption pairs, {int((covered > 1).sum())} of them more than once"
+            )
+        scores = torch.empty(shape)
+        scores[images, captions] = predictions.float().cpu()
+        image_of = torch.empty(shape[1], dtype=torch.long)
+        image_of[captions] = owners
+        return recalls(scores, image_of)["recall_mean"]
+
+
+def recalls(
+    scores: torch.Tensor, image_of: torch.Tensor, ks: tuple[int, ...] = RECALL_AT
+) -> dict[str, float]:
+    """IR and TR recall at each K, and their mean, from an images × captions score matrix and
+    each caption's image.
+
+    IR R@K: the share of captions whose image is among the K images scoring highest with them.
+    TR R@K: the share of images (those with captions) with one of their captions among the K
+    captions scoring highest with them. Ties count against the model, and NaN is the lowest
+    score: a model that scores every pair alike recalls nothing.
+    """
+    scores = scores.float().nan_to_num(nan=-torch.inf)
+    positive = image_of[None, :] == torch.arange(scores.shape[0])[:, None]
+    own = scores.gather(0, image_of[None, :])
+    best = scores.masked_fill(~positive, -torch.inf).amax(1, keepdim=True)
+    # Rank 0 is first: how many wrong candidates score at least as high as the right one.
+    ir_rank = ((scores >= own) & ~positive).sum(0)
+    tr_rank = ((scores >= best) & ~positive).sum(1)[positive.any(1)]
+    out = {}
+    for name, ranks in (("ir", ir_rank), ("tr", tr_rank)):
+        for k in ks:
+            out[f"{name}_r{k}"] = (ranks < k).float().mean().item()
+    out["recall_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def _world_captions(scene: Scene, rng: random.Random) -> list[str]:
+    """Five captions of a world scene, each naming every object by size, colour and shape, in a
+    random order and one of five wordings: true of exactly the scenes holding the same objects."""
+    n = len(scene.things)
+    wordings = (
+        "{} .",
+        "the image contains {} .",
+        f"there {'is' if n == 1 else 'are'} {number(n)} object{'' if n == 1 else 's'} , {{}} .",
+        "a picture of {} .",
+        "a scene with {} .",
+    )
+    return [wording.format(_listing(scene, rng)) for wording in wordings]
+
+
+def _listing(scene: Scene, rng: random.Random) -> str:
+    """ "two small red circles , a large blue star and a small red square", in random order."""
+    phrases = [
+        f"a {size} {colour} {shape}" if k == 1 else f"{number(k)} {size} {colour} {plural(shape)}"
+        for (size, colour, shape), k in Counter(
+            (t.size, t.colour, t.shape) for t in scene.things
+        ).items()
+    ]
+    rng.shuffle(phrases)
+    if len(phrases) == 1:
+        return phrases[0]
+    return f"{' , '.join(phrases[:-1])} and {phrases[-1]}"
+
+
+def _objects(scene: Scene) -> tuple:
+    """What the captions say of a scene: its objects, ignoring where they are."""
+    return tuple(sorted((t.size, t.colour, t.shape) for t in scene.things))
+
+
+def _two_way(scores: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.zeros_like(scores), scores], dim=-1)
+
+
+def _negative_image(split: Split, caption: Caption) -> str:
+    """A random image of the split that the caption was not written for (drawn from torch's
+    generator, which the trainer seeds)."""
+    for _ in range(DRAWS):
+        image = int(torch.randint(len(split.images), ()))
+        if image not in split.holders[caption.text]:
+            return split.images[image]
+    raise VLPruneError(
+        f"split {split.name!r}: found no image that caption {caption.text!r} was not written "
+        "for; retrieval needs images with different captions"
+    )
+
+
+def _negative_caption(split: Split, image: int) -> Caption:
+    """A random caption of the split whose text was not written for `image`."""
+    for _ in range(DRAWS):
+        caption = split.captions[int(torch.randint(len(split.captions), ()))]
+        if image not in split.holders[caption.text]:
+            return caption
+    raise VLPruneError(
+        f"split {split.name!r}: found no caption that was not written for image "
+        f"{split.images[image]!r}; retrieval needs images with different captions"
+    )
+
+
+def _dataset_file(data: Path) -> Path:
+    files = sorted(data.glob("dataset_*.json"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise VLPruneError(
+            f"{data}: expected one Karpathy split file dataset_<name>.json, found {found}"
+        )
+    return files[0]
+
+
+def _read_split(data: Path, split: str) -> Split:
+    """The images of one split of the Karpathy file, with their captions, checked."""
+    path = _dataset_file(data)
+    content = json_file(path)
+    if not isinstance(content, dict):
+        raise VLPruneError(f"{path}: expected a JSON object with 'images'")
+    wanted = READS.get(split, (split,))
+    store = ImageStore(data)
+    images: list[str] = []
+    seen: set[str] = set()
+    captions: list[Caption] = []
+    image_of: list[int] = []
+    holders: dict[str, set[int]] = {}
+    for i, record in enumerate(field(content, "images", list, str(path))):
+        where = f"{path}: images[{i}]"
+        if field(record, "split", str, where) not in wanted:
+            continue
+        filename = field(record, "filename", str, where)
+        where = f"{where} ({filename})"
+        stem = Path(filename).stem
+        if stem in seen:
+            raise VLPruneError(f"{where}: image {stem} is listed twice in split {split!r}")
+        if not store.has(stem):
+            raise VLPruneError(
+                f"{where}: image {stem} is missing (no features/{stem}.npz, images/{stem}.png "
+                "or img_db entry)"
+            )
+        for j, sentence in enumerate(field(record, "sentences", list, where)):
+            raw = field(sentence, "raw", str, f"{where}: sentences[{j}]")
+            if not raw.strip():
+                raise VLPruneError(f"{where}: sentences[{j}]: the caption is empty")
+            captions.append(Caption(raw, stem, split, len(captions)))
+            image_of.append(len(images))
+            holders.setdefault(raw, set()).add(len(images))
+        images.append(stem)
+        seen.add(stem)
+    if not captions:
+        raise VLPruneError(f"{path}: no captions in split {split!r}")
+    return Split(
+        split,
+        tuple(images),
+        tuple(captions),
+        tuple(image_of),
+        {text: frozenset(owners) for text, owners in holders.items()},
+    )
