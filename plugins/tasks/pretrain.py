@@ -20,7 +20,7 @@ from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, VLModel, symmetric_kl
 from vl_prune.train import OPTIMIZER, TrainSettings
-from vl_prune_plugins.tasks.annotations import field, json_file
+from vl_prune_plugins.tasks.annotations import field, json_file, karpathy_image
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.vocabulary import words
@@ -115,24 +115,11 @@ class Pretrain(Task):
                 name = f"world_{split}_{i:06d}"
                 scene = new_scene(settings, "pretrain", split, i)
                 write_image(scene, name, out, settings)
-                sentences = []
                 # Every true statement `captions` makes: a caption missing from an image's list
                 # is false of it, so ITM negatives are real negatives (see `collate`).
-                for raw in captions(scene):
-                    tokens = raw.rstrip(" .").split()
-                    sentences.append(
-                        {"tokens": tokens, "raw": raw, "imgid": len(images), "sentid": sentence_id}
-                    )
-                    sentence_id += 1
-                images.append(
-                    {
-                        "sentids": [s["sentid"] for s in sentences],
-                        "imgid": len(images),
-                        "sentences": sentences,
-                        "split": split,
-                        "filename": f"{name}.png",
-                    }
-                )
+                pairs = [(raw, raw.rstrip(" .").split()) for raw in captions(scene)]
+                images.append(karpathy_image(len(images), sentence_id, split, f"{name}.png", pairs))
+                sentence_id += len(pairs)
         write_json(out / "dataset_world.json", {"images": images, "dataset": "world"})
 
     def head(self, backbone: Backbone) -> nn.Module:

@@ -42,7 +42,7 @@ from torch import nn
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.annotations import field, json_file, karpathy_image, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.language import number
@@ -195,22 +195,12 @@ class Retrieval(Task):
                 seen.add(_objects(scene))
                 name = f"world_{split}_{i:06d}"
                 write_image(scene, name, out, settings)
-                sentences = []
-                for raw in _world_captions(scene, rng):
-                    tokens = [word for word in raw.split() if word not in (",", ".")]
-                    sentences.append(
-                        {"tokens": tokens, "raw": raw, "imgid": len(images), "sentid": sentence_id}
-                    )
-                    sentence_id += 1
-                images.append(
-                    {
-                        "sentids": [s["sentid"] for s in sentences],
-                        "imgid": len(images),
-                        "sentences": sentences,
-                        "split": split,
-                        "filename": f"{name}.png",
-                    }
-                )
+                pairs = [
+                    (raw, [word for word in raw.split() if word not in (",", ".")])
+                    for raw in _world_captions(scene, rng)
+                ]
+                images.append(karpathy_image(len(images), sentence_id, split, f"{name}.png", pairs))
+                sentence_id += len(pairs)
         write_json(out / "dataset_world.json", {"images": images, "dataset": "world"})
 
     def head(self, backbone: Backbone) -> nn.Module:
