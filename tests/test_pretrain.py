@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
 import vl_prune_plugins.tasks.pretrain as pretrain
@@ -48,6 +49,10 @@ def test_reads_karpathy_split_json(tmp_path):
         {"sentids": [], "imgid": 1, "sentences": [], "split": "test", "filename": "2.jpg"},
     ]
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(VLPruneError, match=r"images\[0\] \(1000092795.jpg\): image 1000092795 is"):
+        Pretrain(tmp_path).examples("train")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "images" / "1000092795.png")
     captions = Pretrain(tmp_path).examples("train")
     assert [(c.text, c.image) for c in captions] == [
         ("A red star .", "1000092795"),
@@ -57,7 +62,7 @@ def test_reads_karpathy_split_json(tmp_path):
         Pretrain(tmp_path).examples("dev")
     images[0]["sentences"][0].pop("raw")
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
-    with pytest.raises(VLPruneError, match=r"images\[0\]: field 'raw' is missing"):
+    with pytest.raises(VLPruneError, match=r"sentences\[0\]: field 'raw' is missing"):
         Pretrain(tmp_path).examples("train")
 
 

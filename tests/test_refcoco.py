@@ -387,7 +387,7 @@ def test_a_few_training_steps_through_fit(world):
     task = RefcocoPlus(world)
     model = VLModel(backbone, task.head(backbone))
     settings = TrainSettings(steps=4, batch_size=8, eval_batch_size=16)
-    accelerator = make_accelerator(settings, cpu=True)
+    accelerator = make_accelerator(settings)
     prepared = accelerator.prepare(model)
     losses = fit(prepared, task, task.examples("train"), settings, accelerator, quiet=True)
     assert len(losses) == 4 and all(np.isfinite(losses))

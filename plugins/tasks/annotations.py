@@ -57,21 +57,3 @@ def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data).encode("utf-8"))
-
-
-def karpathy_image(
-    imgid: int, first_sentid: int, split: str, filename: str, captions: list[tuple[str, list[str]]]
-) -> dict[str, Any]:
-    """One `images` entry of a Karpathy split json, its sentences numbered from
-    `first_sentid`; `captions` are (raw, tokens) pairs."""
-    sentences = [
-        {"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": first_sentid + k}
-        for k, (raw, tokens) in enumerate(captions)
-    ]
-    return {
-        "sentids": [s["sentid"] for s in sentences],
-        "imgid": imgid,
-        "sentences": sentences,
-        "split": split,
-        "filename": filename,
-    }

@@ -86,17 +86,9 @@ class Gqa(Task):
                 f"nor {lxmert.name} (LXMERT's GQA)"
             )
         store = ImageStore(self.data)
-        found: set[str] = set()  # GQA asks many questions per image: look each up once
         out = []
         for where, example in records:
-            if example.image not in found:
-                if not store.has(example.image):
-                    name = example.image
-                    raise VLPruneError(
-                        f"{where}: image {name} is missing (no features/{name}.npz, "
-                        f"images/{name}.png or img_db entry)"
-                    )
-                found.add(example.image)
+            store.require(example.image, where)
             out.append(example)
         if not out:
             raise VLPruneError(f"{path}: no questions")

@@ -41,6 +41,7 @@ class ImageStore:
         self.root = Path(root)
         self.img_db_choice = img_db
         self.key_prefix = key_prefix
+        self._present: set[str] = set()
 
     def regions(self, name: str) -> dict[str, np.ndarray]:
         """`features` (N × D) and `norm_bb` (N × 6) of one image, UNITER's npz layout."""
@@ -66,6 +67,18 @@ class ImageStore:
         if (self.root / "images" / f"{name}.png").is_file():
             return True
         return (self.root / "img_db").is_dir() and self._img_db().has(name, self.key_prefix)
+
+    def require(self, name: str, where: str) -> None:
+        """A clear error at `where` when the image is missing; each name is looked up once, as
+        annotation files ask many questions of one image."""
+        if name in self._present:
+            return
+        if not self.has(name):
+            raise VLPruneError(
+                f"{where}: image {name} is missing (no features/{name}.npz, images/{name}.png "
+                "or img_db entry)"
+            )
+        self._present.add(name)
 
     def _img_db(self) -> ImgDb:
         return open_img_db(self.root / "img_db", self.img_db_choice)

@@ -89,11 +89,7 @@ class Nlvr2(Task):
             pair = "-".join(parts[:3])
             left, right = f"{pair}-img0", f"{pair}-img1"
             for name in (left, right):
-                if not store.has(name):
-                    raise VLPruneError(
-                        f"{where}: image {name} is missing (no features/{name}.npz, "
-                        f"images/{name}.png or img_db entry)"
-                    )
+                store.require(name, where)
             sentence = field(record, "sentence", str, where)
             out.append(Nlvr2Example(identifier, sentence, LABELS[label], left, right))
         if not out:

@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
-from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, VLModel, symmetric_kl
 from vl_prune.train import OPTIMIZER, TrainSettings
-from vl_prune_plugins.tasks.annotations import field, json_file, karpathy_image
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.karpathy import karpathy_image, read_split
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.vocabulary import words
 
@@ -82,23 +81,10 @@ class Pretrain(Task):
         self.captions_of: dict[str, set[str]] = {}
 
     def examples(self, split: str) -> list[Caption]:
-        files = sorted(self.data.glob("dataset_*.json"))
-        if len(files) != 1:
-            raise VLPruneError(f"{self.data}: expected one Karpathy-style dataset_<name>.json")
-        data = json_file(files[0])
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise VLPruneError(f"{files[0]}: no 'images' list")
         out = []
-        for index, image in enumerate(data["images"]):
-            where = f"{files[0]}: images[{index}]"
-            if field(image, "split", str, where) != split:
-                continue
-            stem = Path(field(image, "filename", str, where)).stem
-            for sentence in field(image, "sentences", list, where):
-                out.append(Caption(field(sentence, "raw", str, where), stem))
-                self.captions_of.setdefault(stem, set()).add(out[-1].text)
-        if not out:
-            raise VLPruneError(f"{files[0]}: no captions in split {split!r}")
+        for image in read_split(self.data, split):
+            out += [Caption(text, image.stem) for text in image.captions]
+            self.captions_of.setdefault(image.stem, set()).update(image.captions)
         return out
 
     @classmethod

@@ -110,7 +110,6 @@ class RefcocoPlus(Task):
         refs_path, refs = read_refs(folder)
         instances = _Instances(folder / INSTANCES)
         store = ImageStore(self.data)
-        found: set[str] = set()  # several refs share an image: look each up once
         out, seen_splits = [], set()
         for i, ref in enumerate(refs):
             where = f"{refs_path}: refs[{i}]"
@@ -123,13 +122,7 @@ class RefcocoPlus(Task):
             image_id = field(ref, "image_id", int, where)
             ann_id = field(ref, "ann_id", int, where)
             name, box = instances.referred(ann_id, image_id, where)
-            if name not in found:
-                if not store.has(name):
-                    raise VLPruneError(
-                        f"{where}: image {name} is missing (no features/{name}.npz, "
-                        f"images/{name}.png or img_db entry)"
-                    )
-                found.add(name)
+            store.require(name, where)
             sentences = field(ref, "sentences", list, where)
             if not sentences:
                 raise VLPruneError(f"{where}: no sentences")

@@ -42,8 +42,9 @@ from torch import nn
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.annotations import field, json_file, karpathy_image, write_json
+from vl_prune_plugins.tasks.annotations import write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.karpathy import karpathy_image, read_split
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.language import number
 from vl_prune_plugins.world.scenes import Scene, WorldSettings
@@ -363,54 +364,18 @@ def _negative_caption(split: Split, image: int) -> Caption:
     )
 
 
-def _dataset_file(data: Path) -> Path:
-    files = sorted(data.glob("dataset_*.json"))
-    if len(files) != 1:
-        found = ", ".join(f.name for f in files) or "none"
-        raise VLPruneError(
-            f"{data}: expected one Karpathy split file dataset_<name>.json, found {found}"
-        )
-    return files[0]
-
-
 def _read_split(data: Path, split: str) -> Split:
-    """The images of one split of the Karpathy file, with their captions, checked."""
-    path = _dataset_file(data)
-    content = json_file(path)
-    if not isinstance(content, dict):
-        raise VLPruneError(f"{path}: expected a JSON object with 'images'")
-    wanted = READS.get(split, (split,))
-    store = ImageStore(data)
+    """The images of one split of the Karpathy file, with their captions."""
     images: list[str] = []
-    seen: set[str] = set()
     captions: list[Caption] = []
     image_of: list[int] = []
     holders: dict[str, set[int]] = {}
-    for i, record in enumerate(field(content, "images", list, str(path))):
-        where = f"{path}: images[{i}]"
-        if field(record, "split", str, where) not in wanted:
-            continue
-        filename = field(record, "filename", str, where)
-        where = f"{where} ({filename})"
-        stem = Path(filename).stem
-        if stem in seen:
-            raise VLPruneError(f"{where}: image {stem} is listed twice in split {split!r}")
-        if not store.has(stem):
-            raise VLPruneError(
-                f"{where}: image {stem} is missing (no features/{stem}.npz, images/{stem}.png "
-                "or img_db entry)"
-            )
-        for j, sentence in enumerate(field(record, "sentences", list, where)):
-            raw = field(sentence, "raw", str, f"{where}: sentences[{j}]")
-            if not raw.strip():
-                raise VLPruneError(f"{where}: sentences[{j}]: the caption is empty")
-            captions.append(Caption(raw, stem, split, len(captions)))
+    for image in read_split(data, split, READS.get(split, ())):
+        for raw in image.captions:
+            captions.append(Caption(raw, image.stem, split, len(captions)))
             image_of.append(len(images))
             holders.setdefault(raw, set()).add(len(images))
-        images.append(stem)
-        seen.add(stem)
-    if not captions:
-        raise VLPruneError(f"{path}: no captions in split {split!r}")
+        images.append(image.stem)
     return Split(
         split,
         tuple(images),

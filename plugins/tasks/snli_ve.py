@@ -84,11 +84,7 @@ class SnliVe(Task):
                 known = ", ".join(LABELS)
                 raise VLPruneError(f"{where}: gold_label {gold!r} is not one of {known} or '-'")
             image = _image(record, where)
-            if not store.has(image):
-                raise VLPruneError(
-                    f"{where}: image {image} is missing (no features/{image}.npz, "
-                    f"images/{image}.png or img_db entry)"
-                )
+            store.require(image, where)
             pair_id = field(record, "pairID", str, where)
             hypothesis = field(record, "sentence2", str, where)
             out.append(SnliVeExample(pair_id, hypothesis, image, LABELS[gold]))

@@ -102,7 +102,6 @@ class Vcr(Task):
     def examples(self, split: str) -> list[VcrExample]:
         path = self.data / f"{split}.jsonl"
         store = ImageStore(self.data)
-        found: set[str] = set()  # VCR asks several questions per image: look each up once
         out = []
         for where, record in json_lines(path):
             objects = field(record, "objects", list, where)
@@ -114,13 +113,7 @@ class Vcr(Task):
             answer_label = _label(record, "answer_label", where)
             rationale_label = _label(record, "rationale_label", where)
             image = PurePosixPath(field(record, "img_fn", str, where)).stem
-            if image not in found:
-                if not store.has(image):
-                    raise VLPruneError(
-                        f"{where}: image {image} is missing (no features/{image}.npz, "
-                        f"images/{image}.png or img_db entry)"
-                    )
-                found.add(image)
+            store.require(image, where)
             annot_id = field(record, "annot_id", str, where)
             out.append(
                 VcrExample(

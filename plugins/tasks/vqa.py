@@ -97,7 +97,6 @@ class Vqa(Task):
         subtype, questions = _questions(questions_path)
         answers = _annotations(annotations_path)
         store = ImageStore(self.data)
-        found: set[str] = set()  # VQA asks several questions per image: look each up once
         out = []
         for question_id, (image_id, text) in questions.items():
             where = f"{questions_path}: question_id {question_id}"
@@ -109,13 +108,7 @@ class Vqa(Task):
                     f"{where}: image_id {image_id}, but {annotations_path} says {annotated_image}"
                 )
             name = f"COCO_{subtype}_{image_id:012d}"
-            if name not in found:
-                if not store.has(name):
-                    raise VLPruneError(
-                        f"{where}: image {name} is missing (no features/{name}.npz, "
-                        f"images/{name}.png or img_db entry)"
-                    )
-                found.add(name)
+            store.require(name, where)
             out.append(VqaExample(question_id, text, name, ten))
         if answers:
             raise VLPruneError(

@@ -1,0 +1,82 @@
+"""Karpathy's split json (`dataset_<name>.json`: `images[*]` with `filename`, `split`,
+`sentences[*].raw`), the caption file of Flickr30k and COCO that NeuralTalk and UNITER read:
+one split's images with their captions, checked, and the entries the world writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vl_prune.errors import VLPruneError
+from vl_prune_plugins.tasks.annotations import field, json_file
+from vl_prune_plugins.tasks.inputs import ImageStore
+
+
+@dataclass(frozen=True)
+class KarpathyImage:
+    stem: str  # the filename's stem: images/<stem>.png, features/<stem>.npz
+    captions: tuple[str, ...]
+
+
+def dataset_file(data: Path) -> Path:
+    """The folder's one `dataset_<name>.json`."""
+    files = sorted(data.glob("dataset_*.json"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise VLPruneError(
+            f"{data}: expected one Karpathy split file dataset_<name>.json, found {found}"
+        )
+    return files[0]
+
+
+def read_split(data: Path, split: str, reads: tuple[str, ...] = ()) -> list[KarpathyImage]:
+    """The images of `split` (or of the Karpathy splits `reads`, e.g. train and restval) in file
+    order, each listed once, present in the folder, with non-empty captions."""
+    path = dataset_file(data)
+    content = json_file(path)
+    if not isinstance(content, dict):
+        raise VLPruneError(f"{path}: expected a JSON object with 'images'")
+    wanted = reads or (split,)
+    store = ImageStore(data)
+    images: list[KarpathyImage] = []
+    seen: set[str] = set()
+    for i, record in enumerate(field(content, "images", list, str(path))):
+        where = f"{path}: images[{i}]"
+        if field(record, "split", str, where) not in wanted:
+            continue
+        filename = field(record, "filename", str, where)
+        where = f"{where} ({filename})"
+        stem = Path(filename).stem
+        if stem in seen:
+            raise VLPruneError(f"{where}: image {stem} is listed twice in split {split!r}")
+        store.require(stem, where)
+        captions = []
+        for j, sentence in enumerate(field(record, "sentences", list, where)):
+            raw = field(sentence, "raw", str, f"{where}: sentences[{j}]")
+            if not raw.strip():
+                raise VLPruneError(f"{where}: sentences[{j}]: the caption is empty")
+            captions.append(raw)
+        images.append(KarpathyImage(stem, tuple(captions)))
+        seen.add(stem)
+    if not any(image.captions for image in images):
+        raise VLPruneError(f"{path}: no captions in split {split!r}")
+    return images
+
+
+def karpathy_image(
+    imgid: int, first_sentid: int, split: str, filename: str, captions: list[tuple[str, list[str]]]
+) -> dict[str, Any]:
+    """One `images` entry of a Karpathy split json, its sentences numbered from
+    `first_sentid`; `captions` are (raw, tokens) pairs."""
+    sentences = [
+        {"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": first_sentid + k}
+        for k, (raw, tokens) in enumerate(captions)
+    ]
+    return {
+        "sentids": [s["sentid"] for s in sentences],
+        "imgid": imgid,
+        "sentences": sentences,
+        "split": split,
+        "filename": filename,
+    }
