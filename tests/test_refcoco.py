@@ -28,18 +28,11 @@ from vl_prune_plugins.world.referring import expression
 from vl_prune_plugins.world.scenes import SIZES, WorldSettings, sample_scene
 from vl_prune_plugins.world.vocabulary import COLOURS, PLACES, SHAPES, words
 
+# Every test here trains tiny models (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAN, DOG = "COCO_train2014_000000581857", "COCO_train2014_000000393225"
 WORLD = {"train": 30, "val": 10}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on one thread: OpenMP threads spin when other processes share the cores
-    (measured here on 2 busy cores: 4 fit steps took 20 s on two threads, 0.5 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sentence(sent_id: int, text: str) -> dict:

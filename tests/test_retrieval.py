@@ -291,15 +291,6 @@ def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: OpenMP threads spin when other processes share the cores (see test_vqa)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("backbone", [Lxmert, Vilt])
 def test_collate_forward_and_loss(world, backbone, one_thread):
     torch.manual_seed(0)

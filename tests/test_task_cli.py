@@ -27,6 +27,9 @@ from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
 
+# Every test here trains tiny models (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BACKBONES = {"uniter": Uniter, "lxmert": Lxmert, "vilt": Vilt}
 # The metric each task reports under: report.json, the printed table and transfer cells name it.
 METRICS = {
@@ -54,16 +57,6 @@ PAIRS = [
 # Each backbone's transfer table starts from a ticket found on a different task.
 SOURCES = {"uniter": "gqa", "lxmert": "vcr", "vilt": "retrieval"}
 TRAINING = ["--steps", "2", "--batch-size", "8", "--seed", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one thread: OpenMP threads spin when other processes share the cores
-    (see test_refcoco)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

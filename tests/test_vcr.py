@@ -329,16 +329,6 @@ def test_collate_forward_and_loss(world, backbone):
     assert all(p.grad is not None for p in head.parameters())
 
 
-@pytest.fixture
-def one_thread():
-    """Train on one thread: a tiny model gains little from a second core, and OpenMP threads
-    spin when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_uniter_tiny_trains_through_vl_prune_train(world, one_thread):
     """A few steps of vl_prune.train.fit move the backbone and the head, and evaluate's batched,
     gathered score (predictions B × 2, concatenated across batches) is the Q→AR accuracy of the

@@ -271,17 +271,6 @@ def test_collate_forward_and_loss(world, name):
     assert model.head.classifier[-1].weight.grad is not None
 
 
-@pytest.fixture
-def one_thread():
-    """Train on one thread: a tiny model's matrices gain little from a second one, and OpenMP
-    threads spin when other processes share the cores (measured here on 2 busy cores: 6 s a
-    step on two threads, 0.13 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_beats_the_best_single_answer(world, one_thread):
     """A tiny UNITER fine-tuned for a few hundred steps must clearly beat answering every dev
     question with the one answer that scores best on dev (a loose floor, not a benchmark)."""
