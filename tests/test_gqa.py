@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from task_checks import train_briefly, written_twice
 
 import vl_prune_plugins.tasks.gqa as gqa
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
-from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
@@ -276,12 +276,7 @@ def test_world_split_round_trip(world):
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
     monkeypatch.setattr(gqa, "WORLD_SIZES", {"train": 4, "testdev": 2})
-    for name in ("a", "b"):
-        Gqa.write_world(tmp_path / name, seed=5)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
-    assert len(files) == 2 + 2 * 3
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert len(written_twice(Gqa, tmp_path, seed=5)) == 2 + 2 * 3
 
 
 @pytest.mark.parametrize("backbone", [Uniter, Lxmert, Vilt])
@@ -300,14 +295,5 @@ def test_collate_forward_and_loss(world, backbone):
 
 
 def test_a_few_training_steps_through_vl_prune_train(world):
-    torch.manual_seed(0)
-    backbone = Uniter.build("tiny")
     task = Gqa(world)
-    model = VLModel(backbone, task.head(backbone))
-    settings = TrainSettings(steps=3, batch_size=8, eval_batch_size=16)
-    accelerator = make_accelerator(settings)
-    prepared = accelerator.prepare(model)
-    losses = fit(prepared, task, task.examples("train"), settings, accelerator, quiet=True)
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    score = evaluate(prepared, task, task.examples("testdev")[:16], settings, accelerator)
-    assert 0.0 <= score <= 1.0
+    assert 0.0 <= train_briefly(task, task.examples("testdev")[:16], steps=3) <= 1.0

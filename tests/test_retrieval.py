@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from task_checks import written_twice
 
 import vl_prune_plugins.tasks.retrieval as retrieval
 from vl_prune.errors import VLPruneError
@@ -283,12 +284,7 @@ def test_world_scenes_can_differ_in_one_word(world):
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
     monkeypatch.setattr(retrieval, "WORLD_SIZES", {"train": 4, "val": 2})
-    Retrieval.write_world(tmp_path / "a", seed=3)
-    Retrieval.write_world(tmp_path / "b", seed=3)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
-    assert len(files) == 1 + 2 * 6
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert len(written_twice(Retrieval, tmp_path, seed=3)) == 1 + 2 * 6
 
 
 @pytest.mark.parametrize("backbone", [Lxmert, Vilt])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from task_checks import written_twice
 
 import vl_prune_plugins.tasks.vcr as vcr
 from vl_prune.errors import VLPruneError
@@ -287,12 +288,7 @@ def test_the_words_alone_do_not_give_the_choices_away(world):
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
     monkeypatch.setattr(vcr, "WORLD_SIZES", {"train": 6, "val": 4})
-    Vcr.write_world(tmp_path / "a", seed=3)
-    Vcr.write_world(tmp_path / "b", seed=3)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
-    assert len(files) == 2 + 3 * 10
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert len(written_twice(Vcr, tmp_path, seed=3)) == 2 + 3 * 10
 
 
 @pytest.mark.parametrize("backbone", [Uniter, Lxmert, Vilt])
