@@ -155,6 +155,12 @@ _training_options = _options(
         "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
     ),
     click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
+    click.option(
+        "--num-workers",
+        type=int,
+        help="Processes that read and collate batches [0 on CPU, up to 4 per GPU]; "
+        "results do not depend on it.",
+    ),
 )
 
 # Which backbone, weights and data: find, evaluate and transfer.
@@ -169,7 +175,23 @@ _model_options = _options(
     click.option("--preset", help="Backbone preset; with --checkpoint, the checkpoint's."),
     click.option("--checkpoint", help="Pre-trained weights: a file, folder or hub id."),
     click.option(
-        "--data", help="Task data folder in the official layout (default: the embedded world)."
+        "--tokenizer",
+        help="The checkpoint's tokenizer: a local folder or vocab.txt [beside the checkpoint, "
+        "else the hub].",
+    ),
+    click.option(
+        "--data",
+        help="Task data folder: official annotation files, or UNITER's txt_db/ + img_db/ "
+        "(default: the embedded world).",
+    ),
+    click.option("--train-split", help="Split to train on, e.g. train2014 [found in --data]."),
+    click.option("--eval-split", help="Split to score on, e.g. val2014 [found in --data]."),
+    click.option(
+        "--max-text-len", type=int, help="Longest text in tokens [UNITER's: 60, VCR 220]."
+    ),
+    click.option(
+        "--answer-vocab",
+        help="Answers of VQA/GQA heads: UNITER's or LXMERT's ans2label.json [from the data].",
     ),
 )
 
@@ -215,6 +237,9 @@ _runs_option = click.option(
 )
 
 
+_DATA_FLAGS = ("train_split", "eval_split", "max_text_len", "answer_vocab")
+
+
 def _settings(
     task: str, backbone: str, training: dict, data: str | None, implied: bool = False, **extra
 ):
@@ -223,12 +248,19 @@ def _settings(
     from dataclasses import replace
 
     from vl_prune.lottery import FindSettings, recipe
+    from vl_prune.task import DataOptions
 
     training = dict(training)
+    options = DataOptions(**{k: training.pop(k) for k in _DATA_FLAGS})
+    if data is None and options != DataOptions():
+        flag = next(k for k in _DATA_FLAGS if getattr(options, k) is not None)
+        raise UserError(f"--{flag.replace('_', '-')} describes --data; the world has its own")
     adversarial = _adversarial(training, implied)
     given = {k: v for k, v in training.items() if v is not None}
     train = replace(recipe(task, world=data is None), **given, adversarial=adversarial)
-    return FindSettings(backbone=backbone, task=task, data=data, train=train, **extra)
+    return FindSettings(
+        backbone=backbone, task=task, data=data, train=train, data_options=options, **extra
+    )
 
 
 @cli.command()
@@ -276,6 +308,7 @@ def find(
     backbone,
     preset,
     checkpoint,
+    tokenizer,
     data,
     task,
     method,
@@ -304,6 +337,7 @@ def find(
         method=method,
         preset=preset,
         checkpoint=checkpoint,
+        tokenizer=tokenizer,
         schedule=schedule,
         rate=rate,
         sparsity=sparsity,
@@ -312,8 +346,7 @@ def find(
     if out is not None and not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     main_process = process_state().is_main_process  # one job: one process writes and prints
-    silent = quiet or not main_process
-    say = (lambda line: None) if silent else (lambda line: click.echo(line, err=True))
+    say = _say(quiet)
     if settings.embedded:
         say(
             f"No --checkpoint/--data: running {backbone}-tiny on the embedded world's {task} "
@@ -395,6 +428,7 @@ def evaluate_command(
     backbone,
     preset,
     checkpoint,
+    tokenizer,
     data,
     finetuned,
     force,
@@ -419,7 +453,15 @@ def evaluate_command(
     loaded = Ticket.load(ticket) if ticket is not None else None
     if loaded is not None and ctx.get_parameter_source("backbone").name == "DEFAULT":
         backbone = loaded.metadata.get("backbone", backbone)
-    settings = _settings(task, backbone, training, data=data, preset=preset, checkpoint=checkpoint)
+    settings = _settings(
+        task,
+        backbone,
+        training,
+        data=data,
+        preset=preset,
+        checkpoint=checkpoint,
+        tokenizer=tokenizer,
+    )
     if finetuned is not None and (weights != "theta0" or settings.train.adversarial):
         flag = "--weights" if weights != "theta0" else "--adversarial"
         raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
@@ -427,14 +469,15 @@ def evaluate_command(
         raise UserError("--lora chooses how to train; --finetuned trains nothing")
     if weights not in NAMED and not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file (give {', '.join(NAMED)} or a file)")
+    say = _say(quiet)
     if finetuned is not None:
-        result = score_finetuned(loaded, finetuned, settings)
+        result = score_finetuned(loaded, finetuned, settings, log=say)
     elif loaded is None:
         raise UserError("evaluate needs --ticket (to train) or --finetuned (to score)")
     else:
         options = _lora(lora, adapters, merge, ticket, task)
         result = train_ticket(
-            loaded, settings, force=force, quiet=quiet, weights=weights, lora=options
+            loaded, settings, force=force, quiet=quiet, weights=weights, lora=options, log=say
         )
     if not process_state().is_main_process:
         return
@@ -457,6 +500,15 @@ def evaluate_command(
                 f"merged {result['metric']}: {merged['score']:.4f} "
                 f"(with adapters {merged['score_before']:.4f}); weights: {merged['path']}"
             )
+
+
+def _say(quiet: bool):
+    """Progress lines on stderr: from the main process only, none with --quiet."""
+    from vl_prune.distributed import process_state
+
+    if quiet or not process_state().is_main_process:
+        return lambda line: None
+    return lambda line: click.echo(line, err=True)
 
 
 def _lora(rank: int | None, adapters: Path | None, merge: Path | None, ticket: Path, task: str):
@@ -522,6 +574,7 @@ def transfer(
     backbone,
     preset,
     checkpoint,
+    tokenizer,
     data,
     force,
     lora,
@@ -555,9 +608,15 @@ def transfer(
     results = []
     for task in tasks:
         settings = _settings(
-            task, backbone, training, data=data, preset=preset, checkpoint=checkpoint
+            task,
+            backbone,
+            training,
+            data=data,
+            preset=preset,
+            checkpoint=checkpoint,
+            tokenizer=tokenizer,
         )
-        target = transfers.Transfer(settings, runs=runs, quiet=quiet, lora=lora)
+        target = transfers.Transfer(settings, runs=runs, quiet=quiet, lora=lora, log=_say(quiet))
         for path in paths:
             results.append(target.run(path, force=force))
             if say is not None:

@@ -326,7 +326,10 @@ def test_find_cli_then_evaluate_and_plot(world, theta0, tmp_path):
         ],
     )
     assert evaluated.exit_code == 0, evaluated.output
-    result = json.loads(evaluated.output)
+    result = json.loads(evaluated.stdout)
+    # The checkpoint's load report and what data was read go to stderr.
+    assert f"loaded {theta0}: grew token type embeddings 2 → 3 rows" in evaluated.stderr
+    assert "data: nlvr2 train (" in evaluated.stderr
     assert result["sparsity"] == pytest.approx(0.2, abs=1e-3)
     assert 0.0 <= result["score"] <= 1.0
 
@@ -471,7 +474,7 @@ def test_scoring_finetuned_weights(world, theta0, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["sparsity"] == 0.0
+    assert json.loads(result.stdout)["sparsity"] == 0.0
 
 
 def test_redoing_a_round_redoes_the_rounds_that_derive_from_it(world, theta0, tmp_path):

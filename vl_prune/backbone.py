@@ -8,7 +8,9 @@ distribution, registered under the `vl_prune.backbones` entry-point group.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -42,13 +44,20 @@ class VLBatch:
     masked_regions: torch.Tensor | None = None
     image_type: int = 1
 
-    def to(self, device: torch.device | str) -> VLBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> VLBatch:
         """The same batch with every tensor moved to `device`."""
-        moved = {
-            f.name: v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+        return self.map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> VLBatch:
+        return self.map(torch.Tensor.pin_memory)
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> VLBatch:
+        """The same batch with `function` applied to every tensor."""
+        mapped = {
+            f.name: function(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
             for f in fields(self)
         }
-        return VLBatch(**moved)
+        return VLBatch(**mapped)
 
 
 @dataclass
@@ -62,17 +71,56 @@ class VLOutput:
 
 @dataclass
 class LoadReport:
-    """What loading a checkpoint did besides filling the backbone: keys it ignored (task heads,
-    pre-training heads) and why nothing was missing."""
+    """What loading a checkpoint did besides filling the backbone: keys it ignored (task and
+    pre-training heads), keys it renamed to fit (`converted`), harmless buffers it accepted
+    without loading (`accepted`), and embeddings grown since (`grown`)."""
 
     source: str
     ignored: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    grown: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        if not self.ignored:
-            return f"loaded {self.source}: every key used"
-        heads = ", ".join(sorted({k.split(".")[0] for k in self.ignored}))
-        return f"loaded {self.source}: ignored {len(self.ignored)} non-backbone keys ({heads})"
+        parts = []
+        if self.ignored:
+            heads = ", ".join(sorted({k.split(".")[0] for k in self.ignored}))
+            parts.append(f"ignored {len(self.ignored)} non-backbone keys ({heads})")
+        if self.converted:
+            parts.append(f"converted {', '.join(self.converted)}")
+        if self.accepted:
+            parts.append(f"accepted {', '.join(self.accepted)} (buffers; not loaded)")
+        if self.grown:
+            parts.append(f"grew {', '.join(self.grown)}")
+        return f"loaded {self.source}: " + ("; ".join(parts) if parts else "every key used")
+
+
+class Inputs:
+    """What collating a batch needs of a backbone, known before any weights are read, so a
+    data problem fails in seconds: its image input, region feature width, vocabulary size and
+    (loaded when first asked for) tokenizer and image processor. A built backbone offers the
+    same attributes; `Backbone.inputs` gives one or the other."""
+
+    def __init__(
+        self,
+        label: str,
+        image_input: ImageInput,
+        tokenizer: Callable[[], Any],
+        img_dim: int | None = None,
+        vocab_size: int | None = None,
+        image_processor: Callable[[], Any] | None = None,
+    ):
+        self.label, self.image_input = label, image_input
+        self.img_dim, self.vocab_size = img_dim, vocab_size
+        self._load_tokenizer, self._load_processor = tokenizer, image_processor
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        return self._load_tokenizer()
+
+    @cached_property
+    def image_processor(self) -> Any:
+        return self._load_processor() if self._load_processor is not None else None
 
 
 class Backbone(nn.Module):
@@ -92,13 +140,24 @@ class Backbone(nn.Module):
     #: "regions" (detector features + boxes) or "pixels" (images)
     image_input: ClassVar[ImageInput]
 
+    #: whether the pre-trained vocabulary is lowercased, as bert-base-uncased's: how a plain
+    #: vocab.txt given with --tokenizer is read
+    lowercase: ClassVar[bool] = True
+
     preset: str
     hidden_size: int
     #: width of a region feature (region backbones)
     img_dim: int
+    #: rows of the word embedding: token ids (a UNITER txt_db's) must be below it
+    vocab_size: int | None = None
     tokenizer: Any
     image_processor: Any = None
     load_report: LoadReport | None = None
+
+    @property
+    def label(self) -> str:
+        """The backbone and its preset, as messages name them: `uniter-base`."""
+        return f"{type(self).__name__.lower()}-{self.preset}"
 
     @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
@@ -110,6 +169,29 @@ class Backbone(nn.Module):
         checkpoint outside the backbone (heads) are listed in `load_report`.
         """
         raise NotImplementedError
+
+    @classmethod
+    def inputs(
+        cls,
+        preset: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ) -> Inputs | Backbone:
+        """What collation needs of the backbone `build(preset, checkpoint)` would give (with
+        `tokenizer`, see `use_tokenizer`), read before its weights where a plugin can: the
+        built-ins read a checkpoint's shapes only. This default builds the backbone."""
+        backbone = cls.build(preset, checkpoint)
+        if tokenizer is not None:
+            backbone.use_tokenizer(tokenizer)
+        return backbone
+
+    def use_tokenizer(self, path: str | os.PathLike) -> None:
+        """Tokenize with the local tokenizer at `path`, a folder of tokenizer files or a BERT
+        vocab.txt (read lowercased if `lowercase`), instead of the default one: how a machine
+        without a model hub gives the tokenizer of a real checkpoint."""
+        from vl_prune.tokenizers import local_tokenizer
+
+        self.tokenizer = local_tokenizer(path, self.lowercase)
 
     @classmethod
     def embedded(cls) -> Backbone:
@@ -143,6 +225,16 @@ class Backbone(nn.Module):
     def ensure_image_types(self, count: int) -> None:
         """Room for `count` image token types (two-image tasks such as NLVR2 use 2), new ones
         initialised from the first image type. Backbones without image types keep this no-op."""
+
+    def ensure_vocabulary(self, count: int) -> None:
+        """Room for `count` word ids, new rows initialised as the backbone initialises words
+        (a task's data may add words: UNITER's VCR txt_dbs add 81 person words). Backbones that
+        cannot grow keep this default, which fails for any word they lack."""
+        if self.vocab_size is None or count > self.vocab_size:
+            raise VLPruneError(
+                f"the data uses {count} word ids; {self.label} has {self.vocab_size} and cannot "
+                "add words"
+            )
 
     def prunable_names(self) -> list[str]:
         """The parameter paths of `prunable()`, as tickets name them."""

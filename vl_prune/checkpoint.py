@@ -15,18 +15,27 @@ def reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a `.safetensors` file or a torch checkpoint (`torch.load` with
     `weights_only=True`, so a pickle can hold nothing but tensors and containers). A state dict
-    wrapped as `{"model": ...}` or `{"state_dict": ...}` is unwrapped."""
+    wrapped as `{"model": ...}` or `{"state_dict": ...}` is unwrapped. `shapes_only` gives
+    tensors on the meta device, read without loading the values where the format allows."""
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and shapes_only:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as file:
+                state = {
+                    key: torch.empty(file.get_slice(key).get_shape(), device="meta")
+                    for key in file.keys()  # noqa: SIM118 (safe_open is no mapping)
+                }
+        elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _torch_load(path, shapes_only)
     except Exception as exc:
         raise VLPruneError(f"{path}: cannot read checkpoint ({reason(exc)})") from exc
     for wrapper in ("model", "state_dict"):
@@ -34,4 +43,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VLPruneError(f"{path}: not a state dict of tensors")
+    if shapes_only:
+        return {key: value.to("meta") for key, value in state.items()}
     return state
+
+
+def _torch_load(path: Path, mmap: bool) -> object:
+    """`torch.load`, memory-mapped when asked and the file is in torch's zip format (older
+    checkpoints, saved before torch 1.6, are read whole)."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)

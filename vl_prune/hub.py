@@ -34,9 +34,12 @@ def _online(timeout: float = 2.0) -> bool:
     return True
 
 
-def from_hub(load: Callable[..., T], hub_id: str, **kwargs) -> T:
+def from_hub(
+    load: Callable[..., T], hub_id: str, hint: str = "pass a local directory or file", **kwargs
+) -> T:
     """`load(...)` (a `from_pretrained`) on the hub cache's copy of `hub_id`, else on `hub_id`
-    if the network answers; offline, a VLPruneError that says so and what to pass instead."""
+    if the network answers; offline, a VLPruneError that says so and `hint`, what to pass
+    instead."""
     from huggingface_hub import snapshot_download
 
     # Ask the cache ourselves: transformers 5 can quietly build an empty tokenizer instead of
@@ -46,7 +49,7 @@ def from_hub(load: Callable[..., T], hub_id: str, **kwargs) -> T:
     except (OSError, ValueError):  # not cached, or not a valid hub id at all
         pass
     if not _online():
-        raise VLPruneError(f"cannot download {hub_id}: no network; pass a local directory or file")
+        raise VLPruneError(f"cannot download {hub_id}: no network; {hint}")
     try:
         return load(hub_id, **kwargs)
     except (OSError, ValueError) as exc:

@@ -24,6 +24,7 @@ import torch
 
 from vl_prune import registry
 from vl_prune.adversarial import AdversarialSettings
+from vl_prune.backbone import Backbone, Inputs
 from vl_prune.baselines import load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.distributed import process_state
@@ -31,7 +32,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.home import cached_folder
 from vl_prune.pruning import SCHEDULES, ScorePruning, geometric, linear, prune_to
-from vl_prune.task import VLModel
+from vl_prune.task import DataOptions, VLModel
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
 from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
 
@@ -55,10 +56,16 @@ class FindSettings:
     sparsity: float = 0.9
     rewind_step: int | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
+    #: how the task reads --data (splits, text length, answers)
+    data_options: DataOptions = field(default_factory=DataOptions)
+    #: a local tokenizer for the checkpoint (a folder or vocab.txt)
+    tokenizer: str | None = None
 
     def __post_init__(self):
         if not 0.0 < self.sparsity < 1.0:
             raise VLPruneError(f"--sparsity must be strictly between 0 and 1, not {self.sparsity}")
+        if self.tokenizer is not None and self.checkpoint is None:
+            raise VLPruneError("--tokenizer goes with --checkpoint (the world has its own)")
         if self.schedule not in SCHEDULES:
             known = ", ".join(SCHEDULES)
             raise VLPruneError(f"unknown --schedule {self.schedule!r}; choose from {known}")
@@ -71,8 +78,14 @@ class FindSettings:
             )
 
     def identity(self) -> dict[str, Any]:
-        """The settings as hashed into run names (see `TrainSettings.identity`)."""
-        return {**asdict(self), "train": self.train.identity()}
+        """The settings as hashed into run names (see `TrainSettings.identity`); settings added
+        later are left out while unset, so earlier runs keep their names."""
+        fields = {**asdict(self), "train": self.train.identity()}
+        fields["data_options"] = {k: v for k, v in fields["data_options"].items() if v is not None}
+        for later in ("data_options", "tokenizer"):
+            if not fields[later]:
+                del fields[later]
+        return fields
 
     @property
     def embedded(self) -> bool:
@@ -94,35 +107,73 @@ def world_data(task: str, seed: int = 0) -> Path:
 
 
 class Experiment:
-    """A task's data and the untrained model (θ0 and a seeded φ0) that every round starts from."""
+    """A task's data and the untrained model (θ0 and a seeded φ0) that every round starts from.
 
-    def __init__(self, settings: FindSettings):
+    The data is read and the first batch of each split collated before any weights are: a
+    data problem fails in seconds, before θ0 is built or a checkpoint read."""
+
+    def __init__(self, settings: FindSettings, log: Callable[[str], None] = lambda line: None):
         self.settings = settings
         backbone_class = registry.load("backbones", settings.backbone)
         task_class = registry.load("tasks", settings.task)
         task_class.check_backbone(backbone_class)  # before any data or θ0 is built
-        data = Path(settings.data) if settings.data else world_data(settings.task)
-        self.task = task_class(data)
-        train_split, eval_split = task_class.splits[:2]
-        self.train_examples = self.task.examples(train_split)
-        self.eval_examples = self.task.examples(eval_split)
-        if settings.checkpoint is not None:
-            backbone = backbone_class.build(settings.preset, settings.checkpoint)
-        elif settings.preset not in (None, "tiny"):
+        if settings.checkpoint is None and settings.preset not in (None, "tiny"):
             raise VLPruneError(
                 f"no pre-trained weights for {settings.backbone}-{settings.preset}: "
                 "pass --checkpoint (without one only the embedded tiny preset exists)"
             )
-        else:
+        data = Path(settings.data) if settings.data else world_data(settings.task)
+        self.task = task_class(data, settings.data_options)
+        train_split, eval_split = self.task.train_split, self.task.eval_split
+        self.train_examples = self.task.examples(train_split)
+        self.eval_examples = self.task.examples(eval_split)
+        inputs = self._inputs(backbone_class)
+        self._collate_first_batches(inputs)
+        log(
+            f"data: {settings.task} {train_split} ({len(self.train_examples):,} examples), "
+            f"scored on {eval_split} ({len(self.eval_examples):,}), from {data}"
+        )
+        if settings.checkpoint is None:
             backbone = backbone_class.embedded()
+        elif isinstance(inputs, Backbone):  # the plugin built it to tell its inputs
+            backbone = inputs
+        else:
+            backbone = backbone_class.build(settings.preset, settings.checkpoint)
+            if settings.tokenizer is not None:
+                backbone.use_tokenizer(settings.tokenizer)
         torch.manual_seed(settings.train.seed)  # φ0: the same head for every round
         # The head may grow the backbone (a second image type): build it before θ0 is read.
         self.template = VLModel(backbone, self.task.head(backbone))
+        if backbone.load_report is not None:
+            log(str(backbone.load_report))
         self.names = backbone.prunable_names()
         weights = current_weights(backbone, self.names)
         self.total = sum(w.numel() for w in weights.values())
         self.fingerprint = fingerprint(weights)
         self.data = data.resolve()
+
+    def _inputs(self, backbone_class: type[Backbone]) -> Inputs | Backbone:
+        """What collation needs of the backbone, before any weights: a checkpoint's shapes, or
+        for the world a fresh tiny backbone (θ0 is built later)."""
+        settings = self.settings
+        if settings.checkpoint is not None:
+            return backbone_class.inputs(settings.preset, settings.checkpoint, settings.tokenizer)
+        if "tiny" not in backbone_class.presets:
+            return backbone_class.embedded()  # which says what to pass instead
+        return backbone_class.inputs("tiny")
+
+    def _collate_first_batches(self, inputs: Inputs | Backbone) -> None:
+        """Collate the first batch of each split: annotation records, features, tokenizer and
+        their fit to the backbone are checked before anything expensive."""
+        train = self.settings.train
+        with torch.random.fork_rng(devices=[]):
+            for examples, size in (
+                (self.train_examples, train.batch_size),
+                (self.eval_examples, train.eval_batch_size),
+            ):
+                if not len(examples):
+                    raise VLPruneError(f"{self.task.data}: a split has no examples")
+                self.task.collate(list(examples[:size]), inputs)
 
     def fresh(self) -> VLModel:
         """A copy of the untrained model."""
@@ -192,7 +243,7 @@ class Lottery:
             settings = replace(settings, train=adversarial)
         self.settings, self.method = settings, method
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
-        self.experiment = Experiment(settings)
+        self.experiment = Experiment(settings, log)
         total = self.experiment.total
         if settings.schedule == "geometric":
             self.targets = geometric(total, settings.rate, settings.sparsity)
@@ -385,12 +436,13 @@ def train_ticket(
     quiet: bool = False,
     weights: str = "theta0",
     lora: Lora | None = None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
     `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
     another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
     frozen masked backbone instead of the backbone itself."""
-    return train_mask(Experiment(settings), ticket, force, quiet, weights, lora)
+    return train_mask(Experiment(settings, log), ticket, force, quiet, weights, lora)
 
 
 @dataclass(frozen=True)
@@ -486,11 +538,14 @@ def _baked(model: VLModel) -> dict[str, torch.Tensor]:
 
 
 def score_finetuned(
-    ticket: Ticket | None, weights: str | Path, settings: FindSettings, force: bool = False
+    ticket: Ticket | None,
+    weights: str | Path,
+    settings: FindSettings,
+    log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`), with the
     ticket's mask applied, on the evaluation split; no training."""
-    experiment = Experiment(settings)
+    experiment = Experiment(settings, log)
     model = experiment.fresh()
     if ticket is not None:
         apply_ticket(ticket, model, force=True)

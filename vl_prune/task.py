@@ -26,20 +26,49 @@ class TaskBatch:
     inputs: list[VLBatch]
     targets: torch.Tensor | dict[str, torch.Tensor]
 
-    def to(self, device: torch.device | str) -> TaskBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> TaskBatch:
+        """The batch in page-locked memory (DataLoader's `pin_memory`), for fast GPU copies."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, move) -> TaskBatch:
         targets = self.targets
         if isinstance(targets, dict):
-            targets = {key: value.to(device) for key, value in targets.items()}
+            targets = {key: move(value) for key, value in targets.items()}
         else:
-            targets = targets.to(device)
-        return TaskBatch([batch.to(device) for batch in self.inputs], targets)
+            targets = move(targets)
+        return TaskBatch([batch.map(move) for batch in self.inputs], targets)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a task reads its data folder (flags of find, evaluate and transfer); None leaves
+    the choice to the task: the folder's own split names, UNITER's text length."""
+
+    train_split: str | None = None
+    eval_split: str | None = None
+    #: the longest text in tokens, [CLS] and [SEP] included; longer texts are cut
+    max_text_len: int | None = None
+    #: the answers a classifier head chooses from: a JSON file {answer: index} (UNITER's and
+    #: LXMERT's ans2label.json) or a JSON list
+    answer_vocab: str | None = None
+
+    def __post_init__(self):
+        if self.max_text_len is not None and self.max_text_len < 3:
+            raise VLPruneError(
+                "--max-text-len must leave room for [CLS], a word and [SEP], "
+                f"not {self.max_text_len}"
+            )
 
 
 class Task:
     """Base class of task plugins.
 
-    `Task(data)` reads nothing yet; `examples(split)` reads and checks one split of the folder
-    `data`, laid out as the task's official release (a bad line is an error naming file:line).
+    `Task(data, options)` reads nothing yet; `examples(split)` reads and checks one split of the
+    folder `data`, laid out as the task's official release or as UNITER's txt_db + img_db (a
+    bad line is an error naming file:line, a bad database entry names the folder and key).
     """
 
     #: one line for `vlprune list tasks`
@@ -50,6 +79,8 @@ class Task:
     image_inputs: ClassVar[tuple[ImageInput, ...]] = ("regions", "pixels")
     #: split names, training split first, then the one scores are reported on
     splits: ClassVar[tuple[str, ...]] = ("train", "dev")
+    #: the longest text in tokens ([CLS] and [SEP] included): UNITER's max_txt_len
+    max_text_len: ClassVar[int] = 60
     #: fine-tuning settings (TrainSettings fields) for real data, e.g. the published ones,
     #: and for the embedded world; flags override them
     recipe: ClassVar[dict[str, Any]] = {}
@@ -57,10 +88,30 @@ class Task:
     #: changes whenever `write_world` writes something else: cached world splits are keyed by it
     world_version: ClassVar[int] = 0
 
-    def __init__(self, data: str | Path):
+    def __init__(self, data: str | Path, options: DataOptions | None = None):
         self.data = Path(data)
         if not self.data.is_dir():
             raise VLPruneError(f"{self.data}: no such data folder")
+        self.options = options or DataOptions()
+
+    @property
+    def text_length(self) -> int:
+        """The longest text fed to the backbone, in tokens."""
+        return self.options.max_text_len or self.max_text_len
+
+    def default_splits(self) -> tuple[str, str]:
+        """The training split and the evaluation split when none is given: the first two of
+        `splits`. Tasks whose split names depend on the folder's layout (VQA's `train2014` or
+        UNITER's `train+trainval` txt_dbs) look at it."""
+        return self.splits[0], self.splits[1]
+
+    @property
+    def train_split(self) -> str:
+        return self.options.train_split or self.default_splits()[0]
+
+    @property
+    def eval_split(self) -> str:
+        return self.options.eval_split or self.default_splits()[1]
 
     @classmethod
     def write_world(cls, out: Path, seed: int = 0) -> None:

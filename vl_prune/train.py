@@ -13,13 +13,14 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
+from vl_prune.data.loader import batches
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.task import Task, TaskBatch, VLModel
@@ -42,10 +43,17 @@ class TrainSettings:
     mixed_precision: str = "no"
     #: fine-tune adversarially (VILLA) with these settings; None: plain fine-tuning
     adversarial: AdversarialSettings | None = None
+    #: DataLoader worker processes (None: `vl_prune.data.loader.default_workers`); results do
+    #: not depend on it, so it is no part of a run's identity
+    num_workers: int | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise VLPruneError("steps, batch size and gradient accumulation must be at least 1")
+        if self.seed < 0:
+            raise VLPruneError(f"--seed must be 0 or more, not {self.seed}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise VLPruneError(f"--num-workers must be 0 or more, not {self.num_workers}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise VLPruneError(
                 f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision}"
@@ -57,7 +65,14 @@ class TrainSettings:
         fields = asdict(self)
         if self.adversarial is None:
             del fields["adversarial"]
+        del fields["num_workers"]
         return fields
+
+    @property
+    def workers(self) -> int:
+        from vl_prune.data.loader import default_workers
+
+        return default_workers() if self.num_workers is None else self.num_workers
 
 
 def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
@@ -81,18 +96,8 @@ def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
     )
 
 
-def _loader(task: Task, backbone: Any, examples: list, size: int, seed: int | None) -> DataLoader:
-    """Batches of collated examples; shuffled by `seed` (one fixed order per seed), or in order."""
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        examples,
-        batch_size=size,
-        shuffle=seed is not None,
-        generator=generator,
-        collate_fn=lambda chunk: task.collate(chunk, backbone),
-    )
+def _collate(task: Task, backbone: Any, examples: list) -> TaskBatch:
+    return task.collate(examples, backbone)
 
 
 def _progress(total: int, description: str, quiet: bool):
@@ -183,6 +188,15 @@ def fit(
             accelerator.load_state(str(saved))
             step = int(saved.name.removeprefix(STEP))
     backbone = accelerator.unwrap_model(model).backbone
+    loader, order = batches(
+        examples,
+        partial(_collate, task, backbone),
+        settings.batch_size,
+        settings.seed,
+        shuffle=True,
+        workers=settings.workers,
+    )
+    loader = accelerator.prepare(loader)
     model.train()
     losses: list[float] = []
     bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
@@ -193,12 +207,11 @@ def fit(
             # One fixed order per epoch, so a resumed run sees the batches the first run would.
             epoch_steps = math.ceil(_batches(len(examples), settings, accelerator) / accumulation)
             epoch, done = divmod(step, epoch_steps)
-            loader = accelerator.prepare(
-                _loader(task, backbone, examples, settings.batch_size, settings.seed + epoch)
-            )
+            order.start(epoch)
+            epoch_batches = loader
             if done:
-                loader = accelerator.skip_first_batches(loader, done * accumulation)
-            for batch in loader:
+                epoch_batches = accelerator.skip_first_batches(loader, done * accumulation)
+            for batch in epoch_batches:
                 with accelerator.accumulate(model):
                     loss = _backward(model, task, batch, settings, accelerator)
                     if not math.isfinite(loss.item()):
@@ -280,7 +293,15 @@ def evaluate(
 
 def _evaluate(model, task, examples, settings, accelerator) -> float:
     backbone = accelerator.unwrap_model(model).backbone
-    loader = accelerator.prepare(_loader(task, backbone, examples, settings.eval_batch_size, None))
+    loader, _ = batches(
+        examples,
+        partial(_collate, task, backbone),
+        settings.eval_batch_size,
+        settings.seed,
+        shuffle=False,
+        workers=settings.workers,
+    )
+    loader = accelerator.prepare(loader)
     model.eval()
     predictions, targets = [], []
     batch: TaskBatch

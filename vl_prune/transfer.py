@@ -57,10 +57,11 @@ class Transfer:
         runs: str | Path = "runs",
         quiet: bool = False,
         lora: int | None = None,
+        log: Callable[[str], None] = lambda line: None,
     ):
         if lora is not None and lora < 1:
             raise VLPruneError(f"--lora must be a rank of at least 1, not {lora}")
-        self.experiment = Experiment(settings)
+        self.experiment = Experiment(settings, log)
         self.folder = Path(runs) / "transfer"
         self.quiet = quiet
         #: train LoRA adapters of this rank over each masked backbone (the dense model

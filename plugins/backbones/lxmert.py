@@ -77,7 +77,9 @@ class Lxmert(Backbone):
         self.lxmert = model if model is not None else LxmertModel(preset_config(self.preset))
         self.hidden_size = self.lxmert.config.hidden_size
         self.img_dim = self.lxmert.config.visual_feat_dim
-        self._tokenizer = tiny_tokenizer() if self.preset == "tiny" else None
+        self.vocab_size = self.lxmert.config.vocab_size
+        # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
+        self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
         self._source = source
         # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
         self.train()
@@ -91,6 +93,10 @@ class Lxmert(Backbone):
 
             self._tokenizer = from_source(LxmertTokenizerFast.from_pretrained, self._source)
         return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
 
     @classmethod
     def embedded(cls) -> Lxmert:

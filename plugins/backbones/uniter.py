@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from transformers.models.bert.modeling_bert import BertLayer, BertPooler
 
 from vl_prune.backbone import (
     Backbone,
+    Inputs,
     LoadReport,
     VLBatch,
     VLOutput,
@@ -27,6 +29,7 @@ from vl_prune.backbone import (
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_hub
+from vl_prune.tokenizers import beside, local_tokenizer
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 from vl_prune_plugins.world.vocabulary import words
 
@@ -67,6 +70,11 @@ PRESETS = {
 }
 TOKENIZER = "bert-base-cased"
 _PREFIX = "uniter."
+#: buffers that some conversions of UNITER's checkpoints carry (transformers' BERT keeps its
+#: position ids as one): nothing to load, the model computes them
+HARMLESS = ("embeddings.position_ids", "embeddings.token_type_ids")
+#: how many missing keys an error lists
+LISTED = 10
 
 
 class TextEmbeddings(nn.Module):
@@ -137,12 +145,14 @@ class Uniter(Backbone):
     )
     presets = ("tiny", "base", "large")
     image_input = "regions"
+    lowercase = False  # bert-base-cased
 
     def __init__(self, preset: str = "tiny", **overrides: int):
         super().__init__()
         settings = {**PRESETS[self.check_preset(preset)], **overrides}
         self.preset = preset
         self.img_dim = settings.pop("img_dim")
+        self.vocab_size = settings["vocab_size"]
         config = BertConfig(**settings, **_BERT, layer_norm_eps=1e-12)
         config._attn_implementation = "sdpa"
         self.hidden_size = config.hidden_size
@@ -151,16 +161,45 @@ class Uniter(Backbone):
         self.encoder = Encoder(config)
         self.pooler = BertPooler(config)
         self.apply(_init_weights)
-        self._tokenizer = tiny_tokenizer() if preset == "tiny" else None
+        self._tokenizer = None
+        #: a tokenizer folder found beside the checkpoint (set by `build`)
+        self.tokenizer_files: Path | None = None
 
     @property
     def tokenizer(self):
-        """The world's word-level tokenizer (tiny), or bert-base-cased loaded on first use."""
+        """The world's word-level tokenizer if the vocabulary is the world's (the tiny preset),
+        else bert-base-cased, loaded on first use: from `use_tokenizer`'s path, a tokenizer
+        kept beside the checkpoint, or the hub."""
         if self._tokenizer is None:
-            from transformers import BertTokenizerFast
-
-            self._tokenizer = from_hub(BertTokenizerFast.from_pretrained, TOKENIZER)
+            self._tokenizer = default_tokenizer(self.vocab_size, self.tokenizer_files)
         return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def inputs(
+        cls,
+        preset: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ) -> Inputs:
+        """The architecture's input needs, from the checkpoint's tensor shapes alone."""
+        if checkpoint is None:
+            preset = cls.check_preset(preset)
+            settings = PRESETS[preset]
+        else:
+            state, _ = read_checkpoint(checkpoint, shapes_only=True)
+            preset, overrides = _architecture(state, preset)
+            settings = {**PRESETS[preset], **overrides}
+        vocab = settings["vocab_size"]
+        if tokenizer is not None:
+            load = partial(local_tokenizer, tokenizer, cls.lowercase)
+        else:
+            files = beside(checkpoint) if checkpoint is not None else None
+            load = partial(default_tokenizer, vocab, files)
+        return Inputs(f"uniter-{preset}", "regions", load, settings["img_dim"], vocab)
 
     @classmethod
     def embedded(cls) -> Uniter:
@@ -172,20 +211,17 @@ class Uniter(Backbone):
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
         if checkpoint is None:
             return cls(cls.check_preset(preset))
-        state, ignored = read_checkpoint(checkpoint)
-        if preset is None:
-            preset, overrides = _closest_preset(state), _settings_from_state(state)
-            if PRESETS[preset]["hidden_size"] != overrides["hidden_size"]:
-                overrides["num_attention_heads"] = max(1, overrides["hidden_size"] // 64)
-        else:
-            overrides = {"type_vocab_size": _shape(state, "embeddings.token_type_embeddings")[0]}
-        model = cls(cls.check_preset(preset), **overrides)
+        state, report = read_checkpoint(checkpoint)
+        preset, overrides = _architecture(state, preset)
+        model = cls(preset, **overrides)
         model.load_backbone_state(state, source=str(checkpoint))
-        model.load_report = LoadReport(str(checkpoint), ignored)
+        model.load_report = report
+        model.tokenizer_files = beside(checkpoint)
         return model
 
     def load_backbone_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load backbone weights (keys without the `uniter.` prefix); any gap is an error."""
+        """Load backbone weights (keys without the `uniter.` prefix); any gap is an error that
+        lists what is missing."""
         own = self.state_dict()
         for key, value in state.items():
             if key not in own:
@@ -198,7 +234,12 @@ class Uniter(Backbone):
                     f"uniter-{self.preset} expects {tuple(own[key].shape)}"
                 )
         if missing := sorted(own.keys() - state.keys()):
-            raise VLPruneError(f"{source}: backbone key {_PREFIX}{missing[0]} is missing")
+            listed = ", ".join(_PREFIX + key for key in missing[:LISTED])
+            more = f", … ({len(missing) - LISTED} more)" if len(missing) > LISTED else ""
+            raise VLPruneError(
+                f"{source}: {len(missing)} backbone key{'s are' if len(missing) > 1 else ' is'} "
+                f"missing: {listed}{more}"
+            )
         self.load_state_dict(state)
 
     def forward(self, batch: VLBatch, text_delta=None, image_delta=None) -> VLOutput:
@@ -245,11 +286,36 @@ class Uniter(Backbone):
         pairs.append((self.pooler.dense, "weight"))
         return pairs
 
+    def ensure_vocabulary(self, count: int) -> None:
+        """Room for `count` word ids (UNITER's VCR fine-tuning adds 81 person words)."""
+        words = self.embeddings.word_embeddings
+        if count <= words.num_embeddings:
+            return
+        self.embeddings.word_embeddings = _grown(words, count)
+        self.vocab_size = count
+        if self.load_report is not None:
+            self.load_report.grown.append(f"word embeddings {words.num_embeddings} → {count} rows")
+
     def ensure_image_types(self, count: int) -> None:
         """Room for `count` image token types (NLVR2's paired model uses 2), new ones copied from
         the first image type, as UNITER's fine-tuning does."""
         types = self.embeddings.token_type_embeddings
         self.embeddings.token_type_embeddings = with_image_types(types, count)
+        grown = self.embeddings.token_type_embeddings.num_embeddings
+        if grown != types.num_embeddings and self.load_report is not None:
+            self.load_report.grown.append(
+                f"token type embeddings {types.num_embeddings} → {grown} rows"
+            )
+
+
+def _grown(embedding: nn.Embedding, count: int) -> nn.Embedding:
+    """`embedding` with `count` rows, the new ones drawn as UNITER initialises them."""
+    grown = nn.Embedding(count, embedding.embedding_dim, padding_idx=embedding.padding_idx)
+    grown.to(embedding.weight.device, embedding.weight.dtype)
+    _init_weights(grown)
+    with torch.no_grad():
+        grown.weight[: embedding.num_embeddings] = embedding.weight
+    return grown
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -262,9 +328,28 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+def default_tokenizer(vocab_size: int, files: Path | None):
+    """The world's tokenizer for the world's vocabulary; else bert-base-cased, from `files`
+    (a tokenizer kept beside the checkpoint) or the hub."""
+    if vocab_size == len(words()):
+        return tiny_tokenizer()
+    if files is not None:
+        return local_tokenizer(files, lowercase=False)
+    from transformers import BertTokenizerFast
+
+    return from_hub(
+        BertTokenizerFast.from_pretrained,
+        TOKENIZER,
+        hint=f"pass --tokenizer with {TOKENIZER}'s folder or vocab.txt",
+    )
+
+
+def read_checkpoint(
+    checkpoint: str | os.PathLike, shapes_only: bool = False
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Backbone tensors of an original UNITER checkpoint (keys without `uniter.`, LayerNorm
-    gamma/beta renamed), and the keys left out (task and pre-training heads)."""
+    gamma/beta renamed) and the report of what was left out or renamed: task and pre-training
+    heads ignored, buffers such as `position_ids` accepted. `shapes_only`: meta tensors."""
     if not is_local(checkpoint):
         raise VLPruneError(
             f"UNITER weights are files, not hub ids: pass the path of uniter-base.pt "
@@ -273,30 +358,62 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tens
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise VLPruneError(f"{path}: no such checkpoint file")
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, shapes_only)
+    report = LoadReport(str(checkpoint))
+    parallel = sum(key.startswith("module.") for key in raw)
+    if parallel:
+        report.converted.append(f"{parallel} 'module.' prefixes (DataParallel) dropped")
+    raw = {key.removeprefix("module."): value for key, value in raw.items()}
     # The original checkpoints prefix backbone keys with `uniter.`; a bare backbone state dict
     # (as vl_prune itself saves θ0) has none.
     prefix = "" if "embeddings.word_embeddings.weight" in raw else _PREFIX
-    state, ignored = {}, []
+    state, renamed = {}, 0
     for key, value in raw.items():
-        key = key.removeprefix("module.")
         if not key.startswith(prefix):
-            ignored.append(key)
+            report.ignored.append(key)
             continue
-        key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key[len(prefix) :]))
-        state[key] = value
+        key = key[len(prefix) :]
+        if key in HARMLESS:
+            report.accepted.append(_PREFIX + key)
+            continue
+        plain = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
+        renamed += plain != key
+        state[plain] = value
+    if renamed:
+        report.converted.append(f"{renamed} LayerNorm gamma/beta → weight/bias")
     if not state or "embeddings.word_embeddings.weight" not in state:
         raise VLPruneError(f"{path}: no {_PREFIX}embeddings: not a UNITER checkpoint")
-    return state, ignored
+    return state, report
 
 
-def _shape(state: dict[str, torch.Tensor], module: str) -> torch.Size:
-    return state[f"{module}.weight"].shape
+def _architecture(state: dict[str, torch.Tensor], preset: str | None) -> tuple[str, dict]:
+    """The preset to build and the settings to change in it for a checkpoint: its own shapes
+    when no preset is given (named after the preset of its width), else the preset's, whose
+    shapes the checkpoint must then fit (only the token types may have grown)."""
+    if preset is not None:
+        preset = Uniter.check_preset(preset)
+        return preset, {"type_vocab_size": _shape(state, "embeddings.token_type_embeddings")[0]}
+    preset, overrides = _closest_preset(state), _settings_from_state(state)
+    if PRESETS[preset]["hidden_size"] != overrides["hidden_size"]:
+        overrides["num_attention_heads"] = max(1, overrides["hidden_size"] // 64)
+    return preset, overrides
+
+
+def _shape(state: dict[str, torch.Tensor], module: str, dims: int = 2) -> torch.Size:
+    """The shape of `<module>.weight`, which must exist with `dims` dimensions."""
+    weight = state.get(f"{module}.weight")
+    if weight is None or weight.dim() != dims:
+        found = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
+        raise VLPruneError(f"the checkpoint's {_PREFIX}{module}.weight is {found}")
+    return weight.shape
 
 
 def _settings_from_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
     vocab, hidden = _shape(state, "embeddings.word_embeddings")
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    numbers = {int(k.split(".")[2]) for k in state if re.match(r"encoder\.layer\.\d+\.", k)}
+    if not numbers:
+        raise VLPruneError(f"the checkpoint has no {_PREFIX}encoder.layer.* keys")
+    layers = 1 + max(numbers)
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,

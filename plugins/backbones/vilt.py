@@ -74,7 +74,9 @@ class Vilt(Backbone):
         self.preset = self.check_preset(preset)
         self.vilt = model if model is not None else ViltModel(preset_config(self.preset))
         self.hidden_size = self.vilt.config.hidden_size
-        self._tokenizer = tiny_tokenizer() if self.preset == "tiny" else None
+        self.vocab_size = self.vilt.config.vocab_size
+        # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
+        self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
         self._image_processor = _tiny_image_processor() if self.preset == "tiny" else None
         self._source = source
         # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
@@ -89,6 +91,10 @@ class Vilt(Backbone):
 
             self._tokenizer = from_source(BertTokenizerFast.from_pretrained, self._source)
         return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
 
     @property
     def image_processor(self):

@@ -8,10 +8,14 @@ A split is read from one of two files in the data folder, the first that exists:
   {answer: score}, "question_id": "…"}]`, whose gold answer is the label with the highest score.
 
 So `task.examples("testdev")` reads `testdev_balanced_questions.json`, or else `testdev.json`.
-Images are `images/<imageId>.png` and region features `features/<imageId>.npz`. Splits without
-answers (`test`, `submission`) cannot be read. The world writes the release's layout, splits
+Images are `images/<imageId>.png`, region features `features/<imageId>.npz` or a UNITER img_db
+(keys `gqa_<imageId>.npz`, as UNITER's authors' fuller prepro names them). Their prepro also
+writes GQA txt_dbs (`txt_db/gqa_<split>.db`: each question's record with its `answer`, plus
+`input_ids` and `img_fname`), which are read too. Splits without answers (`test`,
+`submission`) cannot be read. The world writes the release's layout, splits
 `train` and `testdev` (the split GQA results are reported on). The head is UNITER's VQA head
-over the answers of the training split, trained with cross-entropy: a GQA question has exactly
+over the answers of the training split (or `--answer-vocab`, e.g. LXMERT's
+`trainval_ans2label.json`), trained with cross-entropy: a GQA question has exactly
 one gold answer (LXMERT's labels all score it 1.0), so a softmax over answers fits the metric,
 accuracy of the argmax, better than VQA's per-answer soft scores.
 """
@@ -29,11 +33,13 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
-from vl_prune.task import Task, TaskBatch
+from vl_prune.task import DataOptions, Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_file, write_json
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
-from vl_prune_plugins.tasks.vqa import VqaHead
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.vqa import VqaHead, read_answer_vocab
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
 from vl_prune_plugins.world.vocabulary import plural
@@ -47,12 +53,22 @@ IGNORE = -100  # the target of an answer outside the training vocabulary: no los
 APART = 0.15
 
 
+#: txt_db names of UNITER's authors' prepro: txt_db/gqa_<split>.db
+TXT_DB = "gqa"
+
+
 @dataclass(frozen=True)
 class GqaExample:
     question_id: str
-    question: str
+    question: str | TokenIds
     image: str
     answer: str
+
+
+def db_keys(image: str) -> list[str]:
+    """The img_db key of a GQA image: `gqa_n161313.npz`; Visual Genome numbers zero-padded,
+    `gqa_000000002354.npz`."""
+    return [f"gqa_{int(image):012}.npz" if image.isdigit() else f"gqa_{image}.npz"]
 
 
 class Gqa(Task):
@@ -67,13 +83,22 @@ class Gqa(Task):
     recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
     world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
-    def __init__(self, data: str | Path):
-        super().__init__(data)
-        #: the answer vocabulary, sorted: class i of the head is answers[i]; set by reading the
-        #: training split (`splits[0]`), which `head` and `collate` do if nobody has yet
+    def __init__(self, data: str | Path, options: DataOptions | None = None):
+        super().__init__(data, options)
+        #: the answer vocabulary: class i of the head is answers[i]; --answer-vocab's, or those
+        #: of the training split, sorted, read by `head` and `collate` if nobody has yet
         self.answers: list[str] | None = None
+        if self.options.answer_vocab is not None:
+            self.answers = read_answer_vocab(Path(self.options.answer_vocab))
 
-    def examples(self, split: str) -> list[GqaExample]:
+    def examples(self, split: str) -> list[GqaExample] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split)
+        if dbs is not None:
+            check_images(dbs, ImageStore(self.data, db_keys))
+            examples = TxtDbExamples(dbs, _from_txt_db)
+            if split == self.train_split and self.answers is None:
+                self.answers = sorted({e.answer for e in examples})
+            return examples
         official = self.data / f"{split}_balanced_questions.json"
         lxmert = self.data / f"{split}.json"
         if official.is_file():
@@ -85,21 +110,21 @@ class Gqa(Task):
                 f"{self.data}: split {split!r} has neither {official.name} (GQA's release) "
                 f"nor {lxmert.name} (LXMERT's GQA)"
             )
-        store = ImageStore(self.data)
+        store = ImageStore(self.data, db_keys)
         out = []
         for where, example in records:
             store.require(example.image, where)
             out.append(example)
         if not out:
             raise VLPruneError(f"{path}: no questions")
-        if split == self.splits[0]:
+        if split == self.train_split and self.answers is None:
             self.answers = sorted({e.answer for e in out})
         return out
 
     def vocabulary(self) -> list[str]:
         """The answers the head chooses from, reading the training split if not done yet."""
         if self.answers is None:
-            self.examples(self.splits[0])
+            self.examples(self.train_split)
         return self.answers
 
     @classmethod
@@ -138,7 +163,8 @@ class Gqa(Task):
             [e.question for e in examples],
             [e.image for e in examples],
             backbone,
-            ImageStore(self.data),
+            ImageStore(self.data, db_keys),
+            max_length=self.text_length,
         )
         targets = torch.tensor([columns.get(e.answer, IGNORE) for e in examples])
         return TaskBatch([batch], targets)
@@ -197,6 +223,17 @@ def _lxmert_questions(path: Path) -> list[tuple[str, GqaExample]]:
         image = field(record, "img_id", str, where)
         out.append((where, GqaExample(question_id, field(record, "sent", str, where), image, gold)))
     return out
+
+
+def _from_txt_db(db: TxtDb, key: str, record: dict) -> GqaExample:
+    """A question of a GQA txt_db: its release record (`answer`) with `input_ids` and
+    `img_fname`."""
+    where = f"{db.path}: key {key!r}"
+    answer = record.get("answer")
+    if not isinstance(answer, str):
+        raise VLPruneError(f"{where}: no 'answer' (an unlabelled split?)")
+    (image,) = image_names(record, 1, where)
+    return GqaExample(key, db.with_specials(record["input_ids"]), image, answer)
 
 
 def _image_id(split: str, index: int) -> str:

@@ -5,6 +5,7 @@ one split's images with their captions, checked, and the entries the world write
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,33 @@ def dataset_file(data: Path) -> Path:
     return files[0]
 
 
+def db_keys(stem: str) -> list[str]:
+    """UNITER's img_db key of a Karpathy image: Flickr30k's `1000092795.jpg` is
+    `flickr30k_001000092795.npz`, COCO's `COCO_val2014_000000391895.jpg`
+    `coco_val2014_000000391895.npz`."""
+    if stem.isdigit():
+        return [f"flickr30k_{int(stem):012}.npz"]
+    return [f"{stem.lower()}.npz"] if stem.startswith("COCO_") else []
+
+
+def split_names(data: Path) -> set[str]:
+    """The splits the folder's Karpathy file has (train, val, test, restval)."""
+    path = dataset_file(data)
+    return {
+        field(record, "split", str, f"{path}: images[{i}]")
+        for i, record in enumerate(_images(path))
+    }
+
+
 def read_split(data: Path, split: str, reads: tuple[str, ...] = ()) -> list[KarpathyImage]:
     """The images of `split` (or of the Karpathy splits `reads`, e.g. train and restval) in file
     order, each listed once, present in the folder, with non-empty captions."""
     path = dataset_file(data)
-    content = json_file(path)
-    if not isinstance(content, dict):
-        raise VLPruneError(f"{path}: expected a JSON object with 'images'")
     wanted = reads or (split,)
-    store = ImageStore(data)
+    store = ImageStore(data, db_keys)
     images: list[KarpathyImage] = []
     seen: set[str] = set()
-    for i, record in enumerate(field(content, "images", list, str(path))):
+    for i, record in enumerate(_images(path)):
         where = f"{path}: images[{i}]"
         if field(record, "split", str, where) not in wanted:
             continue
@@ -62,6 +78,20 @@ def read_split(data: Path, split: str, reads: tuple[str, ...] = ()) -> list[Karp
     if not any(image.captions for image in images):
         raise VLPruneError(f"{path}: no captions in split {split!r}")
     return images
+
+
+def _images(path: Path) -> list[Any]:
+    """The file's `images` list, read once per process (COCO's file is 150 MB)."""
+    stat = path.stat()
+    return _read_images(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=1)
+def _read_images(path: Path, mtime: int, size: int) -> list[Any]:
+    content = json_file(path)
+    if not isinstance(content, dict):
+        raise VLPruneError(f"{path}: expected a JSON object with 'images'")
+    return field(content, "images", list, str(path))
 
 
 def karpathy_image(

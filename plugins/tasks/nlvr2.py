@@ -2,9 +2,10 @@
 
 Reads the official release's JSON lines (`train.json`, `dev.json`, `test1.json`: `identifier`
 `split-set-pair-sentence`, `sentence`, `label` "True"/"False", …) with images
-`<split>-<set>-<pair>-img0/img1` as `images/*.png` and region features `features/*.npz`.
-The head is UNITER's paired model: the sentence is encoded with each image, and the two pooled
-vectors go through an MLP to two classes.
+`<split>-<set>-<pair>-img0/img1` as `images/*.png`, region features `features/*.npz` or a UNITER
+img_db (keys `nlvr2_<image>.npz`); or UNITER's release: `txt_db/nlvr2_<split>.db` with
+`img_db/nlvr2_<split>/`. The head is UNITER's paired model: the sentence is encoded with each
+image, and the two pooled vectors go through an MLP to two classes.
 """
 
 from __future__ import annotations
@@ -18,25 +19,32 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 LABELS = {"False": 0, "True": 1}
 WORLD_SIZES = {"train": 2000, "dev": 500}
-# UNITER keys NLVR2 region features as nlvr2_<split>-<set>-<pair>-img0.npz.
-KEY_PREFIX = "nlvr2_"
+#: UNITER's txt_db names: txt_db/nlvr2_<split>.db
+TXT_DB = "nlvr2"
 
 
 @dataclass(frozen=True)
 class Nlvr2Example:
     identifier: str
-    sentence: str
+    sentence: str | TokenIds
     label: int
     left: str
     right: str
+
+
+def db_keys(image: str) -> list[str]:
+    """UNITER keys NLVR2's region features by the feature file name, nlvr2_<image>.npz."""
+    return [f"nlvr2_{image}.npz"]
 
 
 class PairedHead(nn.Module):
@@ -72,9 +80,13 @@ class Nlvr2(Task):
     }
     world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
-    def examples(self, split: str) -> list[Nlvr2Example]:
+    def examples(self, split: str) -> list[Nlvr2Example] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split)
+        if dbs is not None:
+            check_images(dbs, self._store())
+            return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"{split}.json"
-        store = ImageStore(self.data, key_prefix=KEY_PREFIX)
+        store = self._store()
         out = []
         for where, record in json_lines(path):
             identifier = field(record, "identifier", str, where)
@@ -129,15 +141,19 @@ class Nlvr2(Task):
         return PairedHead(backbone.hidden_size)
 
     def collate(self, examples: list[Nlvr2Example], backbone: Backbone) -> TaskBatch:
-        store = ImageStore(self.data, key_prefix=KEY_PREFIX)
+        store = self._store()
         texts = [e.sentence for e in examples]
+        length = self.text_length
         return TaskBatch(
             [
-                encode(texts, [e.left for e in examples], backbone, store, image_type=1),
-                encode(texts, [e.right for e in examples], backbone, store, image_type=2),
+                encode(texts, [e.left for e in examples], backbone, store, 1, max_length=length),
+                encode(texts, [e.right for e in examples], backbone, store, 2, max_length=length),
             ],
             torch.tensor([e.label for e in examples]),
         )
+
+    def _store(self) -> ImageStore:
+        return ImageStore(self.data, db_keys)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, targets)
@@ -147,6 +163,17 @@ class Nlvr2(Task):
 
     def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
         return (predictions == targets).float().mean().item()
+
+
+def _from_txt_db(db: TxtDb, key: str, record: dict) -> Nlvr2Example:
+    """An example of UNITER's NLVR2 txt_db: `input_ids`, `img_fname` (the pair's img_db keys)
+    and `target` (1 if the statement is true)."""
+    where = f"{db.path}: key {key!r}"
+    label = record.get("target")
+    if label not in (0, 1):
+        raise VLPruneError(f"{where}: 'target' is {label!r}, not 0 or 1 (an unlabelled split?)")
+    left, right = image_names(record, 2, where)
+    return Nlvr2Example(key, db.with_specials(record["input_ids"]), label, left, right)
 
 
 def _record(pair: str, sentence: str, label: bool) -> dict:

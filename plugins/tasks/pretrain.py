@@ -1,9 +1,12 @@
 """Pre-training objectives on image–caption pairs: MLM, ITM and (region backbones) MRFR.
 
 Captions come in the Karpathy split json (`dataset_<name>.json`: `images[*].filename`,
-`sentences[*].raw`, `split`), with images as `images/<stem>.png` and region features as
-`features/<stem>.npz`. Used to pre-train each backbone's tiny preset on the embedded world (a
-real θ0, cached) and to find task-agnostic tickets.
+`sentences[*].raw`, `split`; "restval" images train with "train"), with images as
+`images/<stem>.png` and region features as `features/<stem>.npz` or a UNITER img_db; or as
+UNITER's pre-training txt_dbs (`txt_db/pretrain_coco_train.db`, `…_restval.db`, `…_val.db`,
+`pretrain_vg_train.db`: split names `coco_train+coco_restval+vg_train` and `coco_val`) with
+`img_db/coco_train2014/`, `coco_val2014/`, `vg/`. Used to pre-train each backbone's tiny preset
+on the embedded world (a real θ0, cached) and to find task-agnostic tickets.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
-from vl_prune.task import Task, TaskBatch, VLModel, symmetric_kl
+from vl_prune.data.loader import COLLATION
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, Vocabulary, has_dbs, locate, split_dbs
+from vl_prune.errors import VLPruneError
+from vl_prune.task import DataOptions, Task, TaskBatch, VLModel, symmetric_kl
 from vl_prune.train import OPTIMIZER, TrainSettings
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
-from vl_prune_plugins.tasks.karpathy import karpathy_image, read_split
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.karpathy import db_keys, karpathy_image, read_split, split_names
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.vocabulary import words
 
@@ -29,11 +36,16 @@ WORLD_SIZES = {"train": 3000, "dev": 500}
 THETA0 = TrainSettings(steps=400, batch_size=32, lr=1e-3, seed=0)
 MASK_RATE = 0.15
 IGNORE = -100
+#: UNITER's pre-training txt_dbs (txt_db/pretrain_<part>.db): what trains, what scores
+TXT_DB = "pretrain"
+TXT_DB_TRAIN, TXT_DB_EVAL = ("coco_train", "coco_restval", "vg_train"), "coco_val"
+#: Karpathy's "restval" images train with "train"
+READS = {"train": ("train", "restval")}
 
 
 @dataclass(frozen=True)
 class Caption:
-    text: str
+    text: str | TokenIds
     image: str
 
 
@@ -49,7 +61,7 @@ class PretrainHead(nn.Module):
                 nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, out)
             )
 
-        self.mlm = transform(len(backbone.tokenizer))
+        self.mlm = transform(backbone.vocab_size or len(backbone.tokenizer))
         self.itm = nn.Linear(hidden, 2)
         self.mrfr = transform(backbone.img_dim) if backbone.image_input == "regions" else None
 
@@ -75,14 +87,32 @@ class Pretrain(Task):
         "batch_size": THETA0.batch_size,
     }
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, data: str | Path, options: DataOptions | None = None):
+        super().__init__(data, options)
         # image → every caption read for it: a pair is matched when its caption is among them.
         self.captions_of: dict[str, set[str]] = {}
+        #: the txt_dbs' tokenizer ([MASK], special and word ids), when texts come from them
+        self.text_vocabulary: Vocabulary | None = None
 
-    def examples(self, split: str) -> list[Caption]:
+    def default_splits(self) -> tuple[str, str]:
+        """UNITER's txt_dbs (`coco_train+coco_restval+vg_train` as far as present,
+        `coco_val`), else the Karpathy file's `train` and `val` (the world's `dev`)."""
+        if has_dbs(self.data, TXT_DB):
+            present = [p for p in TXT_DB_TRAIN if locate(self.data, f"{TXT_DB}_{p}.db")]
+            return "+".join(present) or TXT_DB_TRAIN[0], TXT_DB_EVAL
+        return "train", "val" if "val" in split_names(self.data) else "dev"
+
+    def examples(self, split: str) -> list[Caption] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split)
+        if dbs is not None:
+            check_images(dbs, ImageStore(self.data, db_keys))
+            for db in dbs:
+                if self.text_vocabulary not in (None, db.vocabulary):
+                    raise VLPruneError(f"{db.path}: tokenised unlike the other txt_dbs")
+                self.text_vocabulary = db.vocabulary
+            return TxtDbExamples(dbs, _from_txt_db)
         out = []
-        for image in read_split(self.data, split):
+        for image in read_split(self.data, split, READS.get(split, ())):
             out += [Caption(text, image.stem) for text in image.captions]
             self.captions_of.setdefault(image.stem, set()).update(image.captions)
         return out
@@ -129,8 +159,11 @@ class Pretrain(Task):
         matched = torch.tensor(
             [self._true_of(e, image) for e, image in zip(examples, images, strict=True)]
         )
-        batch = encode([e.text for e in examples], images, backbone, ImageStore(self.data))
-        labels = _mask_tokens(batch, backbone.tokenizer)
+        store = ImageStore(self.data, db_keys)
+        batch = encode(
+            [e.text for e in examples], images, backbone, store, max_length=self.text_length
+        )
+        labels = _mask_tokens(batch, *self._mlm_ids(examples[0], backbone))
         labels[~matched] = IGNORE  # words of a wrong caption cannot be read off the image
         targets = {"mlm": labels, "itm": matched.long()}
         if backbone.image_input == "regions":
@@ -140,6 +173,15 @@ class Pretrain(Task):
             batch.masked_regions = masked
             batch.region_feats = batch.region_feats.masked_fill(masked.unsqueeze(-1), 0)
         return TaskBatch([batch], targets)
+
+    def _mlm_ids(self, example: Caption, backbone: Backbone) -> tuple[list[int], int, range]:
+        """The special ids never masked, the [MASK] id, and the ids random words come from:
+        the txt_dbs' for texts from them, else the tokenizer's."""
+        vocabulary = self.text_vocabulary
+        if not isinstance(example.text, str) and vocabulary is not None:
+            return [vocabulary.cls, vocabulary.sep], vocabulary.mask, range(*vocabulary.words)
+        tokenizer = backbone.tokenizer
+        return tokenizer.all_special_ids, tokenizer.mask_token_id, range(len(tokenizer))
 
     def _true_of(self, example: Caption, image: str) -> bool:
         """Whether the caption is true of the image: its own, or one of the image's captions."""
@@ -174,24 +216,28 @@ class Pretrain(Task):
         return ((mlm.nan_to_num(0.0) + itm) / 2).item()
 
 
-def _mask_tokens(batch: VLBatch, tokenizer) -> torch.Tensor:
-    """BERT's masking: 15% of real tokens are predicted; of those 80% become [MASK], 10% a
-    random word, 10% stay. Returns the labels (IGNORE elsewhere) and edits input_ids in place."""
+def _mask_tokens(batch: VLBatch, special: list[int], mask: int, words: range) -> torch.Tensor:
+    """BERT's masking: 15% of real tokens (not `special`, not padding) are predicted; of those
+    80% become [MASK] (`mask`), 10% a random word of `words`, 10% stay. Returns the labels
+    (IGNORE elsewhere) and edits input_ids in place."""
     ids = batch.input_ids
-    special = torch.tensor(
-        [
-            tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-            for row in ids.tolist()
-        ],
-        dtype=torch.bool,
+    chosen = (
+        (torch.rand(ids.shape) < MASK_RATE)
+        & ~torch.isin(ids, torch.tensor(special))
+        & batch.attention_mask.bool()
     )
-    chosen = (torch.rand(ids.shape) < MASK_RATE) & ~special & batch.attention_mask.bool()
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
     roll = torch.rand(ids.shape)
-    ids[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    ids[chosen & (roll < 0.8)] = mask
     swap = chosen & (roll >= 0.8) & (roll < 0.9)
-    ids[swap] = torch.randint(len(tokenizer), ids.shape)[swap]
+    ids[swap] = torch.randint(words.start, words.stop, ids.shape)[swap]
     return labels
+
+
+def _from_txt_db(db: TxtDb, key: str, record: dict) -> Caption:
+    """A caption of UNITER's pre-training txt_dbs: its `input_ids` and image (`img_fname`)."""
+    (image,) = image_names(record, 1, f"{db.path}: key {key!r}")
+    return Caption(db.with_specials(record["input_ids"]), image)
 
 
 def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSettings = THETA0):
@@ -214,6 +260,7 @@ def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSe
             WORLD_SIZES,
             WORLD_VERSION,
             OPTIMIZER,
+            COLLATION,
         )
     )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]

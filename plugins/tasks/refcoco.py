@@ -6,7 +6,12 @@ Reads the refer toolkit's layout (lichengunc/refer): `refcoco+/instances.json` (
 "train"/"val"/"testA"/"testB", sentences [{sent, raw, tokens, sent_id}], …}, or the same list as
 `refs(unc).json`. The pickle is read by an unpickler that refuses every class and function, so a
 malicious file cannot run code. Region features are `features/<file_name stem>.npz` beside
-`refcoco+/` (or a UNITER img_db under `img_db/`). Each sentence is one example. The world's
+`refcoco+/`, or UNITER's img_dbs under `img_db/`: `re_coco_gt/` (keys
+`visual_grounding_coco_gt_<image_id:012>.npz`, the annotated boxes, which the training split
+reads) and `re_coco_det/` (`visual_grounding_det_coco_…`, detected boxes, which the other splits
+read first, as UNITER scores them). Or UNITER's release as it is: `txt_db/re/refcoco+_<split>.db`
+(each sentence's `input_ids`, `image_id` and `bbox`, with `images.json` giving image sizes) and
+those img_dbs. Each sentence is one example. The world's
 split has scenes of 3-5 objects, two referred objects an image and two appearance-only
 expressions each (`world/referring.py`), written as `refs(unc).json`.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import itertools
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
@@ -28,16 +34,19 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.annotations import field, json_file, write_json
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 if TYPE_CHECKING:
     from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
 
 FOLDER = "refcoco+"
+#: UNITER's txt_db names: txt_db/re/refcoco+_<split>.db
+TXT_DB = "refcoco+"
 INSTANCES = "instances.json"
 REFS_PICKLE = "refs(unc).p"
 REFS_JSON = "refs(unc).json"
@@ -60,7 +69,7 @@ MASKED = -1e4
 class RefExample:
     sent_id: int
     ref_id: int
-    sentence: str
+    sentence: str | TokenIds
     image: str
     #: the referred object's box x1, y1, x2, y2, normalised by the image's size like `norm_bb`
     box: tuple[float, float, float, float]
@@ -108,11 +117,14 @@ class RefcocoPlus(Task):
     }
     world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
-    def examples(self, split: str) -> list[RefExample]:
+    def examples(self, split: str) -> list[RefExample] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split)
+        if dbs is not None:
+            return self._from_txt_dbs(dbs, split)
         folder = self.data / FOLDER
         refs_path, refs = read_refs(folder)
         instances = _Instances(folder / INSTANCES)
-        store = ImageStore(self.data)
+        store = self._store(split)
         out, seen_splits = [], set()
         for i, ref in enumerate(refs):
             where = f"{refs_path}: refs[{i}]"
@@ -125,7 +137,7 @@ class RefcocoPlus(Task):
             image_id = field(ref, "image_id", int, where)
             ann_id = field(ref, "ann_id", int, where)
             name, box = instances.referred(ann_id, image_id, where)
-            store.require(name, where)
+            name = store.resolve(name, where)
             sentences = field(ref, "sentences", list, where)
             if not sentences:
                 raise VLPruneError(f"{where}: no sentences")
@@ -191,11 +203,39 @@ class RefcocoPlus(Task):
             [e.image for e in examples],
             backbone,
             ImageStore(self.data),
+            max_length=self.text_length,
         )
         boxes = torch.tensor([e.box for e in examples])
         overlap = iou(batch.region_boxes[..., :4], boxes[:, None])
         overlap = overlap.masked_fill(batch.region_mask == 0, -1.0)
         return TaskBatch([batch], {"region": overlap.argmax(1), "box": boxes})
+
+    def _store(self, split: str) -> ImageStore:
+        """Images by their COCO file names, found in UNITER's img_dbs as it reads them: the
+        annotated boxes to train, the detected ones to score."""
+        kinds = ("coco_gt", "det_coco") if split == self.train_split else ("det_coco", "coco_gt")
+
+        def keys(name: str) -> list[str]:
+            image_id = name.rsplit("_", 1)[-1]
+            if not image_id.isdigit():
+                return []
+            return [f"visual_grounding_{kind}_{int(image_id):012}.npz" for kind in kinds]
+
+        return ImageStore(self.data, keys)
+
+    def _from_txt_dbs(self, dbs: list[TxtDb], split: str) -> TxtDbExamples:
+        """The sentences of UNITER's RE txt_dbs, each image's features checked up front."""
+        store = self._store(split)
+        images = {}
+        for db in dbs:
+            db.check()
+            for i, image in enumerate(db.json("images.json")):
+                where = f"{db.path / 'images.json'}[{i}]"
+                image_id = field(image, "id", int, where)
+                found = store.resolve(f"COCO_train2014_{image_id:012}", where)
+                width = _positive(image, "width", where)
+                images[image_id] = found, (width, _positive(image, "height", where))
+        return TxtDbExamples(dbs, partial(_from_txt_db, images))
 
     def loss(self, outputs: dict[str, torch.Tensor], targets: dict) -> torch.Tensor:
         return nn.functional.cross_entropy(outputs["scores"], targets["region"])
@@ -316,6 +356,29 @@ class _Instances:
             raise VLPruneError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
         x, y, w, h = bbox
         return name, (x / width, y / height, (x + w) / width, (y + h) / height)
+
+
+def _from_txt_db(
+    images: dict[int, tuple[str, tuple[int, int]]], db: TxtDb, key: str, record: dict
+) -> RefExample:
+    """A sentence of UNITER's RE txt_db: `input_ids`, `ref_id`, `image_id` and the referred
+    object's `bbox` (x, y, width, height in pixels of the image whose size `images.json`
+    gives); `images` maps image ids to the name their features are read under and the size."""
+    where = f"{db.path}: key {key!r}"
+    image_id = field(record, "image_id", int, where)
+    if image_id not in images:
+        raise VLPruneError(f"{where}: image_id {image_id} is not in images.json")
+    bbox = field(record, "bbox", list, where)
+    if len(bbox) != 4 or not all(_number(v) for v in bbox) or min(bbox[2:]) <= 0:
+        raise VLPruneError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
+    (name, (width, height)), (x, y, w, h) = images[image_id], bbox
+    return RefExample(
+        field(record, "sent_id", int, where),
+        field(record, "ref_id", int, where),
+        db.with_specials(record["input_ids"]),
+        name,
+        (x / width, y / height, (x + w) / width, (y + h) / height),
+    )
 
 
 def _number(value: Any) -> bool:

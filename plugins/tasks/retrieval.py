@@ -3,10 +3,12 @@ captions (TR).
 
 Reads Karpathy's split file `dataset_<name>.json` (`images[*]`: `filename`, `split` train / val /
 test / restval, `sentences[*].raw`), the one NeuralTalk and UNITER's Flickr30k and COCO text
-databases come from; images are `images/<stem>.png` and region features `features/<stem>.npz`,
-named by the filename's stem. "restval" images (COCO has them) train with "train", as in
-Karpathy's and UNITER's COCO set-ups. To report on the test split: `task.splits = ("train",
-"test")`.
+databases come from; images are `images/<stem>.png`, region features `features/<stem>.npz`
+(named by the filename's stem) or a UNITER img_db (keys `flickr30k_<id:012>.npz`,
+`coco_<subtype>_<id:012>.npz`). "restval" images (COCO has them) train with "train", as in
+Karpathy's and UNITER's COCO set-ups. Or UNITER's release: `txt_db/itm_flickr30k_<split>.db`
+(each caption's `input_ids` and `img_fname`) with `img_db/flickr30k/`. To report on the test
+split: `--eval-split test`.
 
 The head is UNITER's retrieval head, pooled → Linear → one matching score, trained with its
 triplet loss: each caption with its own image against one sampled negative image and one sampled
@@ -40,11 +42,13 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.txt_db import TxtDb, split_dbs
 from vl_prune.errors import VLPruneError
-from vl_prune.task import Task, TaskBatch, symmetric_kl
+from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.annotations import write_json
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
-from vl_prune_plugins.tasks.karpathy import karpathy_image, read_split
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.karpathy import db_keys, karpathy_image, read_split
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.language import number
 from vl_prune_plugins.world.scenes import Scene, WorldSettings
@@ -54,6 +58,8 @@ from vl_prune_plugins.world.vocabulary import plural
 WORLD_SIZES = {"train": 1000, "val": 50}
 #: the Karpathy splits read for a split name: Karpathy's "restval" images are training images
 READS = {"train": ("train", "restval")}
+#: UNITER's txt_db names: txt_db/itm_flickr30k_<split>.db
+TXT_DB = "itm_flickr30k"
 #: negative images and negative captions per caption (UNITER's negative_size)
 NEGATIVES = 1
 MARGIN = 0.2
@@ -66,7 +72,7 @@ DRAWS = 100
 class Caption:
     """A caption and the image it was written for: a training example."""
 
-    text: str
+    text: str | TokenIds
     image: str
     split: str
     #: its position among the split's captions
@@ -92,7 +98,7 @@ class Split:
     #: caption position → position of its image
     image_of: tuple[int, ...]
     #: caption text → positions of the images it was written for
-    holders: dict[str, frozenset[int]]
+    holders: dict[str | TokenIds, frozenset[int]]
 
 
 class Pool(Sequence):
@@ -161,21 +167,29 @@ class Retrieval(Task):
         "eval_batch_size": 250,
     }
 
-    def __init__(self, data: str | Path):
-        super().__init__(data)
+    def __init__(self, data: str | Path, options: DataOptions | None = None):
+        super().__init__(data, options)
         self._read: dict[str, Split] = {}
 
     def examples(self, split: str) -> list[Caption] | Pool:
-        """The training split's captions (`splits[0]`); for any other split, its pool of every
-        (image, caption) pair."""
+        """The training split's captions; for any other split, its pool of every (image,
+        caption) pair."""
         read = self.read(split)
-        return list(read.captions) if split == self.splits[0] else Pool(read)
+        return list(read.captions) if split == self.train_split else Pool(read)
 
     def read(self, split: str) -> Split:
         """The split's images and captions, read and checked once."""
         if split not in self._read:
-            self._read[split] = _read_split(self.data, split)
+            dbs = split_dbs(self.data, TXT_DB, split)
+            if dbs is not None:
+                check_images(dbs, self._store())
+                self._read[split] = _split_from_txt_db(dbs, split)
+            else:
+                self._read[split] = _read_split(self.data, split)
         return self._read[split]
+
+    def _store(self) -> ImageStore:
+        return ImageStore(self.data, db_keys)
 
     @classmethod
     def write_world(cls, out: Path, seed: int = 0) -> None:
@@ -223,7 +237,7 @@ class Retrieval(Task):
             texts += [example.text] * (1 + NEGATIVES) + [c.text for c in negative_captions]
             images += [example.image, *negative_images] + [example.image] * NEGATIVES
             targets.append([1] + [0] * 2 * NEGATIVES)
-        batch = encode(texts, images, backbone, ImageStore(self.data))
+        batch = encode(texts, images, backbone, self._store(), max_length=self.text_length)
         return TaskBatch([batch], torch.tensor(targets))
 
     def _candidates(self, candidates: list[Candidate], backbone: Backbone) -> TaskBatch:
@@ -232,7 +246,8 @@ class Retrieval(Task):
             [split.captions[c.caption].text for c in candidates],
             [split.images[c.image] for c in candidates],
             backbone,
-            ImageStore(self.data),
+            self._store(),
+            max_length=self.text_length,
         )
         targets = [[c.image, c.caption, split.image_of[c.caption]] for c in candidates]
         return TaskBatch([batch], torch.tensor(targets))
@@ -366,16 +381,34 @@ def _negative_caption(split: Split, image: int) -> Caption:
 
 def _read_split(data: Path, split: str) -> Split:
     """The images of one split of the Karpathy file, with their captions."""
+    images = [
+        (image.stem, image.captions) for image in read_split(data, split, READS.get(split, ()))
+    ]
+    return _split(split, images)
+
+
+def _split_from_txt_db(dbs: list[TxtDb], split: str) -> Split:
+    """The images of UNITER's ITM txt_dbs (each caption's `img_fname`), with their captions'
+    token ids, images in the order their first caption comes."""
+    captions: dict[str, list[TokenIds]] = {}
+    for db in dbs:
+        for key, record in db.examples():
+            (image,) = image_names(record, 1, f"{db.path}: key {key!r}")
+            captions.setdefault(image, []).append(db.with_specials(record["input_ids"]))
+    return _split(split, list(captions.items()))
+
+
+def _split(split: str, images_captions: list[tuple[str, Sequence]]) -> Split:
     images: list[str] = []
     captions: list[Caption] = []
     image_of: list[int] = []
-    holders: dict[str, set[int]] = {}
-    for image in read_split(data, split, READS.get(split, ())):
-        for raw in image.captions:
-            captions.append(Caption(raw, image.stem, split, len(captions)))
+    holders: dict[str | TokenIds, set[int]] = {}
+    for image, texts in images_captions:
+        for text in texts:
+            captions.append(Caption(text, image, split, len(captions)))
             image_of.append(len(images))
-            holders.setdefault(raw, set()).add(len(images))
-        images.append(image.stem)
+            holders.setdefault(text, set()).add(len(images))
+        images.append(image)
     return Split(
         split,
         tuple(images),

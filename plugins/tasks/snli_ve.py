@@ -5,9 +5,12 @@ Reads the release's JSON lines `snli_ve_<split>.jsonl` (`train`, `dev`, `test`):
 the hypothesis `sentence2`, the label `gold_label`, the id `pairID`; the caption `sentence1`
 (the SNLI premise the image replaces) is not read. Lines whose `gold_label` is "-" (annotators
 reached no majority: SNLI keeps them, XVNLI's test has some) are skipped, as SNLI's own
-evaluation skips them: they have no answer to score. Images are `images/<id>.png` and region
-features `features/<id>.npz`, with the id without ".jpg". The head is UNITER's VE head (its VQA
-head with three answers), trained with cross-entropy; the metric is accuracy.
+evaluation skips them: they have no answer to score. Images are `images/<id>.png`, region
+features `features/<id>.npz` (the id without ".jpg") or a UNITER img_db (keys
+`flickr30k_<id:012>.npz`). Or UNITER's release: `txt_db/ve_<split>.db` with `img_db/flickr30k/`;
+its unlabelled lines are kept there, and left out of the loss and the accuracy. The head is
+UNITER's VE head (its VQA head with three answers), trained with cross-entropy; the metric is
+accuracy.
 
 The world's premise images are each one of a pair whose other image is never shown, and every
 hypothesis speaks of both: "the image contains a red object and at least one image contains a
@@ -29,16 +32,22 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.tasks.vqa import VqaHead
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.scenes import Scene, WorldSettings
 
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+#: the labels of UNITER's VE txt_db targets (its VE_ENT2IDX), and its db names: ve_<split>.db
+TXT_DB_LABELS = ("contradiction", "entailment", "neutral")
+TXT_DB = "ve"
 NO_CONSENSUS = "-"
+IGNORE = -100  # the target of a line without a label: no loss, not scored
 IMAGE_FIELDS = ("Flikr30kID", "Flickr30K_ID")
 #: images per world split; each gets three hypotheses, one of each label
 WORLD_SIZES = {"train": 700, "dev": 200}
@@ -49,9 +58,14 @@ FIRST_IMAGE = {"train": 1_000_000, "dev": 2_000_000}
 @dataclass(frozen=True)
 class SnliVeExample:
     pair_id: str
-    hypothesis: str
+    hypothesis: str | TokenIds
     image: str
     label: int
+
+
+def db_keys(image: str) -> list[str]:
+    """UNITER's img_db key of a Flickr30k image: `flickr30k_000555378351.npz`."""
+    return [f"flickr30k_{int(image):012}.npz"] if image.isdigit() else []
 
 
 class SnliVe(Task):
@@ -72,9 +86,13 @@ class SnliVe(Task):
     # uniter-tiny's dense accuracy is 0.378 after 150 steps, 0.430 after 400 (chance 1/3).
     world_recipe: ClassVar[dict] = {"steps": 400, "lr": 1e-3, "batch_size": 32}
 
-    def examples(self, split: str) -> list[SnliVeExample]:
+    def examples(self, split: str) -> list[SnliVeExample] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split)
+        if dbs is not None:
+            check_images(dbs, ImageStore(self.data, db_keys))
+            return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"snli_ve_{split}.jsonl"
-        store = ImageStore(self.data)
+        store = ImageStore(self.data, db_keys)
         out = []
         for where, record in json_lines(path):
             gold = field(record, "gold_label", str, where)
@@ -128,18 +146,33 @@ class SnliVe(Task):
             [e.hypothesis for e in examples],
             [e.image for e in examples],
             backbone,
-            ImageStore(self.data),
+            ImageStore(self.data, db_keys),
+            max_length=self.text_length,
         )
         return TaskBatch([batch], torch.tensor([e.label for e in examples]))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, targets)
+        return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
     def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
-        return (predictions == targets).float().mean().item()
+        labelled = targets != IGNORE
+        return (predictions[labelled] == targets[labelled]).float().mean().nan_to_num(0.0).item()
+
+
+def _from_txt_db(db: TxtDb, key: str, record: dict) -> SnliVeExample:
+    """A hypothesis of UNITER's VE txt_db: `input_ids`, `img_fname` and `target`, whose one
+    label (of three, in UNITER's order) scores 1; none for a line without consensus."""
+    where = f"{db.path}: key {key!r}"
+    target = record.get("target")
+    labels = target.get("labels") if isinstance(target, dict) else None
+    if not isinstance(labels, list) or len(labels) > 1 or not all(x in (0, 1, 2) for x in labels):
+        raise VLPruneError(f"{where}: 'target' should give at most one label of 0, 1, 2")
+    label = LABELS[TXT_DB_LABELS[labels[0]]] if labels else IGNORE
+    (image,) = image_names(record, 1, where)
+    return SnliVeExample(key, db.with_specials(record["input_ids"]), image, label)
 
 
 def _image(record: dict, where: str) -> str:

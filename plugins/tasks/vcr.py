@@ -4,12 +4,15 @@ Reads the release's JSON lines (`train.jsonl`, `val.jsonl`; `test.jsonl` has no 
 line `objects` (class names), a `question`, four `answer_choices` and four `rationale_choices`
 whose tokens are words or lists of indices into `objects` (["Does", [0], "live", "here", "?"]),
 `answer_label`, `rationale_label`, `img_fn` and `annot_id`. A reference becomes its objects'
-class names joined by "and" ([0, 2] → "person and car"). UNITER instead adds a word per region
-index (81 new embeddings) and puts the objects' boxes first among the regions; new words would
+class names joined by "and" ([0, 2] → "person and car"). UNITER instead adds a word per person
+(81 new embeddings) and puts the objects' boxes first among the regions; new words would
 change the tiny presets' vocabulary, and class names serve pixel backbones too. The picture and
-region features of a line are `images/<stem>.png` and `features/<stem>.npz` (or an img_db
-entry), stem being `img_fn`'s file name without extension; for real VCR, extract the features
-at the boxes of the per-image metadata json (UNITER's GT img_db), which the reader does not open.
+region features of a line are `images/<stem>.png` and `features/<stem>.npz`, stem being
+`img_fn`'s file name without extension, or UNITER's img_db entries `vcr_gt_<split>_<stem>.npz`
+(the objects' boxes) and `vcr_<split>_<stem>.npz` (detected boxes), read one after the other as
+UNITER does. Or UNITER's release as it is: `txt_db/vcr_<split>.db` (question, answer and
+rationale ids, UNITER's person words included: the backbone's word embedding grows by 81, as in
+UNITER's VCR fine-tuning) with `img_db/vcr_gt_<split>/` and `img_db/vcr_<split>/`.
 
 Q→A and QA→R are both four-way multiple choice: each choice is encoded with the image (question
 and answer choice; question and right answer, and rationale choice), its pooled vector goes
@@ -30,10 +33,12 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, Vocabulary, split_dbs
 from vl_prune.errors import VLPruneError
-from vl_prune.task import Task, TaskBatch
+from vl_prune.task import DataOptions, Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 if TYPE_CHECKING:
@@ -42,19 +47,26 @@ if TYPE_CHECKING:
 
 CHOICES = 4
 WORLD_SIZES = {"train": 2000, "val": 500}
+#: UNITER's txt_db names (txt_db/vcr_<split>.db), whose examples are the ids of id2len_qar.json
+TXT_DB, TXT_DB_LENGTHS = "vcr", "id2len_qar.json"
+#: the words UNITER's VCR txt_dbs add after the tokenizer's: person_0 … person_80
+PERSON_WORDS = 81
 #: the world's stand-in for VCR's movie folders (`lsmdc_1054_Harry_Potter_…`)
 WORLD_MOVIE = "world"
 
 
 @dataclass(frozen=True)
 class VcrExample:
+    """A question with its choices: strings, or a txt_db's ids (the question framed by [CLS]
+    and [SEP], each choice closed by [SEP])."""
+
     annot_id: str
-    question: str
-    answers: tuple[str, ...]
-    rationales: tuple[str, ...]
+    question: str | TokenIds
+    answers: tuple[str, ...] | tuple[TokenIds, ...]
+    rationales: tuple[str, ...] | tuple[TokenIds, ...]
     answer_label: int
     rationale_label: int
-    image: str
+    image: ImageName
 
 
 class ChoiceHead(nn.Module):
@@ -99,7 +111,17 @@ class Vcr(Task):
     # seed tried (val Q→AR 0.14-0.18), by step 150 for few (0.09), and batches of 8 were erratic.
     world_recipe: ClassVar[dict] = {"steps": 300, "lr": 3e-4, "batch_size": 16}
 
-    def examples(self, split: str) -> list[VcrExample]:
+    def __init__(self, data: str | Path, options: DataOptions | None = None):
+        super().__init__(data, options)
+        #: the txt_dbs' tokenizer, when texts come from them
+        self.text_vocabulary: Vocabulary | None = None
+
+    def examples(self, split: str) -> list[VcrExample] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split, TXT_DB_LENGTHS)
+        if dbs is not None:
+            check_images(dbs, ImageStore(self.data))
+            self.text_vocabulary = dbs[0].vocabulary
+            return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"{split}.jsonl"
         store = ImageStore(self.data)
         out = []
@@ -112,7 +134,7 @@ class Vcr(Task):
             rationales = _choices(record, "rationale_choices", objects, where)
             answer_label = _label(record, "answer_label", where)
             rationale_label = _label(record, "rationale_label", where)
-            image = PurePosixPath(field(record, "img_fn", str, where)).stem
+            image = _image(PurePosixPath(field(record, "img_fn", str, where)).stem, split, store)
             store.require(image, where)
             annot_id = field(record, "annot_id", str, where)
             out.append(
@@ -148,6 +170,8 @@ class Vcr(Task):
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
+        if self.text_vocabulary is not None:
+            backbone.ensure_vocabulary(self.text_vocabulary.size + PERSON_WORDS)
         return ChoiceHead(backbone.hidden_size)
 
     def collate(self, examples: list[VcrExample], backbone: Backbone) -> TaskBatch:
@@ -155,14 +179,17 @@ class Vcr(Task):
         images = [e.image for e in examples for _ in range(CHOICES)]
         questions = [e.question for e in examples for _ in range(CHOICES)]
         answered = [
-            f"{e.question} {e.answers[e.answer_label]}" for e in examples for _ in range(CHOICES)
+            _then(e.question, e.answers[e.answer_label]) for e in examples for _ in range(CHOICES)
         ]
         answers = [answer for e in examples for answer in e.answers]
         rationales = [rationale for e in examples for rationale in e.rationales]
+        # A txt_db's person words come after its tokenizer's, where the head grew the vocabulary.
+        new_words = PERSON_WORDS if self.text_vocabulary is not None else 0
+        length = self.text_length
         return TaskBatch(
             [
-                _choices_batch(questions, answers, images, backbone, store),
-                _choices_batch(answered, rationales, images, backbone, store),
+                _choices_batch(questions, answers, images, backbone, store, length, new_words),
+                _choices_batch(answered, rationales, images, backbone, store, length, new_words),
             ],
             torch.tensor([[e.answer_label, e.rationale_label] for e in examples]),
         )
@@ -179,14 +206,65 @@ class Vcr(Task):
 
 
 def _choices_batch(
-    texts: list[str], choices: list[str], images: list[str], backbone: Backbone, store: ImageStore
+    texts: list,
+    choices: list,
+    images: list[ImageName],
+    backbone: Backbone,
+    store: ImageStore,
+    max_length: int,
+    new_words: int,
 ) -> VLBatch:
     """[CLS] text [SEP] choice [SEP] with the image, every word of token type 0: a pair's second
     segment would get type 1, UNITER's image type (its VCR model adds types 2 and 3 for answers
     and rationales, initialised from type 0)."""
-    batch = encode(texts, images, backbone, store, pairs=choices)
+    batch = encode(
+        texts,
+        images,
+        backbone,
+        store,
+        pairs=choices,
+        max_length=max_length,
+        new_words=new_words,
+    )
     batch.token_type_ids = torch.zeros_like(batch.input_ids)
     return batch
+
+
+def _then(question: str | TokenIds, answer: str | TokenIds) -> str | TokenIds:
+    """The question followed by its answer, the text QA→R's choices are paired with."""
+    return f"{question} {answer}" if isinstance(question, str) else question + answer
+
+
+def _image(stem: str, split: str, store: ImageStore) -> ImageName:
+    """A line's image: its own files (`features/<stem>.npz`, `images/<stem>.png`), else
+    UNITER's img_db entries of the split, ground-truth boxes first."""
+    if store.has(stem):
+        return stem
+    present = tuple(n for n in (f"vcr_gt_{split}_{stem}", f"vcr_{split}_{stem}") if store.has(n))
+    return present if len(present) > 1 else (present[0] if present else stem)
+
+
+def _from_txt_db(db: TxtDb, key: str, record: dict) -> VcrExample:
+    """A question of UNITER's VCR txt_db: `input_ids`, `input_ids_as` and `input_ids_rs` (four
+    choices each), `qa_target`, `qar_target`, and `img_fname` (its ground-truth and detected
+    boxes' img_db keys)."""
+    where = f"{db.path}: key {key!r}"
+    choices = []
+    for name in ("input_ids_as", "input_ids_rs"):
+        given = record.get(name)
+        if (
+            not isinstance(given, list)
+            or len(given) != CHOICES
+            or not all(isinstance(c, list) and all(isinstance(i, int) for i in c) for c in given)
+        ):
+            raise VLPruneError(f"{where}: {name!r} should hold {CHOICES} lists of token ids")
+        choices.append(tuple((*c, db.vocabulary.sep) for c in given))
+    labels = [record.get(name) for name in ("qa_target", "qar_target")]
+    if not all(isinstance(label, int) and 0 <= label < CHOICES for label in labels):
+        raise VLPruneError(f"{where}: 'qa_target' and 'qar_target' should be choices 0…3")
+    images = tuple(image_names(record, 2, where))
+    question = db.with_specials(record["input_ids"])
+    return VcrExample(key, question, choices[0], choices[1], labels[0], labels[1], images)
 
 
 def accuracies(predictions: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -2,18 +2,25 @@
 
 Reads the official release's pair of files per split, `v2_OpenEnded_mscoco_<split>_questions.json`
 (`questions`: `image_id`, `question`, `question_id`) and `v2_mscoco_<split>_annotations.json`
-(`annotations`: `question_id`, `image_id`, ten `answers`, …), joined on `question_id`. Images are
-`images/<name>.png` and region features `features/<name>.npz`, named as COCO names its files:
-`COCO_<data_subtype>_<image_id:012d>`, with the subtype read from the questions file.
-The world's splits are the subtypes `train` and `dev`. The real release keeps its file names, so
-its splits are its subtypes: `task.examples("val2014")`, and `task.splits = ("train2014",
-"val2014")` to train on it (the answer vocabulary comes from `splits[0]`). The head is UNITER's:
-the pooled vector through an MLP to one logit per training answer, trained with binary
-cross-entropy on soft VQA scores.
+(`annotations`: `question_id`, `image_id`, ten `answers`, `multiple_choice_answer`, …), joined on
+`question_id`. Images are `images/<name>.png`, region features `features/<name>.npz` or a UNITER
+img_db (keys `coco_<subtype>_<image_id:012>.npz`), named as COCO names its files:
+`COCO_<data_subtype>_<image_id:012d>`, the subtype read from the questions file. A split is a
+subtype: the release's `train2014` and `val2014` (the world's `train` and `dev`) are found by
+themselves. Or UNITER's release: `txt_db/vqa_<name>.db` (`train+trainval+vg` to train on, as
+UNITER does, `devval` to score) with `img_db/coco_train2014/`, `coco_val2014/`, `vg/`.
+
+The answer vocabulary is UNITER's (BUTD's): the normalised majority answers given at least
+`MIN_ANSWER_COUNT` times over the training and evaluation splits (3,129 answers on VQA v2; this
+reader's normalisation is close to, not exactly, BUTD's, so pass UNITER's `ans2label.json` with
+`--answer-vocab` for its exact list). A txt_db's targets are already indices into it. The head is
+UNITER's: the pooled vector through an MLP to one logit per answer, trained with binary
+cross-entropy on the VQA score of each answer, which is also the metric.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +30,12 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.errors import VLPruneError
-from vl_prune.task import Task, TaskBatch
+from vl_prune.task import DataOptions, Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_file, write_json
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 ANSWERS_PER_QUESTION = 10
@@ -45,13 +54,24 @@ INFO = {
 LICENSE = {"url": "https://opensource.org/licenses/MIT", "name": "MIT License"}
 
 
+#: UNITER's txt_db names (txt_db/vqa_<split>.db), and the ones it trains and scores on
+TXT_DB = "vqa"
+TXT_DB_TRAIN, TXT_DB_EVAL = ("train", "trainval", "vg"), "devval"
+#: the answers UNITER's head chooses from when a txt_db comes without its ans2label.json
+UNITER_ANSWERS = 3129
+#: BUTD's (and UNITER's) rule: an answer must be the majority answer this often
+MIN_ANSWER_COUNT = 9
+QUESTIONS = re.compile(r"v2_OpenEnded_mscoco_(?P<subtype>.+)_questions\.json")
+
+
 @dataclass(frozen=True)
 class VqaExample:
-    question_id: int
-    question: str
+    question_id: int | str
+    question: str | TokenIds
     image: str
-    #: the ten annotators' answers, normalised
-    answers: tuple[str, ...]
+    #: (answer, VQA score) of every answer the annotators gave: normalised answers, or a txt_db's
+    #: indices into the answer vocabulary
+    scores: tuple[tuple[str | int, float], ...]
 
 
 class VqaHead(nn.Module):
@@ -72,64 +92,102 @@ class VqaHead(nn.Module):
 
 
 class Vqa(Task):
-    """VQA v2: open-ended questions, soft-score classification over the training answers."""
+    """VQA v2: open-ended questions, soft-score classification over UNITER's answers."""
 
     description = "VQA v2: answer a question about an image (UNITER's head, soft VQA scores)"
     metric = "vqa_score"
+    splits = ("train2014", "val2014")
     world_version = WORLD_VERSION
     # UNITER's train-vqa-base-4gpu.json: 6000 steps, peak lr 8e-5, 600 warmup steps.
     recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
     world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
-    #: an answer joins the vocabulary if annotators gave it on at least this many training
-    #: questions: every answer, in the world. Raise it for the real release, whose answers are
-    #: open-ended; UNITER uses BUTD's 3,129 answers (majority answers of ≥ 9 train+val questions).
-    min_answer_count: int = 1
 
-    def __init__(self, data: str | Path):
-        super().__init__(data)
-        #: the answer vocabulary, sorted: class i of the head is answers[i]; set by reading the
-        #: training split (`splits[0]`), which `head` and `collate` do if nobody has yet
+    def __init__(self, data: str | Path, options: DataOptions | None = None):
+        super().__init__(data, options)
+        #: the answer vocabulary: class i of the head is answers[i]; set from --answer-vocab, or
+        #: by reading the splits, which `head` and `collate` do if nobody has yet
         self.answers: list[str] | None = None
+        if self.options.answer_vocab is not None:
+            self.answers = read_answer_vocab(Path(self.options.answer_vocab))
 
-    def examples(self, split: str) -> list[VqaExample]:
+    def default_splits(self) -> tuple[str, str]:
+        """UNITER's txt_dbs (`train+trainval+vg` as far as present, `devval`), else the
+        subtypes of the questions files: the one with "train" in its name, then the other
+        (`val2014` for the release, `dev` for the world)."""
+        if has_dbs(self.data, TXT_DB):
+            present = [p for p in TXT_DB_TRAIN if locate(self.data, f"{TXT_DB}_{p}.db")]
+            return "+".join(present) or TXT_DB_TRAIN[0], TXT_DB_EVAL
+        subtypes = sorted(
+            match["subtype"]
+            for path in self.data.glob("v2_OpenEnded_mscoco_*_questions.json")
+            if (match := QUESTIONS.fullmatch(path.name))
+            and (self.data / f"v2_mscoco_{match['subtype']}_annotations.json").is_file()
+        )
+        train = [t for t in subtypes if "train" in t]
+        other = sorted((t for t in subtypes if "train" not in t), key=lambda t: "val" not in t)
+        if not train or not other:
+            return super().default_splits()
+        return train[0], other[0]
+
+    def examples(self, split: str) -> list[VqaExample] | TxtDbExamples:
+        dbs = split_dbs(self.data, TXT_DB, split)
+        if dbs is not None:
+            check_images(dbs, ImageStore(self.data))
+            return TxtDbExamples(dbs, _from_txt_db)
         questions_path = self.data / f"v2_OpenEnded_mscoco_{split}_questions.json"
         annotations_path = self.data / f"v2_mscoco_{split}_annotations.json"
         subtype, questions = _questions(questions_path)
         answers = _annotations(annotations_path)
-        store = ImageStore(self.data)
+        store = ImageStore(self.data, db_keys)
         out = []
         for question_id, (image_id, text) in questions.items():
             where = f"{questions_path}: question_id {question_id}"
             if question_id not in answers:
                 raise VLPruneError(f"{where}: no annotation in {annotations_path}")
-            annotated_image, ten = answers.pop(question_id)
+            annotated_image, ten, _ = answers[question_id]
             if annotated_image != image_id:
                 raise VLPruneError(
                     f"{where}: image_id {image_id}, but {annotations_path} says {annotated_image}"
                 )
             name = f"COCO_{subtype}_{image_id:012d}"
             store.require(name, where)
-            out.append(VqaExample(question_id, text, name, ten))
-        if answers:
+            out.append(VqaExample(question_id, text, name, tuple(vqa_scores(ten).items())))
+        if unasked := answers.keys() - questions.keys():
             raise VLPruneError(
-                f"{annotations_path}: question_id {next(iter(answers))} has no question in "
+                f"{annotations_path}: question_id {min(unasked)} has no question in "
                 f"{questions_path}"
             )
         if not out:
             raise VLPruneError(f"{questions_path}: no questions")
-        if split == self.splits[0]:
-            self._set_vocabulary(out)
         return out
 
     def vocabulary(self) -> list[str]:
-        """The answers the head chooses from, reading the training split if not done yet."""
+        """The answers the head chooses from (see the module's docstring)."""
         if self.answers is None:
-            self.examples(self.splits[0])
+            self.answers = self._read_vocabulary()
         return self.answers
 
-    def _set_vocabulary(self, examples: list[VqaExample]) -> None:
-        given = Counter(answer for e in examples for answer in set(e.answers))
-        self.answers = sorted(a for a, n in given.items() if n >= self.min_answer_count)
+    def _read_vocabulary(self) -> list[str]:
+        if has_dbs(self.data, TXT_DB):
+            for folder in (
+                self.data,
+                *(db.path for db in split_dbs(self.data, TXT_DB, self.train_split)),
+            ):
+                if (folder / "ans2label.json").is_file():
+                    return read_answer_vocab(folder / "ans2label.json")
+            return [f"answer {i}" for i in range(UNITER_ANSWERS)]
+        majority: Counter[str] = Counter()
+        for split in dict.fromkeys((self.train_split, self.eval_split)):
+            for part in split.split("+"):
+                path = self.data / f"v2_mscoco_{part}_annotations.json"
+                majority.update(chosen for _, _, chosen in _annotations(path).values())
+        answers = sorted(a for a, n in majority.items() if n >= MIN_ANSWER_COUNT)
+        if not answers:
+            raise VLPruneError(
+                f"{self.data}: no answer is the majority answer of {MIN_ANSWER_COUNT} questions; "
+                "give the answers with --answer-vocab"
+            )
+        return answers
 
     @classmethod
     def write_world(cls, out: Path, seed: int = 0) -> None:
@@ -181,18 +239,27 @@ class Vqa(Task):
         return VqaHead(backbone.hidden_size, len(self.vocabulary()))
 
     def collate(self, examples: list[VqaExample], backbone: Backbone) -> TaskBatch:
-        columns = {answer: i for i, answer in enumerate(self.vocabulary())}
+        answers = self.vocabulary()
+        columns = {answer: i for i, answer in enumerate(answers)}
         targets = torch.zeros(len(examples), len(columns))
         for row, example in enumerate(examples):
-            # Answers outside the training vocabulary get no target mass, as in UNITER and BUTD.
-            for answer, score in soft_scores(example.answers).items():
-                if answer in columns:
+            for answer, score in example.scores:
+                if isinstance(answer, int):
+                    if not 0 <= answer < len(answers):
+                        raise VLPruneError(
+                            f"question {example.question_id}: answer label {answer} is outside "
+                            f"the {len(answers)} answers of the vocabulary"
+                        )
+                    targets[row, answer] = score
+                # Answers outside the vocabulary get no target mass, as in UNITER and BUTD.
+                elif answer in columns:
                     targets[row, columns[answer]] = score
         batch = encode(
             [e.question for e in examples],
             [e.image for e in examples],
             backbone,
-            ImageStore(self.data),
+            ImageStore(self.data, db_keys),
+            max_length=self.text_length,
         )
         return TaskBatch([batch], targets)
 
@@ -205,21 +272,80 @@ class Vqa(Task):
         return logits.argmax(-1)
 
     def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
-        # The predicted answer's min(n / 3, 1), the common approximation of the official metric.
+        # The predicted answer's VQA score: the official metric (given normalised answers).
         return targets.gather(1, predictions[:, None]).mean().item()
 
 
+def db_keys(image: str) -> list[str]:
+    """UNITER's img_db key of a COCO image: `COCO_val2014_000000131089` is
+    `coco_val2014_000000131089.npz`."""
+    return [f"{image.lower()}.npz"]
+
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+ARTICLES = {"a", "an", "the"}
+# VQA's evaluation: a full stop not inside a number goes, as does other punctuation.
+_STOP = re.compile(r"(?<!\d)\.(?!\d)")
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:|~]")
+
+
 def normalise(answer: str) -> str:
-    """Lowercase, stripped, without a trailing full stop: the least of the official evaluation's
-    normalisation (which also maps number words to digits and drops articles and punctuation)."""
-    return answer.strip().lower().removesuffix(".").strip()
+    """An answer as VQA's evaluation compares them: lowercase, punctuation and articles
+    dropped, number words as digits ("Two dogs." → "2 dogs"); its table of contractions is not
+    applied."""
+    text = _PUNCTUATION.sub("", _STOP.sub("", answer.lower().replace("\n", " ")))
+    words = [w for w in text.split() if w not in ARTICLES]
+    return " ".join(str(NUMBERS.index(w)) if w in NUMBERS else w for w in words)
 
 
-def soft_scores(answers: tuple[str, ...]) -> dict[str, float]:
-    """Each given answer's VQA score, min(#annotators who gave it / 3, 1): the standard training
-    target, and the usual approximation of the official metric (which averages that score over
-    the ten subsets of nine annotators)."""
-    return {answer: min(n / 3, 1.0) for answer, n in Counter(answers).items()}
+def vqa_scores(answers: tuple[str, ...]) -> dict[str, float]:
+    """Each given answer's VQA score: min(#annotators who gave it / 3, 1) averaged over the
+    subsets that leave one annotator out, as the official evaluation does (0.3, 0.6, 0.9 and 1
+    for one to four of ten, BUTD's and UNITER's targets)."""
+    total = len(answers)
+    return {
+        answer: (n * min((n - 1) / 3, 1.0) + (total - n) * min(n / 3, 1.0)) / total
+        for answer, n in Counter(answers).items()
+    }
+
+
+def read_answer_vocab(path: Path) -> list[str]:
+    """An answer vocabulary file: {answer: index} (UNITER's and LXMERT's ans2label.json), the
+    indices 0…n-1, or a list of answers."""
+    content = json_file(path)
+    if isinstance(content, list) and all(isinstance(a, str) for a in content):
+        answers = content
+    elif isinstance(content, dict) and sorted(content.values()) == list(range(len(content))):
+        answers = sorted(content, key=content.__getitem__)
+    else:
+        raise VLPruneError(f"{path}: expected {{answer: index}} with indices 0…n-1, or a list")
+    if not answers:
+        raise VLPruneError(f"{path}: no answers")
+    return answers
+
+
+def _from_txt_db(db: TxtDb, key: str, record: dict) -> VqaExample:
+    """An example of UNITER's VQA txt_db: `input_ids`, `img_fname`, and `target`, the answer
+    labels and their scores."""
+    where = f"{db.path}: key {key!r}"
+    target = record.get("target")
+    if not isinstance(target, dict):
+        raise VLPruneError(f"{where}: no 'target' (an unlabelled split?)")
+    labels, scores = target.get("labels"), target.get("scores")
+    if (
+        not isinstance(labels, list)
+        or not isinstance(scores, list)
+        or len(labels) != len(scores)
+        or not all(isinstance(label, int) for label in labels)
+    ):
+        raise VLPruneError(f"{where}: 'target' should hold as many 'labels' as 'scores'")
+    (image,) = image_names(record, 1, where)
+    return VqaExample(
+        record.get("question_id", key),
+        db.with_specials(record["input_ids"]),
+        image,
+        tuple(zip(labels, map(float, scores), strict=True)),
+    )
 
 
 def _questions(path: Path) -> tuple[str, dict[int, tuple[int, str]]]:
@@ -239,12 +365,12 @@ def _questions(path: Path) -> tuple[str, dict[int, tuple[int, str]]]:
     return subtype, out
 
 
-def _annotations(path: Path) -> dict[int, tuple[int, tuple[str, ...]]]:
-    """question_id → (image_id, the ten normalised answers)."""
+def _annotations(path: Path) -> dict[int, tuple[int, tuple[str, ...], str]]:
+    """question_id → (image_id, the ten normalised answers, the normalised majority answer)."""
     content = json_file(path)
     if not isinstance(content, dict):
         raise VLPruneError(f"{path}: expected a JSON object with 'annotations'")
-    out: dict[int, tuple[int, tuple[str, ...]]] = {}
+    out: dict[int, tuple[int, tuple[str, ...], str]] = {}
     for i, record in enumerate(_records(content, "annotations", path)):
         where = f"{path}: annotations[{i}]"
         question_id = field(record, "question_id", int, where)
@@ -262,7 +388,8 @@ def _annotations(path: Path) -> dict[int, tuple[int, tuple[str, ...]]]:
             if not isinstance(answer, dict):
                 raise VLPruneError(f"{where}: answers[{j}] should be an object, got {answer!r}")
             ten.append(normalise(field(answer, "answer", str, f"{where}: answers[{j}]")))
-        out[question_id] = image_id, tuple(ten)
+        majority = normalise(field(record, "multiple_choice_answer", str, where))
+        out[question_id] = image_id, tuple(ten), majority
     return out
 
 

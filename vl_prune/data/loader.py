@@ -1,0 +1,115 @@
+"""Batches for training and evaluation, collated in DataLoader worker processes.
+
+Reading region features (LMDB, npz) and collating run in `num_workers` processes while the
+accelerator trains on the previous batch. Whatever randomness a task's collation draws
+(pre-training's masks, retrieval's negatives) comes from a generator seeded by the run's seed,
+the epoch and the batch's examples, so a batch is the same whichever process collates it:
+results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# Tags that keep the collation seeds of training and evaluation batches apart.
+TRAIN, EVALUATE = 0, 1
+#: names this seeding in the keys of cached results trained with it (the world θ0): collation
+#: drew from torch's global generator before
+COLLATION = "seeded-per-batch"
+
+
+def default_workers() -> int:
+    """Worker processes when none are asked for: none on a CPU machine, whose cores train;
+    up to 4 per GPU process on a GPU machine, whose cores would otherwise idle."""
+    if not torch.cuda.is_available():
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, (os.cpu_count() or 1) // local))
+
+
+class EpochOrder(Sampler):
+    """(epoch, position) of every example of an epoch: shuffled by `seed + epoch` (the same
+    permutation torch's RandomSampler draws from that seed), or in order when `seed` is None.
+    `start(epoch)` chooses the epoch; one loader (and its workers) serves every epoch."""
+
+    def __init__(self, size: int, seed: int | None):
+        self.size, self.seed, self.epoch = size, seed, 0
+        #: what a DataLoader draws its workers' seeds from on each pass, and what Accelerate
+        #: keeps in step across processes: never torch's global generator, whose draws would
+        #: move the dropout of the steps after (and differ between a run and its resumption)
+        self.generator = torch.Generator().manual_seed(seed or 0)
+
+    def start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.seed is None:
+            order = range(self.size)
+        else:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        return ((self.epoch, i) for i in order)
+
+
+class _Indexed(Dataset):
+    """The examples, each given with the epoch and position it was asked for."""
+
+    def __init__(self, examples: Sequence):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, Any]:
+        epoch, position = key
+        return epoch, position, self.examples[position]
+
+
+class _SeededCollate:
+    """`collate(examples)` with torch's generator seeded from (seed, purpose, epoch, the
+    examples' positions), restored afterwards."""
+
+    def __init__(self, collate: Callable[[list], Any], seed: int, purpose: int):
+        self.collate, self.seed, self.purpose = collate, seed, purpose
+
+    def __call__(self, items: list[tuple[int, int, Any]]) -> Any:
+        epoch = items[0][0]
+        entropy = [self.seed, self.purpose, epoch, *(position for _, position, _ in items)]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.collate([example for _, _, example in items])
+
+
+def batches(
+    examples: Sequence,
+    collate: Callable[[list], Any],
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    workers: int,
+) -> tuple[DataLoader, EpochOrder]:
+    """A DataLoader of collated batches and the order it draws them in (`start(epoch)` before
+    each epoch). Workers stay alive between epochs; batches are pinned for a fast copy to a
+    GPU."""
+    order = EpochOrder(len(examples), seed if shuffle else None)
+    loader = DataLoader(
+        _Indexed(examples),
+        batch_size=batch_size,
+        sampler=order,
+        collate_fn=_SeededCollate(collate, seed, TRAIN if shuffle else EVALUATE),
+        num_workers=workers,
+        generator=order.generator,
+        pin_memory=workers > 0 and torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+    return loader, order
