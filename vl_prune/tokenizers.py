@@ -27,9 +27,7 @@ def local_tokenizer(path: str | os.PathLike, lowercase: bool) -> Any:
         if not path.is_dir():
             raise VLPruneError(f"--tokenizer {path}: no such file or folder")
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise VLPruneError(
-                f"--tokenizer {path}: no {', '.join(TOKENIZER_FILES)} in the folder"
-            )
+            raise VLPruneError(f"--tokenizer {path}: no {', '.join(TOKENIZER_FILES)} in the folder")
         if not (path / "tokenizer_config.json").is_file() and (path / "vocab.txt").is_file():
             return BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=lowercase)
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
