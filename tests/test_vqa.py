@@ -13,7 +13,7 @@ import torch
 import vl_prune_plugins.tasks.vqa as vqa
 from vl_prune import registry
 from vl_prune.errors import VLPruneError
-from vl_prune.task import VLModel
+from vl_prune.task import DataOptions, VLModel
 from vl_prune_plugins.tasks.vqa import Vqa
 
 LICENSE = {
@@ -86,10 +86,13 @@ def write_release(root: Path, questions: dict, annotations: dict) -> None:
         )
 
 
-def real_task(root: Path) -> Vqa:
-    task = Vqa(root)
-    task.splits = ("train2014", "val2014")
-    return task
+def real_task(root: Path, answers: list[str] | None = None) -> Vqa:
+    """The task on a release folder, with `answers` as its --answer-vocab file."""
+    options = DataOptions()
+    if answers is not None:
+        (root / "answers.json").write_text(json.dumps({a: i for i, a in enumerate(answers)}))
+        options = DataOptions(answer_vocab=str(root / "answers.json"))
+    return Vqa(root, options)
 
 
 @pytest.fixture(scope="module")
@@ -104,44 +107,75 @@ def world(tmp_path_factory) -> Path:
 def test_reads_the_official_layout(tmp_path):
     write_release(tmp_path, *release())
     task = real_task(tmp_path)
+    assert task.default_splits() == ("train2014", "val2014")
     examples = task.examples("train2014")
     assert [e.question_id for e in examples] == [262148000, 262148001, 393225000]
     assert examples[0].question == "How many dogs?"
     assert examples[0].image == "COCO_train2014_000000262148"
     assert examples[2].image == "COCO_train2014_000000393225"
-    # Answers are lowercased and stripped, without a trailing full stop.
-    assert examples[1].answers == ("yes",) * 9 + ("no",)
-    assert task.answers == ["four", "no", "noodles", "soup", "three", "two", "yes"]
+    # Answers as VQA's evaluation compares them: lowercase, no punctuation, numbers as digits.
+    assert dict(examples[1].scores) == {"yes": 1.0, "no": pytest.approx(0.3)}
+    assert dict(examples[0].scores).keys() == {"2", "3", "4"}
 
 
-def test_targets_are_soft_vqa_scores(tmp_path):
+def test_the_release_splits_and_uniters_vocabulary_rule(tmp_path):
+    """train2014 and val2014 are found; the vocabulary is the majority answers given on at
+    least nine questions of both splits, as BUTD's and UNITER's 3,129."""
+    questions, annotations = release()
+    for k in range(9):  # nine more questions whose majority answer is "red"
+        question_id = 393225001 + k
+        questions["questions"].append(
+            {"image_id": 393225, "question": "What colour?", "question_id": question_id}
+        )
+        annotations["annotations"].append(annotation(question_id, 393225, ["Red."] * 10, "other"))
+    write_release(tmp_path, questions, annotations)
+    dev, dev_annotations = release()
+    dev["data_subtype"] = dev_annotations["data_subtype"] = "val2014"
+    write_release(tmp_path, dev, dev_annotations)
+    task = Vqa(tmp_path)
+    assert task.default_splits() == ("train2014", "val2014")
+    assert task.vocabulary() == ["red"]
+
+
+def test_targets_are_official_vqa_scores(tmp_path):
+    """min(#annotators / 3, 1) averaged over the ten leave-one-out subsets: 0.3, 0.6, 0.9, 1."""
     write_release(tmp_path, *release())
-    task = real_task(tmp_path)
+    task = real_task(tmp_path, ["2", "3", "4", "no", "noodles", "soup", "yes"])
     backbone = registry.load("backbones", "uniter").build("tiny")
     batch = task.collate(task.examples("train2014"), backbone)
     expected = {
-        0: {"two": 1.0, "three": 1 / 3, "four": 1.0},
-        1: {"yes": 1.0, "no": 1 / 3},
-        2: {"soup": 1.0, "noodles": 2 / 3},
+        0: {"2": 0.9, "3": 0.3, "4": 1.0},
+        1: {"yes": 1.0, "no": 0.3},
+        2: {"soup": 1.0, "noodles": 0.6},
     }
     for row, scores in expected.items():
         want = torch.tensor([scores.get(answer, 0.0) for answer in task.answers])
         torch.testing.assert_close(batch.targets[row], want)
 
 
-def test_answers_outside_the_training_vocabulary_get_no_target(tmp_path):
+def test_answers_outside_the_vocabulary_get_no_target(tmp_path):
     train, annotations = release()
     write_release(tmp_path, train, annotations)
     dev, dev_annotations = release()
     dev["data_subtype"] = dev_annotations["data_subtype"] = "val2014"
     dev_annotations["annotations"][0]["answers"][0]["answer"] = "seven"
     write_release(tmp_path, dev, dev_annotations)
-    task = real_task(tmp_path)
+    task = real_task(tmp_path, ["2", "no", "yes"])
     backbone = registry.load("backbones", "uniter").build("tiny")
     batch = task.collate(task.examples("val2014"), backbone)
-    assert "seven" not in task.answers
-    assert batch.targets.shape == (3, len(task.answers))
-    assert batch.targets[0, task.answers.index("two")].item() == pytest.approx(2 / 3)
+    assert batch.targets.shape == (3, 3)
+    assert batch.targets[0, 0].item() == pytest.approx(0.6)  # "two" twice of ten
+    assert batch.targets[2].sum() == 0  # soup and noodles are no answers of the head
+
+
+def test_an_answer_vocabulary_file_in_each_accepted_form(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps(["b", "a"]))
+    (tmp_path / "index.json").write_text(json.dumps({"a": 1, "b": 0}))
+    (tmp_path / "gap.json").write_text(json.dumps({"a": 0, "b": 2}))
+    assert vqa.read_answer_vocab(tmp_path / "list.json") == ["b", "a"]
+    assert vqa.read_answer_vocab(tmp_path / "index.json") == ["b", "a"]
+    with pytest.raises(VLPruneError, match=r"gap\.json: expected \{answer: index\}"):
+        vqa.read_answer_vocab(tmp_path / "gap.json")
 
 
 def test_score_is_the_target_score_of_the_predicted_answer(tmp_path):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
@@ -57,3 +58,29 @@ def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json.dumps(data).encode("utf-8"))
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Admits plain containers, strings and numbers only: every class or function a pickle
+    names is refused, since calling one is how a malicious pickle runs code."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        # Python 2's refer wrote str as bytes; they are UTF-8 (ASCII in the releases).
+        super().__init__(file, encoding="utf-8")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise VLPruneError(
+            f"{self.path}: refused to load {module}.{name}; a refs pickle holds only lists, "
+            "dicts, strings and numbers"
+        )
+
+
+def load_plain_pickle(file: BinaryIO, path: Path) -> Any:
+    """The content of a pickle of plain data (lists, dicts, strings, numbers)."""
+    try:
+        return _PlainUnpickler(file, path).load()
+    except VLPruneError:
+        raise
+    except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same here
+        raise VLPruneError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from exc

@@ -160,7 +160,7 @@ def encode(
             if r["features"].shape[1] != backbone.img_dim:
                 raise VLPruneError(
                     f"region features of image {name!r} are {r['features'].shape[1]}-d; "
-                    f"{type(backbone).__name__} {backbone.preset} reads {backbone.img_dim}-d"
+                    f"{backbone.label} reads {backbone.img_dim}-d"
                 )
         width = max(len(r["features"]) for r in regions)
         feats = torch.zeros(len(images), width, backbone.img_dim, dtype=torch.float16)

@@ -24,11 +24,10 @@ detector on real data; in the world they are the objects, so the rule gives exac
 from __future__ import annotations
 
 import itertools
-import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
@@ -285,32 +284,6 @@ def read_refs(folder: Path) -> tuple[Path, list[dict[str, Any]]]:
     if not isinstance(refs, list):
         raise VLPruneError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     return path, refs
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Admits plain containers, strings and numbers only: every class or function a pickle
-    names is refused, since calling one is how a malicious pickle runs code."""
-
-    def __init__(self, file: BinaryIO, path: Path):
-        # Python 2's refer wrote str as bytes; they are UTF-8 (ASCII in the releases).
-        super().__init__(file, encoding="utf-8")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise VLPruneError(
-            f"{self.path}: refused to load {module}.{name}; a refs pickle holds only lists, "
-            "dicts, strings and numbers"
-        )
-
-
-def load_plain_pickle(file: BinaryIO, path: Path) -> Any:
-    """The content of a pickle of plain data (lists, dicts, strings, numbers)."""
-    try:
-        return _PlainUnpickler(file, path).load()
-    except VLPruneError:
-        raise
-    except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same here
-        raise VLPruneError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
 
 
 class _Instances:

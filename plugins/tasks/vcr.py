@@ -49,7 +49,8 @@ CHOICES = 4
 WORLD_SIZES = {"train": 2000, "val": 500}
 #: UNITER's txt_db names (txt_db/vcr_<split>.db), whose examples are the ids of id2len_qar.json
 TXT_DB, TXT_DB_LENGTHS = "vcr", "id2len_qar.json"
-#: the words UNITER's VCR txt_dbs add after the tokenizer's: person_0 … person_80
+#: the words UNITER's VCR txt_dbs add after the tokenizer's, person_0 … person_80, listed in
+#: their special_tokens.json
 PERSON_WORDS = 81
 #: the world's stand-in for VCR's movie folders (`lsmdc_1054_Harry_Potter_…`)
 WORLD_MOVIE = "world"
@@ -113,14 +114,19 @@ class Vcr(Task):
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)
-        #: the txt_dbs' tokenizer, when texts come from them
+        #: the txt_dbs' tokenizer and the words they add to it, when texts come from them
         self.text_vocabulary: Vocabulary | None = None
+        self.new_words = 0
 
     def examples(self, split: str) -> list[VcrExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split, TXT_DB_LENGTHS)
         if dbs is not None:
             check_images(dbs, ImageStore(self.data))
             self.text_vocabulary = dbs[0].vocabulary
+            for db in dbs:
+                listed = db.path / "special_tokens.json"
+                words = len(db.json(listed.name)) if listed.is_file() else PERSON_WORDS
+                self.new_words = max(self.new_words, words)
             return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"{split}.jsonl"
         store = ImageStore(self.data)
@@ -171,7 +177,7 @@ class Vcr(Task):
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
         if self.text_vocabulary is not None:
-            backbone.ensure_vocabulary(self.text_vocabulary.size + PERSON_WORDS)
+            backbone.ensure_vocabulary(self.text_vocabulary.size + self.new_words)
         return ChoiceHead(backbone.hidden_size)
 
     def collate(self, examples: list[VcrExample], backbone: Backbone) -> TaskBatch:
@@ -184,7 +190,7 @@ class Vcr(Task):
         answers = [answer for e in examples for answer in e.answers]
         rationales = [rationale for e in examples for rationale in e.rationales]
         # A txt_db's person words come after its tokenizer's, where the head grew the vocabulary.
-        new_words = PERSON_WORDS if self.text_vocabulary is not None else 0
+        new_words = self.new_words if self.text_vocabulary is not None else 0
         length = self.text_length
         return TaskBatch(
             [

@@ -33,7 +33,7 @@ from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
@@ -57,7 +57,9 @@ LICENSE = {"url": "https://opensource.org/licenses/MIT", "name": "MIT License"}
 #: UNITER's txt_db names (txt_db/vqa_<split>.db), and the ones it trains and scores on
 TXT_DB = "vqa"
 TXT_DB_TRAIN, TXT_DB_EVAL = ("train", "trainval", "vg"), "devval"
-#: the answers UNITER's head chooses from when a txt_db comes without its ans2label.json
+#: where a txt_db's answer vocabulary is kept (UNITER's authors' prepro pickles it beside the
+#: db), and how many answers UNITER's head has when none is
+ANSWER_FILES = ("ans2label.json", "ans2label.pkl")
 UNITER_ANSWERS = 3129
 #: BUTD's (and UNITER's) rule: an answer must be the majority answer this often
 MIN_ANSWER_COUNT = 9
@@ -310,9 +312,13 @@ def vqa_scores(answers: tuple[str, ...]) -> dict[str, float]:
 
 
 def read_answer_vocab(path: Path) -> list[str]:
-    """An answer vocabulary file: {answer: index} (UNITER's and LXMERT's ans2label.json), the
-    indices 0…n-1, or a list of answers."""
-    content = json_file(path)
+    """An answer vocabulary file: {answer: index} (UNITER's and LXMERT's ans2label.json, or the
+    same pickled, read without running code), the indices 0…n-1, or a list of answers."""
+    if path.suffix == ".pkl":
+        with path.open("rb") as file:
+            content = load_plain_pickle(file, path)
+    else:
+        content = json_file(path)
     if isinstance(content, list) and all(isinstance(a, str) for a in content):
         answers = content
     elif isinstance(content, dict) and sorted(content.values()) == list(range(len(content))):
