@@ -22,6 +22,7 @@ from vl_prune.data.codecs import (
     BadValue,
     decode_arrays,
     decode_msgpack,
+    decode_npz,
     decode_text_example,
 )
 
@@ -197,6 +198,21 @@ def test_truncated_values_are_bad_values():
 def test_garbage_values_are_bad_values(value, message):
     with pytest.raises(BadValue, match=message):
         decode_arrays(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(b"<html>503 Service Unavailable</html>", id="html-page"),
+        pytest.param(npy(np.ones((3, 4), np.float16)), id="npy-not-npz"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_feature_file_bytes_that_are_no_npz_are_bad_values_saying_so(value):
+    """What a per-image feature file holds is read with decode_npz whatever its first bytes: a
+    saved error page is not 'an object array', and a plain .npy is no npz either."""
+    with pytest.raises(BadValue, match="not readable npz"):
+        decode_npz(value)
 
 
 def _npy_with_header(header: bytes, data: bytes) -> bytes:

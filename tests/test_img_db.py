@@ -309,7 +309,8 @@ def test_missing_key_names_the_folder_and_the_key(tmp_path):
     with pytest.raises(VLPruneError, match=r"features/b\.npz: region features of image 'b'"):
         store.regions("b")
     with pytest.raises(
-        VLPruneError, match=r"dev\.json:3: image b is missing .*img_db entry nlvr2_b\.npz, b, b\.npz"
+        VLPruneError,
+        match=r"dev\.json:3: image b is missing .*img_db entry nlvr2_b\.npz, b, b\.npz",
     ):
         store.require("b", "dev.json:3")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,23 +109,27 @@ def test_folder_without_data_mdb_is_not_a_txt_db(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda meta: meta.pop("SEP"), r"meta\.json: 'SEP' is missing"),
-        (lambda meta: meta.pop("v_range"), r"meta\.json: 'v_range' is missing"),
-        (lambda meta: meta.update(CLS="[CLS]"), "must be token ids"),
-        (lambda meta: meta.update(MASK=1.5), "must be token ids"),
-        (lambda meta: meta.update(UNK=-1), "must be token ids"),
-        (lambda meta: meta.update(v_range=[106, "28996"]), "must be token ids"),
-        (lambda meta: meta.update(v_range=[106, 200, 300]), "must be token ids"),
-        (lambda meta: meta.update(v_range=28996), "must be token ids"),
+        pytest.param({"SEP": None}, r"meta\.json: 'SEP' is missing", id="no-SEP"),
+        pytest.param({"v_range": None}, r"meta\.json: 'v_range' is missing", id="no-v_range"),
+        pytest.param({"CLS": "[CLS]"}, "must be token ids", id="CLS-text"),
+        pytest.param({"MASK": 1.5}, "must be token ids", id="MASK-float"),
+        pytest.param({"UNK": -1}, "must be token ids", id="UNK-negative"),
+        pytest.param({"v_range": [106, "28996"]}, "must be token ids", id="v_range-text"),
+        pytest.param({"v_range": [106, 200, 300]}, "must be token ids", id="v_range-three"),
+        pytest.param({"v_range": 28996}, "must be token ids", id="v_range-int"),
     ],
 )
 def test_bad_meta_json_is_a_clear_error(tmp_path, change, message):
     path = ur.nlvr2_txt_db(tmp_path / "nlvr2_dev.db", nlvr2_records())
     meta = json.loads((path / "meta.json").read_text())
-    change(meta)
+    for name, value in change.items():
+        if value is None:
+            del meta[name]
+        else:
+            meta[name] = value
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(VLPruneError, match=message):
-        TxtDb(path).vocabulary
+        _ = TxtDb(path).vocabulary
 
 
 @pytest.mark.parametrize(
@@ -135,16 +140,16 @@ def test_meta_json_that_is_no_object_is_a_clear_error(tmp_path, content, message
     path = ur.nlvr2_txt_db(tmp_path / "nlvr2_dev.db", nlvr2_records())
     (path / "meta.json").write_text(content)
     with pytest.raises(VLPruneError, match=rf"meta\.json: {message}"):
-        TxtDb(path).vocabulary
+        _ = TxtDb(path).vocabulary
 
 
 def test_missing_or_bad_lengths_file_is_a_clear_error(tmp_path):
     path = simple_db(tmp_path / "x_dev.db", ["a"])
     with pytest.raises(VLPruneError, match=r"id2len_qa\.json: missing from the txt_db"):
-        TxtDb(path, lengths="id2len_qa.json").lengths
+        _ = TxtDb(path, lengths="id2len_qa.json").lengths
     (path / "id2len.json").write_text(json.dumps({"a": "five"}))
     with pytest.raises(VLPruneError, match=r"id2len\.json: expected \{id: length\}"):
-        TxtDb(path).lengths
+        _ = TxtDb(path).lengths
 
 
 def test_damaged_example_is_an_error_naming_db_and_key(tmp_path):
@@ -159,6 +164,15 @@ def test_damaged_example_is_an_error_naming_db_and_key(tmp_path):
     with pytest.raises(VLPruneError, match=rf"{re.escape(str(path))}: key 'a': not an lz4 frame"):
         db["a"]
     assert db["b"]["key"] == "b"
+
+
+def test_txt_db_without_lmdb_installed_says_what_to_install(tmp_path, monkeypatch):
+    path = simple_db(tmp_path / "x_dev.db", ["a"])
+    monkeypatch.setitem(sys.modules, "lmdb", None)
+    with pytest.raises(VLPruneError, match=r"pip install 'vl-prune\[uniter\]'"):
+        TxtDb(path)["a"]
+    with pytest.raises(VLPruneError, match=r"pip install 'vl-prune\[uniter\]'"):
+        TxtDb(path).check()
 
 
 # --- finding a split's txt_dbs --------------------------------------------------------------

@@ -23,18 +23,22 @@ def local_tokenizer(path: str | os.PathLike, lowercase: bool) -> Any:
     path = Path(path).expanduser()
     try:
         if path.is_file():
-            return BertTokenizerFast(vocab_file=str(path), do_lower_case=lowercase)
-        if not path.is_dir():
+            tokenizer = BertTokenizerFast(vocab=str(path), do_lower_case=lowercase)
+        elif not path.is_dir():
             raise VLPruneError(f"--tokenizer {path}: no such file or folder")
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        elif not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise VLPruneError(f"--tokenizer {path}: no {', '.join(TOKENIZER_FILES)} in the folder")
-        if not (path / "tokenizer_config.json").is_file() and (path / "vocab.txt").is_file():
-            return BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=lowercase)
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        elif not (path / "tokenizer_config.json").is_file() and (path / "vocab.txt").is_file():
+            tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=lowercase)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except VLPruneError:
         raise
     except Exception as exc:  # transformers raises many kinds for a bad tokenizer file
         raise VLPruneError(f"--tokenizer {path}: not a readable tokenizer ({reason(exc)})") from exc
+    if len(tokenizer) <= len(tokenizer.all_special_ids):
+        raise VLPruneError(f"--tokenizer {path}: holds no words besides the special tokens")
+    return tokenizer
 
 
 def beside(checkpoint: str | os.PathLike) -> Path | None:

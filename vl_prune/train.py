@@ -96,6 +96,23 @@ def make_accelerator(settings: TrainSettings, cpu: bool | None = None):
     )
 
 
+def _batches_of(
+    model: Any, task: Task, examples: Any, settings: TrainSettings, accelerator: Any, shuffle: bool
+) -> tuple[Any, Any]:
+    """The prepared loader of `examples` for `model`'s backbone (training batches shuffled,
+    evaluation batches in order) and its epoch order."""
+    backbone = accelerator.unwrap_model(model).backbone
+    loader, order = batches(
+        examples,
+        partial(_collate, task, backbone),
+        settings.batch_size if shuffle else settings.eval_batch_size,
+        settings.seed,
+        shuffle=shuffle,
+        workers=settings.workers,
+    )
+    return accelerator.prepare(loader), order
+
+
 def _collate(task: Task, backbone: Any, examples: list) -> TaskBatch:
     return task.collate(examples, backbone)
 
@@ -187,16 +204,7 @@ def fit(
         if saved is not None:
             accelerator.load_state(str(saved))
             step = int(saved.name.removeprefix(STEP))
-    backbone = accelerator.unwrap_model(model).backbone
-    loader, order = batches(
-        examples,
-        partial(_collate, task, backbone),
-        settings.batch_size,
-        settings.seed,
-        shuffle=True,
-        workers=settings.workers,
-    )
-    loader = accelerator.prepare(loader)
+    loader, order = _batches_of(model, task, examples, settings, accelerator, shuffle=True)
     model.train()
     losses: list[float] = []
     bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
@@ -292,16 +300,7 @@ def evaluate(
 
 
 def _evaluate(model, task, examples, settings, accelerator) -> float:
-    backbone = accelerator.unwrap_model(model).backbone
-    loader, _ = batches(
-        examples,
-        partial(_collate, task, backbone),
-        settings.eval_batch_size,
-        settings.seed,
-        shuffle=False,
-        workers=settings.workers,
-    )
-    loader = accelerator.prepare(loader)
+    loader, _ = _batches_of(model, task, examples, settings, accelerator, shuffle=False)
     model.eval()
     predictions, targets = [], []
     batch: TaskBatch

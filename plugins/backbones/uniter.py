@@ -191,7 +191,7 @@ class Uniter(Backbone):
             settings = PRESETS[preset]
         else:
             state, _ = read_checkpoint(checkpoint, shapes_only=True)
-            preset, overrides = _architecture(state, preset)
+            preset, overrides = _architecture(state, preset, str(checkpoint))
             settings = {**PRESETS[preset], **overrides}
         vocab = settings["vocab_size"]
         if tokenizer is not None:
@@ -212,7 +212,7 @@ class Uniter(Backbone):
         if checkpoint is None:
             return cls(cls.check_preset(preset))
         state, report = read_checkpoint(checkpoint)
-        preset, overrides = _architecture(state, preset)
+        preset, overrides = _architecture(state, preset, str(checkpoint))
         model = cls(preset, **overrides)
         model.load_backbone_state(state, source=str(checkpoint))
         model.load_report = report
@@ -386,45 +386,47 @@ def read_checkpoint(
     return state, report
 
 
-def _architecture(state: dict[str, torch.Tensor], preset: str | None) -> tuple[str, dict]:
+def _architecture(
+    state: dict[str, torch.Tensor], preset: str | None, source: str
+) -> tuple[str, dict]:
     """The preset to build and the settings to change in it for a checkpoint: its own shapes
     when no preset is given (named after the preset of its width), else the preset's, whose
     shapes the checkpoint must then fit (only the token types may have grown)."""
     if preset is not None:
         preset = Uniter.check_preset(preset)
-        return preset, {"type_vocab_size": _shape(state, "embeddings.token_type_embeddings")[0]}
-    preset, overrides = _closest_preset(state), _settings_from_state(state)
+        types = _shape(state, "embeddings.token_type_embeddings", source)[0]
+        return preset, {"type_vocab_size": types}
+    preset, overrides = _closest_preset(state, source), _settings_from_state(state, source)
     if PRESETS[preset]["hidden_size"] != overrides["hidden_size"]:
         overrides["num_attention_heads"] = max(1, overrides["hidden_size"] // 64)
     return preset, overrides
 
 
-def _shape(state: dict[str, torch.Tensor], module: str, dims: int = 2) -> torch.Size:
-    """The shape of `<module>.weight`, which must exist with `dims` dimensions."""
+def _shape(state: dict[str, torch.Tensor], module: str, source: str) -> torch.Size:
+    """The shape of `<module>.weight`, which must exist as a matrix."""
     weight = state.get(f"{module}.weight")
-    if weight is None or weight.dim() != dims:
+    if weight is None or weight.dim() != 2:
         found = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
-        raise VLPruneError(f"the checkpoint's {_PREFIX}{module}.weight is {found}")
+        raise VLPruneError(f"{source}: {_PREFIX}{module}.weight is {found}")
     return weight.shape
 
 
-def _settings_from_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    vocab, hidden = _shape(state, "embeddings.word_embeddings")
+def _settings_from_state(state: dict[str, torch.Tensor], source: str) -> dict[str, int]:
+    vocab, hidden = _shape(state, "embeddings.word_embeddings", source)
     numbers = {int(k.split(".")[2]) for k in state if re.match(r"encoder\.layer\.\d+\.", k)}
     if not numbers:
-        raise VLPruneError(f"the checkpoint has no {_PREFIX}encoder.layer.* keys")
-    layers = 1 + max(numbers)
+        raise VLPruneError(f"{source}: no {_PREFIX}encoder.layer.* keys")
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=_shape(state, "encoder.layer.0.intermediate.dense")[0],
-        max_position_embeddings=_shape(state, "embeddings.position_embeddings")[0],
-        type_vocab_size=_shape(state, "embeddings.token_type_embeddings")[0],
-        img_dim=_shape(state, "img_embeddings.img_linear")[1],
+        num_hidden_layers=1 + max(numbers),
+        intermediate_size=_shape(state, "encoder.layer.0.intermediate.dense", source)[0],
+        max_position_embeddings=_shape(state, "embeddings.position_embeddings", source)[0],
+        type_vocab_size=_shape(state, "embeddings.token_type_embeddings", source)[0],
+        img_dim=_shape(state, "img_embeddings.img_linear", source)[1],
     )
 
 
-def _closest_preset(state: dict[str, torch.Tensor]) -> str:
-    hidden = _shape(state, "embeddings.word_embeddings")[1]
+def _closest_preset(state: dict[str, torch.Tensor], source: str) -> str:
+    hidden = _shape(state, "embeddings.word_embeddings", source)[1]
     return next((p for p, s in PRESETS.items() if s["hidden_size"] == hidden), "base")

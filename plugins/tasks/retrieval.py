@@ -36,12 +36,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, overload
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.lazy import LazySequence
 from vl_prune.data.txt_db import TxtDb, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
@@ -101,7 +102,7 @@ class Split:
     holders: dict[str | TokenIds, frozenset[int]]
 
 
-class Pool(Sequence):
+class Pool(LazySequence):
     """Every (image, caption) pair of a split, image-major, each made when asked for: Flickr30k's
     test pool is 5 M pairs, too many to keep as Python objects."""
 
@@ -111,19 +112,7 @@ class Pool(Sequence):
     def __len__(self) -> int:
         return len(self.split.images) * len(self.split.captions)
 
-    @overload
-    def __getitem__(self, index: int) -> Candidate: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Candidate]: ...
-
-    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def item(self, index: int) -> Candidate:
         image, caption = divmod(index, len(self.split.captions))
         return Candidate(self.split.name, image, caption)
 

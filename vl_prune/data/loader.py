@@ -34,8 +34,8 @@ def default_workers() -> int:
 
 
 class EpochOrder(Sampler):
-    """(epoch, position) of every example of an epoch: shuffled by `seed + epoch` (the same
-    permutation torch's RandomSampler draws from that seed), or in order when `seed` is None.
+    """(epoch, position) of every example of an epoch: shuffled by `seed + epoch` (the order a
+    shuffling DataLoader with that seed's generator gives), or in order when `seed` is None.
     `start(epoch)` chooses the epoch; one loader (and its workers) serves every epoch."""
 
     def __init__(self, size: int, seed: int | None):
@@ -56,6 +56,9 @@ class EpochOrder(Sampler):
             order = range(self.size)
         else:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            # A shuffling DataLoader given this generator drew its workers' base seed from it
+            # first: draw it too, so that a seed shuffles as it did before (and as torch does).
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
             order = torch.randperm(self.size, generator=generator).tolist()
         return ((self.epoch, i) for i in order)
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 from vl_prune.data.codecs import BadValue, decode_text_example
+from vl_prune.data.lazy import LazySequence
 from vl_prune.data.lmdb_files import read, stored_keys
 from vl_prune.errors import VLPruneError
 
@@ -63,7 +64,11 @@ class TxtDb:
                 raise VLPruneError(f"{where}: {name!r} is missing")
         ids = [meta[name] for name in META_IDS]
         words = meta["v_range"]
-        if not all(isinstance(i, int) and i >= 0 for i in [*ids, *words]) or len(words) != 2:
+        if (
+            not isinstance(words, list)
+            or len(words) != 2
+            or not all(isinstance(i, int) and i >= 0 for i in [*ids, *words])
+        ):
             raise VLPruneError(f"{where}: CLS, SEP, MASK, UNK and v_range must be token ids")
         tokenizer = str(meta.get("tokenizer") or meta.get("toker") or meta.get("bert") or "")
         return Vocabulary(*ids, words=(words[0], words[1]), tokenizer=tokenizer)
@@ -131,7 +136,7 @@ class TxtDb:
         return keys
 
 
-class TxtDbExamples(Sequence):
+class TxtDbExamples(LazySequence):
     """The examples of one split's txt_dbs in order, each decoded when asked for (in a
     DataLoader worker, during training) and made a task's example by `parse(db, key, record)`:
     UNITER's pre-training texts are millions, too many to hold decoded."""
@@ -144,19 +149,7 @@ class TxtDbExamples(Sequence):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    @overload
-    def __getitem__(self, index: int) -> Any: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Any]: ...
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def item(self, index: int) -> Any:
         which = bisect.bisect_right(self.starts, index) - 1
         db, key = self.dbs[which], self.keys[which][index - self.starts[which]]
         return self.parse(db, key, db[key])
