@@ -144,7 +144,7 @@ BROKEN = {
         lambda d: _delete(
             d / "img_db" / "nlvr2_train" / "feat_th0.2_max100_min10", "nlvr2_train-2-0-img1.npz"
         ),
-        r"txt2img\.json: id 'train-2-0-0': image nlvr2_train-2-0-img1\.npz is missing",
+        r"txt2img\.json: id 'train-2-0-0': image nlvr2_train-2-0-img1\.npz is not in .*/img_db$",
     ),
     "a truncated img_db": (
         lambda d: _truncate(d / "img_db" / "nlvr2_dev" / "feat_th0.2_max100_min10"),
@@ -225,3 +225,15 @@ def test_evaluate_and_transfer_take_the_release_too(checkpoint, folders, tmp_pat
     )
     assert transferred.exit_code == 0, transferred.output
     assert json.loads(transferred.stdout)["fraction_of_dense"] is not None
+
+
+def test_vqa_answers_come_from_the_release(folders):
+    """UNITER's authors' prepro pickles the answer vocabulary beside the txt_db; without it the
+    head has UNITER's 3,129 answers."""
+    from vl_prune_plugins.tasks.vqa import Vqa
+
+    data = folders["vqa", True]
+    task = Vqa(data)
+    assert task.default_splits() == ("train", "devval")
+    assert task.vocabulary() == ["2", "no", "yes"]
+    assert dict(task.examples("devval")[0].scores) == {2: 1.0}  # "yes" given nine times of ten

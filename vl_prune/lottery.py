@@ -167,12 +167,12 @@ class Experiment:
         their fit to the backbone are checked before anything expensive."""
         train = self.settings.train
         with torch.random.fork_rng(devices=[]):
-            for examples, size in (
-                (self.train_examples, train.batch_size),
-                (self.eval_examples, train.eval_batch_size),
+            for split, examples, size in (
+                (self.task.train_split, self.train_examples, train.batch_size),
+                (self.task.eval_split, self.eval_examples, train.eval_batch_size),
             ):
                 if not len(examples):
-                    raise VLPruneError(f"{self.task.data}: a split has no examples")
+                    raise VLPruneError(f"{self.task.data}: split {split!r} has no examples")
                 self.task.collate(list(examples[:size]), inputs)
 
     def fresh(self) -> VLModel:

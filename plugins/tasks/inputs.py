@@ -90,10 +90,13 @@ class ImageStore:
         if name in self._present:
             return
         if not self.has(name):
-            keys = ", ".join(self._candidates(name if isinstance(name, str) else name[0]))
+            missing = next(part for part in _parts(name) if not self.has(part))
+            if missing.endswith(".npz"):  # an img_db key, as a txt_db names its images
+                raise VLPruneError(f"{where}: image {missing} is not in {self.root / 'img_db'}")
+            keys = ", ".join(self._candidates(missing))
             raise VLPruneError(
-                f"{where}: image {name} is missing (no features/{name}.npz, images/{name}.png "
-                f"or img_db entry {keys})"
+                f"{where}: image {missing} is missing (no features/{missing}.npz, "
+                f"images/{missing}.png or img_db entry {keys})"
             )
         self._present.add(name)
 
@@ -109,6 +112,9 @@ class ImageStore:
         return name if own else self._key(name)
 
     def _candidates(self, name: str) -> list[str]:
+        """The img_db keys an image may be stored under: a key stands for itself."""
+        if name.endswith(".npz"):
+            return [name]
         return list(dict.fromkeys([*self.keys(name), name, f"{name}.npz"]))
 
     def _key(self, name: str) -> str | None:
@@ -118,6 +124,10 @@ class ImageStore:
             found = open_img_db(db).find(self._candidates(name)) if db.is_dir() else None
             self._found[name] = found
         return self._found[name]
+
+
+def _parts(name: ImageName) -> tuple[str, ...]:
+    return (name,) if isinstance(name, str) else name
 
 
 def encode(

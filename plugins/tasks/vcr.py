@@ -96,6 +96,8 @@ class Vcr(Task):
     # Named apart from UNITER's logs, where "qar" is QA→R and the joint score is plain "acc".
     metric = "q_ar_accuracy"
     splits = ("train", "val")
+    # UNITER's train-vcr-base-4gpu.json: a question, an answer and a rationale fit in 220 tokens.
+    max_text_len = 220
     world_version = WORLD_VERSION
     # UNITER's train-vcr-base-4gpu.json: 8000 steps, lr 6e-5, 800 warmup steps; its batches of
     # 4000 tokens × 5 accumulation × 4 GPUs hold ~80 questions of 8 choices here.

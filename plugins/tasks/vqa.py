@@ -171,12 +171,11 @@ class Vqa(Task):
 
     def _read_vocabulary(self) -> list[str]:
         if has_dbs(self.data, TXT_DB):
-            for folder in (
-                self.data,
-                *(db.path for db in split_dbs(self.data, TXT_DB, self.train_split)),
-            ):
-                if (folder / "ans2label.json").is_file():
-                    return read_answer_vocab(folder / "ans2label.json")
+            dbs = split_dbs(self.data, TXT_DB, self.train_split) or []
+            for folder in (self.data, *(db.path for db in dbs)):
+                for name in ANSWER_FILES:
+                    if (folder / name).is_file():
+                        return read_answer_vocab(folder / name)
             return [f"answer {i}" for i in range(UNITER_ANSWERS)]
         majority: Counter[str] = Counter()
         for split in dict.fromkeys((self.train_split, self.eval_split)):
