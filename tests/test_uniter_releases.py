@@ -237,3 +237,15 @@ def test_vqa_answers_come_from_the_release(folders):
     assert task.default_splits() == ("train", "devval")
     assert task.vocabulary() == ["2", "no", "yes"]
     assert dict(task.examples("devval")[0].scores) == {2: 1.0}  # "yes" given nine times of ten
+
+
+def test_a_release_tokenised_for_another_vocabulary_is_refused(folders, tmp_path, monkeypatch):
+    """bert-base-uncased's 30,522 words would read bert-base-cased's ids as other words."""
+    uncased = tmp_path / "uncased.pt"
+    write_uniter_checkpoint(uncased, vocab=30522, img_dim=IMG_DIM)
+    monkeypatch.setattr(Uniter, "build", lambda *a, **k: pytest.fail("model built"))
+    data = folders["nlvr2", True]
+    result = find(tmp_path, "--task", "nlvr2", "--checkpoint", str(uncased), "--data", str(data))
+    assert result.exit_code == 2, result.output
+    assert "tokenised by bert-base-cased (28,996 words, meta.json)" in result.output
+    assert "uniter-tiny has 30,522 words" in result.output

@@ -128,6 +128,7 @@ class Experiment:
         self.train_examples = self.task.examples(train_split)
         self.eval_examples = self.task.examples(eval_split)
         inputs = self._inputs(backbone_class)
+        self._check_vocabulary(inputs)
         self._collate_first_batches(inputs)
         log(
             f"data: {settings.task} {train_split} ({len(self.train_examples):,} examples), "
@@ -161,6 +162,17 @@ class Experiment:
         if "tiny" not in backbone_class.presets:
             return backbone_class.embedded()  # which says what to pass instead
         return backbone_class.inputs("tiny")
+
+    def _check_vocabulary(self, inputs: Inputs | Backbone) -> None:
+        """Texts read already tokenised (a txt_db) must come from the backbone's vocabulary:
+        another tokenizer's ids would be read as other words."""
+        words, size = self.task.text_vocabulary, inputs.vocab_size
+        if words is not None and size is not None and words.size != size:
+            raise VLPruneError(
+                f"{self.task.data}: the texts were tokenised by {words.tokenizer or 'a tokenizer'} "
+                f"({words.size:,} words, meta.json), {inputs.label} has {size:,} words: give a "
+                "checkpoint of that vocabulary"
+            )
 
     def _collate_first_batches(self, inputs: Inputs | Backbone) -> None:
         """Collate the first batch of each split: annotation records, features, tokenizer and

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, ImageInput, VLBatch
+from vl_prune.data.txt_db import Vocabulary
 from vl_prune.errors import VLPruneError
 
 
@@ -93,6 +94,9 @@ class Task:
         if not self.data.is_dir():
             raise VLPruneError(f"{self.data}: no such data folder")
         self.options = options or DataOptions()
+        #: the tokenizer of texts read already tokenised (a UNITER txt_db's meta.json): the
+        #: backbone's vocabulary must be its
+        self.text_vocabulary: Vocabulary | None = None
 
     @property
     def text_length(self) -> int:

@@ -38,7 +38,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_file, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.tasks.vqa import VqaHead, read_answer_vocab
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
@@ -94,7 +94,7 @@ class Gqa(Task):
     def examples(self, split: str) -> list[GqaExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
         if dbs is not None:
-            check_images(dbs, ImageStore(self.data, db_keys))
+            use_txt_dbs(self, dbs, ImageStore(self.data, db_keys))
             examples = TxtDbExamples(dbs, _from_txt_db)
             if split == self.train_split and self.answers is None:
                 self.answers = sorted({e.answer for e in examples})

@@ -24,7 +24,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 LABELS = {"False": 0, "True": 1}
@@ -83,7 +83,7 @@ class Nlvr2(Task):
     def examples(self, split: str) -> list[Nlvr2Example] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
         if dbs is not None:
-            check_images(dbs, self._store())
+            use_txt_dbs(self, dbs, self._store())
             return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"{split}.json"
         store = self._store()

@@ -21,13 +21,12 @@ from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.loader import COLLATION
-from vl_prune.data.txt_db import TxtDb, TxtDbExamples, Vocabulary, has_dbs, locate, split_dbs
-from vl_prune.errors import VLPruneError
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.task import DataOptions, Task, TaskBatch, VLModel, symmetric_kl
 from vl_prune.train import OPTIMIZER, TrainSettings
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.karpathy import db_keys, karpathy_image, read_split, split_names
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.vocabulary import words
 
@@ -91,8 +90,6 @@ class Pretrain(Task):
         super().__init__(data, options)
         # image → every caption read for it: a pair is matched when its caption is among them.
         self.captions_of: dict[str, set[str]] = {}
-        #: the txt_dbs' tokenizer ([MASK], special and word ids), when texts come from them
-        self.text_vocabulary: Vocabulary | None = None
 
     def default_splits(self) -> tuple[str, str]:
         """UNITER's txt_dbs (`coco_train+coco_restval+vg_train` as far as present,
@@ -105,11 +102,7 @@ class Pretrain(Task):
     def examples(self, split: str) -> list[Caption] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
         if dbs is not None:
-            check_images(dbs, ImageStore(self.data, db_keys))
-            for db in dbs:
-                if self.text_vocabulary not in (None, db.vocabulary):
-                    raise VLPruneError(f"{db.path}: tokenised unlike the other txt_dbs")
-                self.text_vocabulary = db.vocabulary
+            use_txt_dbs(self, dbs, ImageStore(self.data, db_keys))
             return TxtDbExamples(dbs, _from_txt_db)
         out = []
         for image in read_split(self.data, split, READS.get(split, ())):

@@ -38,6 +38,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.uniter_dbs import record_vocabulary
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ class RefcocoPlus(Task):
     def _from_txt_dbs(self, dbs: list[TxtDb], split: str) -> TxtDbExamples:
         """The sentences of UNITER's RE txt_dbs, each image's features checked up front."""
         store = self._store(split)
+        record_vocabulary(self, dbs)
         images = {}
         for db in dbs:
             db.check()

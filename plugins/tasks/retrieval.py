@@ -49,7 +49,7 @@ from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.annotations import write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.karpathy import db_keys, karpathy_image, read_split
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.language import number
 from vl_prune_plugins.world.scenes import Scene, WorldSettings
@@ -171,7 +171,7 @@ class Retrieval(Task):
         if split not in self._read:
             dbs = split_dbs(self.data, TXT_DB, split)
             if dbs is not None:
-                check_images(dbs, self._store())
+                use_txt_dbs(self, dbs, self._store())
                 self._read[split] = _split_from_txt_db(dbs, split)
             else:
                 self._read[split] = _read_split(self.data, split)

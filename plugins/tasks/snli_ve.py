@@ -37,7 +37,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.tasks.vqa import VqaHead
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.scenes import Scene, WorldSettings
@@ -89,7 +89,7 @@ class SnliVe(Task):
     def examples(self, split: str) -> list[SnliVeExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
         if dbs is not None:
-            check_images(dbs, ImageStore(self.data, db_keys))
+            use_txt_dbs(self, dbs, ImageStore(self.data, db_keys))
             return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"snli_ve_{split}.jsonl"
         store = ImageStore(self.data, db_keys)

@@ -1,5 +1,5 @@
-"""What every task checks of UNITER's txt_dbs before training: the examples are stored and
-their images are in the folder (or its img_db)."""
+"""What every task checks of UNITER's txt_dbs before training: the examples are stored, their
+images are in the folder (or its img_db), and one tokenizer made their texts."""
 
 from __future__ import annotations
 
@@ -7,12 +7,30 @@ from typing import Any
 
 from vl_prune.data.txt_db import TxtDb
 from vl_prune.errors import VLPruneError
+from vl_prune.task import Task
 from vl_prune_plugins.tasks.inputs import ImageStore
+
+
+def use_txt_dbs(task: Task, dbs: list[TxtDb], store: ImageStore) -> None:
+    """Check the txt_dbs a split is read from and record their tokenizer as the task's
+    `text_vocabulary` (whose size the backbone's vocabulary must match): every example id is
+    stored, every image `txt2img.json` names for it is in the store. An incomplete download
+    fails here, not hours into training."""
+    check_images(dbs, store)
+    record_vocabulary(task, dbs)
+
+
+def record_vocabulary(task: Task, dbs: list[TxtDb]) -> None:
+    """The txt_dbs' tokenizer as the task's `text_vocabulary`; every split must share it."""
+    for db in dbs:
+        if task.text_vocabulary not in (None, db.vocabulary):
+            raise VLPruneError(f"{db.path}: tokenised unlike the task's other txt_dbs (meta.json)")
+        task.text_vocabulary = db.vocabulary
 
 
 def check_images(dbs: list[TxtDb], store: ImageStore) -> None:
     """Every example id is stored, and every image `txt2img.json` names for it is in the
-    store: an incomplete download fails here, not hours into training."""
+    store."""
     for db in dbs:
         db.check()
         images = db.image_keys()

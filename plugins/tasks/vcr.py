@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
-from vl_prune.data.txt_db import TxtDb, TxtDbExamples, Vocabulary, split_dbs
+from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
 from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 if TYPE_CHECKING:
@@ -116,15 +116,13 @@ class Vcr(Task):
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)
-        #: the txt_dbs' tokenizer and the words they add to it, when texts come from them
-        self.text_vocabulary: Vocabulary | None = None
+        #: the words a txt_db adds to its tokenizer's (UNITER's person words)
         self.new_words = 0
 
     def examples(self, split: str) -> list[VcrExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split, TXT_DB_LENGTHS)
         if dbs is not None:
-            check_images(dbs, ImageStore(self.data))
-            self.text_vocabulary = dbs[0].vocabulary
+            use_txt_dbs(self, dbs, ImageStore(self.data))
             for db in dbs:
                 listed = db.path / "special_tokens.json"
                 words = len(db.json(listed.name)) if listed.is_file() else PERSON_WORDS

@@ -35,7 +35,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
 from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.uniter_dbs import check_images, image_names
+from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 ANSWERS_PER_QUESTION = 10
@@ -134,7 +134,7 @@ class Vqa(Task):
     def examples(self, split: str) -> list[VqaExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
         if dbs is not None:
-            check_images(dbs, ImageStore(self.data))
+            use_txt_dbs(self, dbs, ImageStore(self.data))
             return TxtDbExamples(dbs, _from_txt_db)
         questions_path = self.data / f"v2_OpenEnded_mscoco_{split}_questions.json"
         annotations_path = self.data / f"v2_mscoco_{split}_annotations.json"
