@@ -6,7 +6,7 @@ features, 36 to 100 regions an image as UNITER's conf > 0.2 rule leaves them), t
 
 1. examples per second the loader delivers (`vl_prune.data.loader.batches`: LMDB reads,
    decoding, collation into NLVR2 batches of UNITER-base's inputs) with 0, 2 and 4 workers,
-   over one epoch, the workers' start included;
+   over one epoch after its first batch (which waits for the workers to start);
 2. one UNITER-base training step (forward, backward, AdamW) on a batch of the same size.
 
 The ratio says how many steps' worth of batches the loader prepares in a step's time: at least
@@ -99,7 +99,8 @@ def _write_lmdb(path: Path, values: dict[str, bytes]) -> None:
 
 
 def loader_rate(task: Nlvr2, backbone: Uniter, size: int, workers: int) -> float:
-    """Examples per second over one pass, after the first batch (workers starting)."""
+    """Examples per second over one epoch after its first batch, which waits for the workers
+    to start (they start once a run)."""
     examples = task.examples("train")
     loader, _ = batches(examples, partial(task.collate, backbone=backbone), size, 0, True, workers)
     stream = iter(loader)

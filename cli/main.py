@@ -237,23 +237,21 @@ _runs_option = click.option(
 )
 
 
-_DATA_FLAGS = ("train_split", "eval_split", "max_text_len", "answer_vocab")
-
-
 def _settings(
     task: str, backbone: str, training: dict, data: str | None, implied: bool = False, **extra
 ):
     """FindSettings from the flags; training flags left unset come from the task's recipe.
     `implied`: the method fine-tunes adversarially whether --adversarial is given or not."""
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     from vl_prune.lottery import FindSettings, recipe
     from vl_prune.task import DataOptions
 
     training = dict(training)
-    options = DataOptions(**{k: training.pop(k) for k in _DATA_FLAGS})
+    names = [f.name for f in fields(DataOptions)]
+    options = DataOptions(**{name: training.pop(name) for name in names})
     if data is None and options != DataOptions():
-        flag = next(k for k in _DATA_FLAGS if getattr(options, k) is not None)
+        flag = next(name for name in names if getattr(options, name) is not None)
         raise UserError(f"--{flag.replace('_', '-')} describes --data; the world has its own")
     adversarial = _adversarial(training, implied)
     given = {k: v for k, v in training.items() if v is not None}

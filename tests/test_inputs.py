@@ -288,13 +288,17 @@ def test_token_ids_are_cut_to_max_length_keeping_the_final_sep(one_image, uniter
 def test_token_ids_outside_the_vocabulary_are_refused(one_image, uniter):
     size = uniter.vocab_size
     with pytest.raises(
-        VLPruneError, match=rf"token id {size} is outside the backbone's vocabulary of {size}"
+        VLPruneError,
+        match=rf"token id {size} of the txt_db's texts is outside the backbone's vocabulary "
+        rf"of {size}",
     ):
         encode([(CLS, size, SEP)], ["img"], uniter, one_image)
-    with pytest.raises(VLPruneError, match=rf"token id {size + 3} is outside"):
+    with pytest.raises(
+        VLPruneError, match=rf"token id {size + 3} of the txt_db's texts is outside"
+    ):
         encode([(CLS, 5, SEP)], ["img"], uniter, one_image, pairs=[(size + 3, SEP)])
     # A task head that adds words (VCR's person tags) raises the bound by their number.
     batch = encode([(CLS, size, size + 1, SEP)], ["img"], uniter, one_image, new_words=2)
     assert batch.input_ids.tolist() == [[CLS, size, size + 1, SEP]]
-    with pytest.raises(VLPruneError, match=rf"token id {size + 2} is outside .* of {size + 2}"):
+    with pytest.raises(VLPruneError, match=rf"token id {size + 2} of .* of {size + 2} words"):
         encode([(CLS, size + 2, SEP)], ["img"], uniter, one_image, new_words=2)

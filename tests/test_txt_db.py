@@ -47,7 +47,7 @@ def test_examples_are_read_as_prepro_wrote_them(tmp_path):
     assert first["target"] == 1 and dict(examples)["dev-850-0-1"]["target"] == 0
     assert first["sentence"] == "There are two dogs."
     assert db["dev-7-3-0"]["input_ids"] == ur.tokenize("A cat.")
-    assert db.lengths == {key: len(ur.tokenize(text)) for key, text in SENTENCES.items()}
+    assert list(db.example_ids()) == list(SENTENCES)
     assert db.image_keys()["dev-7-3-0"] == ["nlvr2_dev-7-3-img0.npz", "nlvr2_dev-7-3-img1.npz"]
     db.check()  # every listed id is stored
 
@@ -75,10 +75,10 @@ def test_lengths_keep_the_files_order_and_another_lengths_file_can_be_chosen(tmp
     keys = ["b", "a", "10", "2"]
     path = simple_db(tmp_path / "x_dev.db", keys)
     (path / "id2len_qar.json").write_text(json.dumps({"2": 5, "b": 7}))
-    assert list(TxtDb(path).lengths) == keys
+    assert list(TxtDb(path).example_ids()) == keys
     assert [key for key, _ in TxtDb(path).examples()] == keys
     other = TxtDb(path, lengths="id2len_qar.json")
-    assert other.lengths == {"2": 5, "b": 7}
+    assert list(other.example_ids()) == ["2", "b"]
     assert [example["key"] for _, example in other.examples()] == ["2", "b"]
 
 
@@ -146,10 +146,10 @@ def test_meta_json_that_is_no_object_is_a_clear_error(tmp_path, content, message
 def test_missing_or_bad_lengths_file_is_a_clear_error(tmp_path):
     path = simple_db(tmp_path / "x_dev.db", ["a"])
     with pytest.raises(VLPruneError, match=r"id2len_qa\.json: missing from the txt_db"):
-        _ = TxtDb(path, lengths="id2len_qa.json").lengths
+        _ = TxtDb(path, lengths="id2len_qa.json").ids
     (path / "id2len.json").write_text(json.dumps({"a": "five"}))
     with pytest.raises(VLPruneError, match=r"id2len\.json: expected \{id: length\}"):
-        _ = TxtDb(path).lengths
+        _ = TxtDb(path).ids
 
 
 def test_damaged_example_is_an_error_naming_db_and_key(tmp_path):
@@ -195,7 +195,7 @@ def test_split_dbs_joins_plus_separated_parts_in_order(tmp_path):
     simple_db(tmp_path / "txt_db" / "vqa_devval.db", ["d1"])
     dbs = split_dbs(tmp_path, "vqa", "train+trainval")
     assert [db.path.name for db in dbs] == ["vqa_train.db", "vqa_trainval.db"]
-    assert [key for db in dbs for key in db.lengths] == ["t1", "t2", "v1"]
+    assert [key for db in dbs for key in db.example_ids()] == ["t1", "t2", "v1"]
     dbs = split_dbs(tmp_path, "vqa", "trainval+train", lengths="id2len.json")
     assert [db.path.name for db in dbs] == ["vqa_trainval.db", "vqa_train.db"]
 

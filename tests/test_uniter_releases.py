@@ -249,3 +249,60 @@ def test_a_release_tokenised_for_another_vocabulary_is_refused(folders, tmp_path
     assert result.exit_code == 2, result.output
     assert "tokenised by bert-base-cased (28,996 words, meta.json)" in result.output
     assert "uniter-tiny has 30,522 words" in result.output
+
+
+def test_vcr_from_uniters_second_stage_checkpoint(folders, tmp_path):
+    """uniter-base-vcr_2nd_stage.pt already holds the 81 person words (29,077 rows)."""
+    second_stage = tmp_path / "uniter-base-vcr_2nd_stage.pt"
+    write_uniter_checkpoint(second_stage, vocab=28996 + 81, img_dim=IMG_DIM)
+    data = folders["vcr", True]
+    result = find(tmp_path, "--task", "vcr", "--checkpoint", str(second_stage), "--data", str(data))
+    assert result.exit_code == 0, result.output
+    assert "grew word embeddings" not in result.stderr
+
+
+def test_a_bad_record_met_in_a_worker_is_one_line(checkpoint, folders, tmp_path):
+    """The first batch is checked up front; a damaged record further on fails when its batch
+    is made, in a worker, and is still reported in its own one line."""
+    data = _broken(folders, tmp_path, "nlvr2")
+    _put(data / "txt_db" / "nlvr2_train.db", "train-3-1-0", b"garbage")
+    args = ("--task", "nlvr2", "--checkpoint", str(checkpoint), "--data", str(data))
+    result = find(tmp_path, *args, "--num-workers", "2")
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"vlprune: error: .*nlvr2_train\.db: key 'train-3-1-0': not an lz4 frame.*", last
+    )
+    assert "Traceback" not in result.output
+
+
+def test_a_tokenizer_larger_than_the_checkpoints_vocabulary_is_refused(folders, tmp_path):
+    small = tmp_path / "small.pt"
+    write_uniter_checkpoint(small, vocab=len(WORDS) - 1, img_dim=IMG_DIM)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    args = ("--task", "nlvr2", "--checkpoint", str(small), "--data", str(folders["nlvr2", False]))
+    result = find(tmp_path, *args, "--tokenizer", str(vocab))
+    assert result.exit_code == 2, result.output
+    assert f"the tokenizer has {len(WORDS)} words, uniter-tiny {len(WORDS) - 1}" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_checkpoint_in_torchs_pre_1_6_format_loads(checkpoint, folders, tmp_path):
+    """UNITER's releases were saved by torch 1.1, before the zip format (no memory map)."""
+    import torch
+
+    legacy = tmp_path / "uniter-base.pt"
+    torch.save(torch.load(checkpoint), legacy, _use_new_zipfile_serialization=False)
+    data = folders["nlvr2", True]
+    result = find(tmp_path, "--task", "nlvr2", "--checkpoint", str(legacy), "--data", str(data))
+    assert result.exit_code == 0, result.output
+
+
+def test_texts_longer_than_the_models_positions_are_a_clear_error(folders, tmp_path):
+    short = tmp_path / "short.pt"
+    write_uniter_checkpoint(short, max_position=8, img_dim=IMG_DIM)
+    data = folders["nlvr2", True]
+    result = find(tmp_path, "--task", "nlvr2", "--checkpoint", str(short), "--data", str(data))
+    assert result.exit_code == 2, result.output
+    assert "but the model has 8 positions: lower --max-text-len" in result.output

@@ -48,12 +48,23 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
     return state
 
 
-def _torch_load(path: Path, mmap: bool) -> object:
-    """`torch.load`, memory-mapped when asked and the file is in torch's zip format (older
-    checkpoints, saved before torch 1.6, are read whole)."""
-    if mmap:
+#: a checkpoint read whole for its shapes (torch's pre-1.6 format, which UNITER's releases
+#: were saved in, cannot be memory-mapped), kept for the read of its values that follows
+_READ_WHOLE: dict[tuple[Path, int, int], object] = {}
+
+
+def _torch_load(path: Path, shapes_only: bool) -> object:
+    """`torch.load`; for shapes only, memory-mapped where the file is in torch's zip format
+    (nothing is read but the tensors' headers), else read whole once for both reads."""
+    stat = path.stat()
+    key = (path.resolve(), stat.st_mtime_ns, stat.st_size)
+    if key in _READ_WHOLE and not shapes_only:
+        return _READ_WHOLE.pop(key)
+    if shapes_only:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:
-            pass
+            _READ_WHOLE.clear()
+            _READ_WHOLE[key] = torch.load(path, map_location="cpu", weights_only=True)
+            return _READ_WHOLE[key]
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -164,14 +164,22 @@ class Experiment:
         return backbone_class.inputs("tiny")
 
     def _check_vocabulary(self, inputs: Inputs | Backbone) -> None:
-        """Texts read already tokenised (a txt_db) must come from the backbone's vocabulary:
-        another tokenizer's ids would be read as other words."""
+        """Texts must come as ids of the backbone's words: a txt_db tokenised for another
+        vocabulary, or a tokenizer with more words than the checkpoint, would be read as other
+        words or index past the word embedding."""
         words, size = self.task.text_vocabulary, inputs.vocab_size
-        if words is not None and size is not None and words.size != size:
+        if size is None:
+            return
+        if words is not None and not words.size <= size <= words.size + words.added:
             raise VLPruneError(
                 f"{self.task.data}: the texts were tokenised by {words.tokenizer or 'a tokenizer'} "
                 f"({words.size:,} words, meta.json), {inputs.label} has {size:,} words: give a "
                 "checkpoint of that vocabulary"
+            )
+        if words is None and len(inputs.tokenizer) > size:
+            raise VLPruneError(
+                f"the tokenizer has {len(inputs.tokenizer):,} words, {inputs.label} "
+                f"{size:,}: give the checkpoint's own tokenizer (--tokenizer)"
             )
 
     def _collate_first_batches(self, inputs: Inputs | Backbone) -> None:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from vl_prune.backbone import Backbone, ImageInput, VLBatch
-from vl_prune.data.txt_db import Vocabulary
+from vl_prune.backbone import Backbone, ImageInput, Inputs, VLBatch
 from vl_prune.errors import VLPruneError
+
+if TYPE_CHECKING:
+    from vl_prune.data.txt_db import Vocabulary
 
 
 @dataclass
@@ -131,8 +133,10 @@ class Task:
         (logits, or a tuple/dict of them) that `loss` and `predict` take."""
         raise NotImplementedError
 
-    def collate(self, examples: list[Any], backbone: Backbone) -> TaskBatch:
-        """Examples → a TaskBatch for this backbone (its tokenizer and image input)."""
+    def collate(self, examples: list[Any], backbone: Backbone | Inputs) -> TaskBatch:
+        """Examples → a TaskBatch for this backbone. It may read only what `Inputs` offers
+        (`image_input`, `tokenizer`, `image_processor`, `img_dim`, `vocab_size`, `label`): the
+        first batches are collated before the backbone is built, to check the data."""
         raise NotImplementedError
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:

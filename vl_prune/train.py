@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
-from vl_prune.data.loader import batches
+from vl_prune.data.loader import batches, raising
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 from vl_prune.task import Task, TaskBatch, VLModel
@@ -219,7 +219,7 @@ def fit(
             epoch_batches = loader
             if done:
                 epoch_batches = accelerator.skip_first_batches(loader, done * accumulation)
-            for batch in epoch_batches:
+            for batch in raising(epoch_batches):
                 with accelerator.accumulate(model):
                     loss = _backward(model, task, batch, settings, accelerator)
                     if not math.isfinite(loss.item()):
@@ -304,7 +304,7 @@ def _evaluate(model, task, examples, settings, accelerator) -> float:
     model.eval()
     predictions, targets = [], []
     batch: TaskBatch
-    for batch in loader:
+    for batch in raising(loader):
         gathered = accelerator.gather_for_metrics((task.predict(model(batch)), batch.targets))
         predictions.append(gathered[0])
         targets.append(gathered[1])

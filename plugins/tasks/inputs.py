@@ -163,6 +163,7 @@ def encode(
             attention_mask=tokens["attention_mask"],
             token_type_ids=tokens.get("token_type_ids"),
         )
+        _check_ids(batch.input_ids, getattr(backbone, "vocab_size", None), "the tokenizer's")
     batch.image_type = image_type
     if backbone.image_input == "regions":
         regions = [store.regions(name) for name in images]
@@ -200,20 +201,23 @@ def _token_ids(
     (it carries its own closing [SEP]). Every token is of type 0, as in UNITER."""
     rows = [tuple(t) + (tuple(p) if pairs is not None else ()) for t, p in _zip(texts, pairs)]
     rows = [row if len(row) <= max_length else row[: max_length - 1] + row[-1:] for row in rows]
-    if vocab_size is not None:
-        for row in rows:
-            if row and max(row) >= vocab_size:
-                raise VLPruneError(
-                    f"token id {max(row)} is outside the backbone's vocabulary of {vocab_size} "
-                    "words: the txt_db was tokenised for another model"
-                )
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
+    _check_ids(ids, vocab_size, "the txt_db's")
     return VLBatch(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int | None, whose: str) -> None:
+    """Token ids must be rows of the backbone's word embedding."""
+    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        raise VLPruneError(
+            f"token id {int(ids.max())} of {whose} texts is outside the backbone's vocabulary of "
+            f"{vocab_size} words: they were tokenised for another model"
+        )
 
 
 def _zip(texts: Sequence, pairs: Sequence | None):

@@ -152,7 +152,10 @@ class SnliVe(Task):
         return TaskBatch([batch], torch.tensor([e.label for e in examples]))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE)
+        # A batch of nothing but unlabelled examples has no loss (cross-entropy's mean is NaN).
+        return nn.functional.cross_entropy(
+            logits, targets, ignore_index=IGNORE, reduction="sum"
+        ) / (targets != IGNORE).sum().clamp(min=1)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)

@@ -3,6 +3,7 @@ images are in the folder (or its img_db), and one tokenizer made their texts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from vl_prune.data.txt_db import TxtDb
@@ -21,11 +22,13 @@ def use_txt_dbs(task: Task, dbs: list[TxtDb], store: ImageStore) -> None:
 
 
 def record_vocabulary(task: Task, dbs: list[TxtDb]) -> None:
-    """The txt_dbs' tokenizer as the task's `text_vocabulary`; every split must share it."""
+    """The txt_dbs' tokenizer as the task's `text_vocabulary`; every split must share it (the
+    words a task adds to it, `added`, are the task's to say)."""
     for db in dbs:
-        if task.text_vocabulary not in (None, db.vocabulary):
+        known = task.text_vocabulary
+        if known is not None and replace(known, added=0) != db.vocabulary:
             raise VLPruneError(f"{db.path}: tokenised unlike the task's other txt_dbs (meta.json)")
-        task.text_vocabulary = db.vocabulary
+        task.text_vocabulary = known or db.vocabulary
 
 
 def check_images(dbs: list[TxtDb], store: ImageStore) -> None:
@@ -34,7 +37,7 @@ def check_images(dbs: list[TxtDb], store: ImageStore) -> None:
     for db in dbs:
         db.check()
         images = db.image_keys()
-        for key in db.lengths:
+        for key in db.example_ids():
             where = f"{db.path / 'txt2img.json'}: id {key!r}"
             if key not in images:
                 raise VLPruneError(f"{where}: no image given")

@@ -24,7 +24,7 @@ Q→AR accuracy: the answer and its rationale both right.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -127,6 +127,7 @@ class Vcr(Task):
                 listed = db.path / "special_tokens.json"
                 words = len(db.json(listed.name)) if listed.is_file() else PERSON_WORDS
                 self.new_words = max(self.new_words, words)
+            self.text_vocabulary = replace(self.text_vocabulary, added=self.new_words)
             return TxtDbExamples(dbs, _from_txt_db)
         path = self.data / f"{split}.jsonl"
         store = ImageStore(self.data)

@@ -66,7 +66,9 @@ class Database:
         """The per-image box counts convert_imgdir.py wrote beside a `feat_th…` folder."""
         if self._layout["th"] is None:
             return None
-        path = self.path.parent / f"nbb_{self.rule.name}.json"
+        # Named as the folder is (UNITER writes both from the same settings).
+        layout = self.path.name.removeprefix("feat_").removesuffix("_compressed")
+        path = self.path.parent / f"nbb_{layout}.json"
         if not path.is_file():
             return None
         try:
@@ -155,10 +157,6 @@ class ImgDb:
         if key not in self._owner:
             raise VLPruneError(f"{self.folder}: no image {key!r} in any split")
         return self._owner[key].regions(key)
-
-    def describe(self) -> str:
-        """One line: which LMDB folder of each split is read."""
-        return ", ".join(str(d.path.relative_to(self.folder.parent)) for d in self.databases)
 
 
 _OPENED: dict[Path, ImgDb] = {}

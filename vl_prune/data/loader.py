@@ -10,12 +10,17 @@ results do not depend on the number of workers.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vl_prune.data.regions import FEATURE_FILES
+from vl_prune.errors import VLPruneError
 
 # Tags that keep the collation seeds of training and evaluation batches apart.
 TRAIN, EVALUATE = 0, 1
@@ -30,7 +35,9 @@ def default_workers() -> int:
     if not torch.cuda.is_available():
         return 0
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(4, (os.cpu_count() or 1) // local))
+    # The cores this process may use (a job scheduler's share), where the system says.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, (cores or 1) // local))
 
 
 class EpochOrder(Sampler):
@@ -63,6 +70,15 @@ class EpochOrder(Sampler):
         return ((self.epoch, i) for i in order)
 
 
+@dataclass(frozen=True)
+class DataFailure:
+    """A data error met while reading or collating a batch, carried to the training process
+    in place of the batch: an exception raised in a worker would come back wrapped in the
+    worker's traceback, and the one-line message users get would be lost in it."""
+
+    message: str
+
+
 class _Indexed(Dataset):
     """The examples, each given with the epoch and position it was asked for."""
 
@@ -74,7 +90,10 @@ class _Indexed(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, Any]:
         epoch, position = key
-        return epoch, position, self.examples[position]
+        try:
+            return epoch, position, self.examples[position]
+        except VLPruneError as exc:
+            return epoch, position, DataFailure(str(exc))
 
 
 class _SeededCollate:
@@ -85,12 +104,32 @@ class _SeededCollate:
         self.collate, self.seed, self.purpose = collate, seed, purpose
 
     def __call__(self, items: list[tuple[int, int, Any]]) -> Any:
+        failed = next((e for _, _, e in items if isinstance(e, DataFailure)), None)
+        if failed is not None:
+            return failed
         epoch = items[0][0]
         entropy = [self.seed, self.purpose, epoch, *(position for _, position, _ in items)]
         seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.collate([example for _, _, example in items])
+            try:
+                return self.collate([example for _, _, example in items])
+            except VLPruneError as exc:
+                return DataFailure(str(exc))
+
+
+def raising(loader: Iterable) -> Iterator[Any]:
+    """The batches of a loader from `batches`, raising a data error met in making one."""
+    for batch in loader:
+        if isinstance(batch, DataFailure):
+            raise VLPruneError(batch.message)
+        yield batch
+
+
+def _share_feature_cache(workers: int, worker_id: int) -> None:
+    """Each worker keeps its share of the per-image feature cache's bound, so that N workers
+    hold what one process would."""
+    FEATURE_FILES.limit //= workers
 
 
 def batches(
@@ -102,8 +141,8 @@ def batches(
     workers: int,
 ) -> tuple[DataLoader, EpochOrder]:
     """A DataLoader of collated batches and the order it draws them in (`start(epoch)` before
-    each epoch). Workers stay alive between epochs; batches are pinned for a fast copy to a
-    GPU."""
+    each epoch); iterate it through `raising`. Workers stay alive between epochs; batches are
+    pinned for a fast copy to a GPU."""
     order = EpochOrder(len(examples), seed if shuffle else None)
     loader = DataLoader(
         _Indexed(examples),
@@ -112,6 +151,7 @@ def batches(
         collate_fn=_SeededCollate(collate, seed, TRAIN if shuffle else EVALUATE),
         num_workers=workers,
         generator=order.generator,
+        worker_init_fn=partial(_share_feature_cache, workers),
         pin_memory=workers > 0 and torch.cuda.is_available(),
         persistent_workers=workers > 0,
     )

@@ -39,9 +39,10 @@ UNITER_RULE = RegionRule()
 
 
 def cut(regions: Regions, count: int) -> Regions:
-    """`features` and `norm_bb` of the first `count` regions, boxes as float32."""
+    """`features` and `norm_bb` of the first `count` regions, boxes as float32; copies, so that
+    a cut kept in the cache does not hold on to every region of the file."""
     return {
-        "features": regions["features"][:count],
+        "features": regions["features"][:count].copy(),
         "norm_bb": regions["norm_bb"][:count].astype(np.float32),
     }
 
@@ -115,4 +116,5 @@ def _nbytes(regions: Regions) -> int:
     return sum(array.nbytes for array in regions.values())
 
 
+#: this process's cache; DataLoader workers share the bound (`vl_prune.data.loader`)
 FEATURE_FILES = FeatureCache(limit=1 << 30)

@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vl_prune.data.codecs import BadValue, decode_text_example
 from vl_prune.data.lazy import LazySequence
 from vl_prune.data.lmdb_files import read, stored_keys
@@ -37,6 +39,8 @@ class Vocabulary:
     unk: int
     words: tuple[int, int]
     tokenizer: str
+    #: words the texts use past the tokenizer's own (UNITER's VCR person words)
+    added: int = 0
 
     @property
     def size(self) -> int:
@@ -74,12 +78,18 @@ class TxtDb:
         return Vocabulary(*ids, words=(words[0], words[1]), tokenizer=tokenizer)
 
     @cached_property
-    def lengths(self) -> dict[str, int]:
-        """Example id → number of word ids, in the file's order: the examples of the split."""
+    def ids(self) -> np.ndarray:
+        """The ids of the split's examples, in the order of its lengths file (`id2len.json`:
+        id → number of word ids), as one array of UTF-8 bytes: millions of Python strings would
+        be copied into every DataLoader worker as their reference counts change."""
         lengths = self.json(self.lengths_file)
         if not isinstance(lengths, dict) or not all(isinstance(n, int) for n in lengths.values()):
             raise VLPruneError(f"{self.path / self.lengths_file}: expected {{id: length}}")
-        return lengths
+        return np.array([key.encode("utf-8") for key in lengths], dtype=np.bytes_)
+
+    def example_ids(self) -> Iterator[str]:
+        """The ids of the split's examples, in order."""
+        return (key.decode("utf-8") for key in self.ids)
 
     def json(self, name: str) -> Any:
         """A JSON file of the folder (meta.json, txt2img.json, refs.json, …)."""
@@ -110,7 +120,7 @@ class TxtDb:
 
     def examples(self) -> list[tuple[str, dict[str, Any]]]:
         """(id, example) for every id of the split, in the order of its lengths file."""
-        return [(key, self[key]) for key in self.lengths]
+        return [(key, self[key]) for key in self.example_ids()]
 
     def with_specials(self, ids: list[int]) -> tuple[int, ...]:
         """[CLS] ids [SEP], as UNITER's `combine_inputs` builds a single text."""
@@ -120,11 +130,11 @@ class TxtDb:
         """Every id of the lengths file is stored: one pass over the database's keys, no
         values read, so a truncated or mismatched database fails before training."""
         stored = set(stored_keys(self.path))
-        missing = [key for key in self.lengths if key not in stored]
+        missing = [key for key in self.example_ids() if key not in stored]
         if missing:
             listed = ", ".join(repr(key) for key in missing[:5])
             raise VLPruneError(
-                f"{self.path}: {len(missing)} of the {len(self.lengths)} ids of "
+                f"{self.path}: {len(missing)} of the {len(self.ids)} ids of "
                 f"{self.lengths_file} are not stored ({listed}{', …' if len(missing) > 5 else ''})"
             )
 
@@ -143,20 +153,20 @@ class TxtDbExamples(LazySequence):
 
     def __init__(self, dbs: list[TxtDb], parse: Callable[[TxtDb, str, dict[str, Any]], Any]):
         self.dbs, self.parse = dbs, parse
-        self.keys = [list(db.lengths) for db in dbs]
-        self.starts = list(itertools.accumulate((len(k) for k in self.keys), initial=0))
+        self.starts = list(itertools.accumulate((len(db.ids) for db in dbs), initial=0))
 
     def __len__(self) -> int:
         return self.starts[-1]
 
     def item(self, index: int) -> Any:
         which = bisect.bisect_right(self.starts, index) - 1
-        db, key = self.dbs[which], self.keys[which][index - self.starts[which]]
+        db = self.dbs[which]
+        key = db.ids[index - self.starts[which]].decode("utf-8")
         return self.parse(db, key, db[key])
 
     def __iter__(self) -> Iterator[Any]:
-        for db, keys in zip(self.dbs, self.keys, strict=True):
-            for key in keys:
+        for db in self.dbs:
+            for key in db.example_ids():
                 yield self.parse(db, key, db[key])
 
 
