@@ -392,7 +392,6 @@ def test_hub_ids_offline_fail_fast_with_one_clear_line(kind, monkeypatch):
         model = kind.cls(kind.base)
     with pytest.raises(VLPruneError, match=f"cannot download {kind.hub_id}: no network"):
         model.tokenizer  # noqa: B018
-    if kind is VILT:
-        with pytest.raises(VLPruneError, match=f"cannot download {kind.hub_id}: no network"):
-            model.image_processor  # noqa: B018
+    if kind is VILT:  # ViLT's preprocessing needs no download: it is made from the image size
+        assert model.image_processor.size == {"shortest_edge": 384}
     assert time.perf_counter() - start < 10

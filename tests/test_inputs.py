@@ -181,7 +181,7 @@ def test_resolve_gives_the_name_an_image_is_read_under(tmp_path):
     with pytest.raises(
         VLPruneError,
         match=re.escape("dev.json:7: image gone is missing (no features/gone.npz, ")
-        + r".*img_db entry nlvr2_gone\.npz, gone, gone\.npz\)",
+        + r".*img_db entry nlvr2_gone\.npz, gone, gone\.npz or line of an \*obj\*\.tsv\)",
     ):
         store.resolve("gone", "dev.json:7")
 

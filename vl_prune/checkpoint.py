@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -17,9 +18,10 @@ def reason(exc: BaseException) -> str:
 
 def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a `.safetensors` file or a torch checkpoint (`torch.load` with
-    `weights_only=True`, so a pickle can hold nothing but tensors and containers). A state dict
-    wrapped as `{"model": ...}` or `{"state_dict": ...}` is unwrapped. `shapes_only` gives
-    tensors on the meta device, read without loading the values where the format allows."""
+    `weights_only=True`, so a pickle can hold nothing but tensors and containers; see `_load` for
+    the objects a training framework saves beside them). A state dict wrapped as
+    `{"model": ...}` or `{"state_dict": ...}` (a Lightning `.ckpt`) is unwrapped. `shapes_only`
+    gives tensors on the meta device, read without loading the values where the format allows."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors" and shapes_only:
@@ -62,9 +64,32 @@ def _torch_load(path: Path, shapes_only: bool) -> object:
         return _READ_WHOLE.pop(key)
     if shapes_only:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return _load(path, mmap=True)
         except RuntimeError:
             _READ_WHOLE.clear()
-            _READ_WHOLE[key] = torch.load(path, map_location="cpu", weights_only=True)
+            _READ_WHOLE[key] = _load(path)
             return _READ_WHOLE[key]
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _load(path)
+
+
+class _StandIn:
+    """Stands in for a class or function that a checkpoint names beside its tensors, such as
+    `pytorch_lightning.utilities.parsing.AttributeDict` (hyper-parameters) or a callback's
+    class: creating or calling it gives an empty OrderedDict, which the weights-only unpickler
+    lets the pickle fill with items or attributes. Nothing from the file runs."""
+
+    def __new__(cls, *args, **kwargs) -> OrderedDict:
+        return OrderedDict()
+
+
+def _load(path: Path, mmap: bool = False) -> object:
+    """`torch.load` with `weights_only=True`, the globals it refuses outside torch (a Lightning
+    checkpoint's classes, importable only with Lightning installed) read as `_StandIn`s: only
+    the state dict matters, and `read_state_dict` checks it holds nothing but tensors."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # not torch's zip format (torch < 1.6): read as is
+        found = []
+    stand_ins = [(_StandIn, name) for name in found if not name.startswith("torch.")]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

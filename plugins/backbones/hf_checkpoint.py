@@ -4,7 +4,8 @@ checking them against a preset. Shared by the lxmert and vilt plugins."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,6 +54,23 @@ def files_source(checkpoint: str | os.PathLike, marker: str, default: str) -> st
     return str(folder) if (folder / marker).is_file() else default
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' loading without its progress bar and load report: vl_prune reports what
+    loading did itself (`LoadReport`), in one line."""
+    from transformers.utils import logging
+
+    shown, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if shown:
+            logging.enable_progress_bar()
+
+
 def load_pretrained(
     model_class: type[PreTrainedModel],
     checkpoint: str | os.PathLike,
@@ -67,7 +85,8 @@ def load_pretrained(
     # Mismatched shapes are reported back, so the error below can name the tensor.
     options = dict(output_loading_info=True, ignore_mismatched_sizes=True)
     if not is_local(checkpoint):
-        model, info = from_hub(model_class.from_pretrained, source, **options)
+        with quiet_loading():
+            model, info = from_hub(model_class.from_pretrained, source, **options)
     else:
         path = Path(checkpoint).expanduser()
         if path.is_dir():
@@ -78,7 +97,8 @@ def load_pretrained(
         else:
             raise VLPruneError(f"{path}: no such checkpoint file or folder")
         try:
-            model, info = model_class.from_pretrained(*args, **kwargs, **options)
+            with quiet_loading():
+                model, info = model_class.from_pretrained(*args, **kwargs, **options)
         except Exception as exc:
             name = model_class.__name__
             raise VLPruneError(f"{path}: cannot load a {name} ({reason(exc)})") from exc

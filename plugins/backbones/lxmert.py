@@ -8,13 +8,18 @@ The model sits under `lxmert`, so parameter paths (and ticket tensor names) are 
 from __future__ import annotations
 
 import os
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LxmertConfig, LxmertModel
 
-from vl_prune.backbone import Backbone, VLBatch, VLOutput
+from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local
+from vl_prune.checkpoint import read_state_dict
+from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
+from vl_prune.tokenizers import local_tokenizer
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
@@ -22,6 +27,7 @@ from vl_prune_plugins.backbones.hf_checkpoint import (
     load_pretrained,
     preset_of_width,
 )
+from vl_prune_plugins.backbones.lxmert_original import convert, is_original, load_original
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 from vl_prune_plugins.world.vocabulary import words
 
@@ -55,6 +61,8 @@ PRESETS = {
     ),
 }
 HUB_ID = "unc-nlp/lxmert-base-uncased"
+# The tensors whose shapes give a weights file's vocabulary, hidden size and feature width.
+WORDS, FEATURES = "embeddings.word_embeddings.weight", "encoder.visn_fc.visn_fc.weight"
 
 
 class Lxmert(Backbone):
@@ -105,9 +113,41 @@ class Lxmert(Backbone):
         return pretrained_tiny(cls, "lxmert")
 
     @classmethod
+    def inputs(
+        cls,
+        preset: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ) -> Inputs:
+        """The architecture's input needs, from its config (a save_pretrained folder, a hub id)
+        or a weights file's tensor shapes, without the weights."""
+        if checkpoint is None:
+            settings = PRESETS[cls.check_preset(preset)]
+            vocab, img_dim, hidden = (
+                settings[k] for k in ("vocab_size", "visual_feat_dim", "hidden_size")
+            )
+        else:
+            vocab, img_dim, hidden = _input_sizes(checkpoint)
+        label = f"lxmert-{preset or preset_of_width(PRESETS, hidden)}"
+        if tokenizer is not None:
+            load = partial(local_tokenizer, tokenizer, cls.lowercase)
+        elif vocab == len(words()):
+            load = tiny_tokenizer
+        else:
+            from transformers import LxmertTokenizerFast
+
+            source = (
+                files_source(checkpoint, "tokenizer_config.json", HUB_ID) if checkpoint else HUB_ID
+            )
+            load = partial(from_source, LxmertTokenizerFast.from_pretrained, source)
+        return Inputs(label, "regions", load, img_dim, vocab)
+
+    @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
         """A save_pretrained folder or hub id brings its own config: under an explicit preset it
-        must match it. A state-dict file takes the preset's (default: the one of its width)."""
+        must match it. A state-dict file takes the preset's (default: the one of its width),
+        except a file in LXMERT's original layout (`Epoch20_LXRT.pth`), which without a preset
+        has the architecture its tensors give (see `lxmert_original`)."""
         if checkpoint is None:
             return cls(cls.check_preset(preset))
         if preset is not None:
@@ -118,7 +158,10 @@ class Lxmert(Backbone):
                 preset or preset_of_width(PRESETS, embedding_width(state, checkpoint))
             )
 
-        model, report = load_pretrained(LxmertModel, checkpoint, file_config)
+        if is_original(checkpoint):
+            model, report = load_original(checkpoint, PRESETS, preset)
+        else:
+            model, report = load_pretrained(LxmertModel, checkpoint, file_config)
         if preset is None:
             preset = preset_of_width(PRESETS, model.config.hidden_size)
         else:
@@ -170,6 +213,26 @@ class Lxmert(Backbone):
     def ensure_image_types(self, count: int) -> None:
         """Nothing to do: LXMERT has no image token types; two-image tasks encode each image
         separately."""
+
+
+def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int]:
+    """Vocabulary size, region feature width and hidden size of a checkpoint: from a weights
+    file's tensor shapes (any of its layouts), else from the folder's or hub id's config."""
+    path = Path(checkpoint).expanduser()
+    if is_local(checkpoint) and path.is_file():
+        state = read_state_dict(path, shapes_only=True)
+        if is_original(checkpoint):  # every key must map: refused before any weight is read
+            state, _, _ = convert(state, str(checkpoint))
+        state = {key.removeprefix("lxmert."): value for key, value in state.items()}
+        for key in (WORDS, FEATURES):
+            if key not in state or state[key].dim() != 2:
+                raise VLPruneError(f"{path}: no {key}: not a checkpoint of LXMERT")
+        vocab, hidden = state[WORDS].shape
+        return vocab, state[FEATURES].shape[1], hidden
+    if is_local(checkpoint) and not path.is_dir():
+        raise VLPruneError(f"{path}: no such checkpoint file or folder")
+    config = from_source(LxmertConfig.from_pretrained, str(checkpoint))
+    return config.vocab_size, config.visual_feat_dim, config.hidden_size
 
 
 def preset_config(preset: str) -> LxmertConfig:

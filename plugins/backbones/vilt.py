@@ -8,13 +8,18 @@ The model sits under `vilt`, so parameter paths (and ticket tensor names) are th
 from __future__ import annotations
 
 import os
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import ViltConfig, ViltModel
 
-from vl_prune.backbone import Backbone, VLBatch, VLOutput, with_image_types
+from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local, with_image_types
+from vl_prune.checkpoint import read_state_dict
+from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
+from vl_prune.tokenizers import local_tokenizer
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
@@ -23,6 +28,7 @@ from vl_prune_plugins.backbones.hf_checkpoint import (
     preset_of_width,
 )
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
+from vl_prune_plugins.backbones.vilt_original import convert, is_original, load_original
 from vl_prune_plugins.world.vocabulary import words
 
 PRESETS = {
@@ -54,6 +60,9 @@ PRESETS = {
 # here, so it is born with a second image type (NLVR2); the b32 checkpoint has text + one image.
 IMAGE_TYPES = {"tiny": 3, "b32": 2}
 HUB_ID = "dandelin/vilt-b32-mlm"
+# The tensors whose shapes give a weights file's vocabulary, hidden size and image size.
+WORDS = "embeddings.text_embeddings.word_embeddings.weight"
+PATCHES, GRID = "embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings"
 # The modality type embedding (the text embeddings have a token_type_embeddings of their own).
 _TYPES = "embeddings.token_type_embeddings.weight"
 
@@ -77,7 +86,7 @@ class Vilt(Backbone):
         self.vocab_size = self.vilt.config.vocab_size
         # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
         self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
-        self._image_processor = _tiny_image_processor() if self.preset == "tiny" else None
+        self._image_processor = None
         self._source = source
         # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
         self.train()
@@ -98,13 +107,45 @@ class Vilt(Backbone):
 
     @property
     def image_processor(self):
-        """Resizes (shorter side to the preset's image size, sides a multiple of 32), normalises
-        and pads images into pixel_values + pixel_mask; the b32 one is loaded on first use."""
+        """Resizes (shorter side to the model's image size, sides a multiple of 32), normalises
+        and pads images into pixel_values + pixel_mask: the checkpoint folder's, else ViLT's own
+        preprocessing made here (no hub needed)."""
         if self._image_processor is None:
-            from transformers import ViltImageProcessorPil
-
-            self._image_processor = from_source(ViltImageProcessorPil.from_pretrained, self._source)
+            self._image_processor = image_processor(self._source, self.vilt.config.image_size)
         return self._image_processor
+
+    @classmethod
+    def inputs(
+        cls,
+        preset: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ) -> Inputs:
+        """The architecture's input needs, from its config (a save_pretrained folder, a hub id)
+        or a weights file's tensor shapes, without the weights."""
+        if checkpoint is None:
+            settings = PRESETS[cls.check_preset(preset)]
+            vocab, hidden, size, source = (
+                settings["vocab_size"],
+                settings["hidden_size"],
+                settings["image_size"],
+                HUB_ID,
+            )
+        else:
+            vocab, hidden, size = _input_sizes(checkpoint)
+            source = files_source(checkpoint, "preprocessor_config.json", HUB_ID)
+        if tokenizer is not None:
+            load = partial(local_tokenizer, tokenizer, cls.lowercase)
+        elif vocab == len(words()):
+            load = tiny_tokenizer
+        else:
+            from transformers import BertTokenizerFast
+
+            tokenizer_source = files_source(checkpoint, "tokenizer_config.json", HUB_ID)
+            load = partial(from_source, BertTokenizerFast.from_pretrained, tokenizer_source)
+        label = f"vilt-{preset or preset_of_width(PRESETS, hidden)}"
+        processor = partial(image_processor, source, size)
+        return Inputs(label, "pixels", load, vocab_size=vocab, image_processor=processor)
 
     @classmethod
     def embedded(cls) -> Vilt:
@@ -115,7 +156,9 @@ class Vilt(Backbone):
     @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
         """A save_pretrained folder or hub id brings its own config: under an explicit preset it
-        must match it. A state-dict file takes the preset's (default: the one of its width)."""
+        must match it. A state-dict file takes the preset's (default: the one of its width),
+        except a checkpoint in ViLT's original layout (`vilt_200k_mlm_itm.ckpt`), which has the
+        architecture its tensors give (see `vilt_original`)."""
         if checkpoint is None:
             return cls(cls.check_preset(preset))
         if preset is not None:
@@ -130,7 +173,10 @@ class Vilt(Backbone):
             )
             return preset_config(chosen, image_types=types)
 
-        model, report = load_pretrained(ViltModel, checkpoint, file_config)
+        if is_original(checkpoint):
+            model, report = load_original(checkpoint, PRESETS, preset)
+        else:
+            model, report = load_pretrained(ViltModel, checkpoint, file_config)
         if preset is None:
             preset = preset_of_width(PRESETS, model.config.hidden_size)
         else:
@@ -204,10 +250,34 @@ def preset_config(preset: str, image_types: int | None = None) -> ViltConfig:
     )
 
 
-def _tiny_image_processor():
-    """Built in memory: the PIL backend (no torchvision needed), ViLT's bicubic resize and 0.5
-    mean/std normalisation, shorter side scaled to the tiny image size."""
+def image_processor(source: str, size: int):
+    """A checkpoint folder's image processor (its preprocessor_config.json), else ViLT's own
+    preprocessing built in memory: the PIL backend (no torchvision needed), bicubic resize of
+    the shorter side to `size`, sides a multiple of 32, 0.5 mean/std normalisation."""
     from transformers import ViltImageProcessorPil
 
-    size = PRESETS["tiny"]["image_size"]
+    if is_local(source) and (Path(source) / "preprocessor_config.json").is_file():
+        return ViltImageProcessorPil.from_pretrained(source)
     return ViltImageProcessorPil(size={"shortest_edge": size}, size_divisor=32)
+
+
+def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int]:
+    """Vocabulary size, hidden size and image size of a checkpoint: from a weights file's
+    tensor shapes (any of its layouts), else from the folder's or hub id's config."""
+    path = Path(checkpoint).expanduser()
+    if is_local(checkpoint) and path.is_file():
+        state = read_state_dict(path, shapes_only=True)
+        if is_original(checkpoint):  # every key must map: refused before any weight is read
+            state, _, _ = convert(state, str(checkpoint))
+        state = {key.removeprefix("vilt."): value for key, value in state.items()}
+        words, patches = state.get(WORDS), state.get(PATCHES)
+        if words is None or words.dim() != 2 or patches is None:
+            raise VLPruneError(f"{path}: no {WORDS}: not a checkpoint of ViLT")
+        vocab, hidden = words.shape
+        # The position grid (cls first) times the patch size: the image size trained on.
+        grid = round((state[GRID].shape[1] - 1) ** 0.5) if GRID in state else 0
+        return vocab, hidden, grid * patches.shape[-1] or PRESETS["b32"]["image_size"]
+    if is_local(checkpoint) and not path.is_dir():
+        raise VLPruneError(f"{path}: no such checkpoint file or folder")
+    config = from_source(ViltConfig.from_pretrained, str(checkpoint))
+    return config.vocab_size, config.hidden_size, config.image_size

@@ -39,6 +39,33 @@ def json_file(path: Path) -> Any:
         raise VLPruneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
 
 
+def json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`file: [i]`, record) for every record of a JSON list (LXMERT's annotation files)."""
+    content = json_file(path)
+    if not isinstance(content, list):
+        raise VLPruneError(f"{path}: expected a JSON list of records")
+    for i, record in enumerate(content):
+        where = f"{path}: [{i}]"
+        if not isinstance(record, dict):
+            raise VLPruneError(f"{where}: expected a JSON object")
+        yield where, record
+
+
+def is_json_list(path: Path) -> bool:
+    """Whether a JSON file holds a list (LXMERT's layout) rather than an object or lines."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as file:
+        return file.read(64).lstrip().startswith(b"[")
+
+
+def annotations(data: Path, subfolder: str, name: str) -> Path:
+    """The folder holding the annotation file `name`: the data folder itself, or, in LXMERT's
+    `data/` layout, its task folder (`data/vqa/train.json`)."""
+    nested = data / subfolder
+    return nested if not (data / name).is_file() and (nested / name).is_file() else data
+
+
 def field(record: dict[str, Any], name: str, kind: type, where: str) -> Any:
     """record[name], which must exist and be of `kind`."""
     if not isinstance(record, dict):

@@ -5,7 +5,9 @@ A split is read from one of two files in the data folder, the first that exists:
 - `<split>_balanced_questions.json`, GQA's release: `{question_id: {"imageId", "question",
   "answer", "fullAnswer", "types", "semantic", …}}`;
 - `<split>.json`, LXMERT's preprocessed GQA (also VOLTA's): `[{"img_id", "sent", "label":
-  {answer: score}, "question_id": "…"}]`, whose gold answer is the label with the highest score.
+  {answer: score}, "question_id": "…"}]`, whose gold answer is the label with the highest score;
+  in the folder or in its `gqa/` (LXMERT's `data/` layout), its answers from
+  `trainval_ans2label.json` beside it, and its features from LXMERT's `*obj36.tsv` files.
 
 So `task.examples("testdev")` reads `testdev_balanced_questions.json`, or else `testdev.json`.
 Images are `images/<imageId>.png`, region features `features/<imageId>.npz` or a UNITER img_db
@@ -36,7 +38,7 @@ from vl_prune.backbone import Backbone
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_file, write_json
+from vl_prune_plugins.tasks.annotations import annotations, field, json_file, write_json
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.tasks.vqa import VqaHead, read_answer_vocab
@@ -55,6 +57,8 @@ APART = 0.15
 
 #: txt_db names of UNITER's authors' prepro: txt_db/gqa_<split>.db
 TXT_DB = "gqa"
+#: the answer vocabulary LXMERT's GQA files come with
+LXMERT_ANSWERS = "trainval_ans2label.json"
 
 
 @dataclass(frozen=True)
@@ -99,27 +103,38 @@ class Gqa(Task):
             if split == self.train_split and self.answers is None:
                 self.answers = sorted({e.answer for e in examples})
             return examples
-        official = self.data / f"{split}_balanced_questions.json"
-        lxmert = self.data / f"{split}.json"
-        if official.is_file():
-            path, records = official, _balanced_questions(official)
-        elif lxmert.is_file():
-            path, records = lxmert, _lxmert_questions(lxmert)
-        else:
-            raise VLPruneError(
-                f"{self.data}: split {split!r} has neither {official.name} (GQA's release) "
-                f"nor {lxmert.name} (LXMERT's GQA)"
-            )
         store = ImageStore(self.data, db_keys)
         out = []
-        for where, example in records:
-            store.require(example.image, where)
-            out.append(example)
-        if not out:
-            raise VLPruneError(f"{path}: no questions")
+        for part in split.split("+"):
+            path, records = self._records(part)
+            found = []
+            for where, example in records:
+                store.require(example.image, where)
+                found.append(example)
+            if not found:
+                raise VLPruneError(f"{path}: no questions")
+            out += found
         if split == self.train_split and self.answers is None:
-            self.answers = sorted({e.answer for e in out})
+            self.answers = self._lxmert_answers() or sorted({e.answer for e in out})
         return out
+
+    def _records(self, split: str) -> tuple[Path, list[tuple[str, GqaExample]]]:
+        official = self.data / f"{split}_balanced_questions.json"
+        lxmert = annotations(self.data, "gqa", f"{split}.json") / f"{split}.json"
+        if official.is_file():
+            return official, _balanced_questions(official)
+        if lxmert.is_file():
+            return lxmert, _lxmert_questions(lxmert)
+        raise VLPruneError(
+            f"{self.data}: split {split!r} has neither {official.name} (GQA's release) "
+            f"nor {lxmert.name} (LXMERT's GQA)"
+        )
+
+    def _lxmert_answers(self) -> list[str] | None:
+        """LXMERT's answer vocabulary, where its GQA files come with it."""
+        folder = annotations(self.data, "gqa", LXMERT_ANSWERS)
+        path = folder / LXMERT_ANSWERS
+        return read_answer_vocab(path) if path.is_file() else None
 
     def vocabulary(self) -> list[str]:
         """The answers the head chooses from, reading the training split if not done yet."""

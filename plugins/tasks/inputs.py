@@ -1,9 +1,10 @@
 """Turning texts and image names into a VLBatch for a backbone: tokens, and region features or
 pixels read from a data folder.
 
-A data folder holds pictures as `images/<name>.png` and region features either as
-`features/<name>.npz` (BUTD's per-image npz, as UNITER's feature extraction writes them) or as a
-UNITER img_db under `img_db/` (`vl_prune.data.img_db`). Both give an image's regions by the same
+A data folder holds pictures as `images/<name>.png` (or in ViLT's tables: `ArrowImage`) and
+region features as `features/<name>.npz` (BUTD's per-image npz, as UNITER's feature extraction
+writes them), as a UNITER img_db under `img_db/` (`vl_prune.data.img_db`), or as LXMERT's
+`*obj*.tsv` files (`vl_prune.data.tsv`). npz files and img_dbs give an image's regions by the same
 rule (`vl_prune.data.regions.RegionRule`), so the same image reads the same in either layout.
 Texts are strings (tokenised here) or, from a UNITER txt_db, word-piece ids already framed by
 [CLS] and [SEP].
@@ -18,15 +19,18 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.backbone import Backbone, Inputs, VLBatch
+from vl_prune.data.arrow import ArrowImage
 from vl_prune.data.img_db import open_img_db
 from vl_prune.data.regions import FEATURE_FILES, Regions
+from vl_prune.data.tsv import open_tsv_store
 from vl_prune.errors import VLPruneError
 
 #: a text as a UNITER txt_db stores it, with [CLS] first and [SEP] last: (101, 1188, 1110, 102)
 TokenIds = tuple[int, ...]
-#: one image, or several whose regions are read as one (VCR's ground-truth and detected boxes)
-ImageName = str | tuple[str, ...]
+#: one image (a name, or a picture in a ViLT table), or several whose regions are read as one
+#: (VCR's ground-truth and detected boxes)
+ImageName = str | tuple[str, ...] | ArrowImage
 PAD_ID = 0  # BERT's [PAD]; UNITER pads its token ids with 0
 
 
@@ -55,15 +59,24 @@ class ImageStore:
         if isinstance(name, tuple):
             parts = [self.regions(part) for part in name]
             return {k: np.concatenate([p[k] for p in parts]) for k in ("features", "norm_bb")}
+        if isinstance(name, ArrowImage):
+            raise VLPruneError(
+                f"{name.path}: ViLT's tables hold pictures, not the region features this "
+                "backbone reads"
+            )
         path = self.root / "features" / f"{name}.npz"
         if path.is_file():
             return FEATURE_FILES.get(path)
         key = self._key(name)
-        if key is None:
-            raise VLPruneError(f"{path}: region features of image {name!r} are missing")
-        return open_img_db(self.root / "img_db").regions(key)
+        if key is not None:
+            return open_img_db(self.root / "img_db").regions(key)
+        if open_tsv_store(self.root).has(name):
+            return open_tsv_store(self.root).regions(name)
+        raise VLPruneError(f"{path}: region features of image {name!r} are missing")
 
     def picture(self, name: ImageName) -> Image.Image:
+        if isinstance(name, ArrowImage):
+            return name.picture()
         path = self.root / "images" / f"{name}.png"
         if not isinstance(name, str) or not path.is_file():
             raise VLPruneError(f"{path}: image {name!r} is missing")
@@ -78,11 +91,15 @@ class ImageStore:
         reader checks before accepting an annotation line."""
         if isinstance(name, tuple):
             return all(self.has(part) for part in name)
+        if isinstance(name, ArrowImage):
+            return True
         if (self.root / "features" / f"{name}.npz").is_file():
             return True
         if (self.root / "images" / f"{name}.png").is_file():
             return True
-        return self._key(name) is not None
+        if self._key(name) is not None:
+            return True
+        return open_tsv_store(self.root).has(name)
 
     def require(self, name: ImageName, where: str) -> None:
         """A clear error at `where` when the image is missing; each name is looked up once, as
@@ -96,7 +113,7 @@ class ImageStore:
             keys = ", ".join(self._candidates(missing))
             raise VLPruneError(
                 f"{where}: image {missing} is missing (no features/{missing}.npz, "
-                f"images/{missing}.png or img_db entry {keys})"
+                f"images/{missing}.png, img_db entry {keys} or line of an *obj*.tsv)"
             )
         self._present.add(name)
 
@@ -126,14 +143,14 @@ class ImageStore:
         return self._found[name]
 
 
-def _parts(name: ImageName) -> tuple[str, ...]:
-    return (name,) if isinstance(name, str) else name
+def _parts(name: ImageName) -> tuple:
+    return name if isinstance(name, tuple) else (name,)
 
 
 def encode(
     texts: Sequence[str] | Sequence[TokenIds],
     images: Sequence[ImageName],
-    backbone: Backbone,
+    backbone: Backbone | Inputs,
     store: ImageStore,
     image_type: int = 1,
     pairs: Sequence[str] | Sequence[TokenIds] | None = None,

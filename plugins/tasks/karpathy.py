@@ -1,6 +1,8 @@
 """Karpathy's split json (`dataset_<name>.json`: `images[*]` with `filename`, `split`,
 `sentences[*].raw`), the caption file of Flickr30k and COCO that NeuralTalk and UNITER read:
-one split's images with their captions, checked, and the entries the world writes."""
+one split's images with their captions, checked, and the entries the world writes; and ViLT's
+tables of the same splits (`f30k_caption_karpathy_<split>.arrow`, `coco_caption_karpathy_…`:
+a row per image, its `image` bytes and its `caption` list)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.tasks.annotations import field, json_file
 from vl_prune_plugins.tasks.inputs import ImageStore
@@ -92,6 +95,29 @@ def _read_images(path: Path, mtime: int, size: int) -> list[Any]:
     if not isinstance(content, dict):
         raise VLPruneError(f"{path}: expected a JSON object with 'images'")
     return field(content, "images", list, str(path))
+
+
+def caption_tables(data: Path, prefixes: tuple[str, ...], split: str) -> list[Path] | None:
+    """ViLT's caption tables of `split` under the first of `prefixes` the folder has."""
+    for prefix in prefixes:
+        tables = split_tables(data, prefix, split)
+        if tables is not None:
+            return tables
+    return None
+
+
+def table_images(paths: list[Path]) -> list[tuple[ArrowImage, tuple[str, ...]]]:
+    """(image, its captions) of every row of ViLT's caption tables, in order."""
+    out = []
+    for path in paths:
+        check_column(path, "image")
+        for row, captions in enumerate(columns(path, ("caption",))["caption"]):
+            if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+                raise VLPruneError(f"{path}: row {row}: column 'caption' needs captions")
+            out.append((ArrowImage(path, row, "image"), tuple(captions)))
+    if not out:
+        raise VLPruneError(f"{paths[0]}: no rows")
+    return out
 
 
 def karpathy_image(

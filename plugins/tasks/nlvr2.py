@@ -2,15 +2,19 @@
 
 Reads the official release's JSON lines (`train.json`, `dev.json`, `test1.json`: `identifier`
 `split-set-pair-sentence`, `sentence`, `label` "True"/"False", …) with images
-`<split>-<set>-<pair>-img0/img1` as `images/*.png`, region features `features/*.npz` or a UNITER
-img_db (keys `nlvr2_<image>.npz`); or UNITER's release: `txt_db/nlvr2_<split>.db` with
-`img_db/nlvr2_<split>/`. The head is UNITER's paired model: the sentence is encoded with each
-image, and the two pooled vectors go through an MLP to two classes.
+`<split>-<set>-<pair>-img0/img1` as `images/*.png`, region features `features/*.npz`, a UNITER
+img_db (keys `nlvr2_<image>.npz`) or LXMERT's `*obj36.tsv`; or LXMERT's json (a list of
+`identifier`, `img0`, `img1`, `label` 0/1, `sent`; splits `train`, `valid`, in the folder or its
+`nlvr2/`) with its TSV files; or UNITER's release, `txt_db/nlvr2_<split>.db` with
+`img_db/nlvr2_<split>/`; or ViLT's tables, `nlvr2_<split>.arrow` (a row per image pair with its
+sentences). The head is UNITER's paired model: the sentence is encoded with each image, and the
+two pooled vectors go through an MLP to two classes.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -19,18 +23,26 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
-from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.annotations import (
+    annotations,
+    field,
+    is_json_list,
+    json_lines,
+    json_records,
+    write_json_lines,
+)
+from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 LABELS = {"False": 0, "True": 1}
 WORLD_SIZES = {"train": 2000, "dev": 500}
-#: UNITER's txt_db names: txt_db/nlvr2_<split>.db
-TXT_DB = "nlvr2"
+#: UNITER's txt_db names (txt_db/nlvr2_<split>.db) and ViLT's tables (nlvr2_<split>.arrow)
+TXT_DB = ARROW = "nlvr2"
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,8 @@ class Nlvr2Example:
     identifier: str
     sentence: str | TokenIds
     label: int
-    left: str
-    right: str
+    left: ImageName
+    right: ImageName
 
 
 def db_keys(image: str) -> list[str]:
@@ -80,30 +92,28 @@ class Nlvr2(Task):
     }
     world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
+    def default_splits(self) -> tuple[str, str]:
+        """`train` and `dev`; LXMERT's json calls the dev split `valid`."""
+        folder = annotations(self.data, "nlvr2", "train.json")
+        if (folder / "valid.json").is_file() and not (folder / "dev.json").is_file():
+            return "train", "valid"
+        return super().default_splits()
+
     def examples(self, split: str) -> list[Nlvr2Example] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
         if dbs is not None:
             use_txt_dbs(self, dbs, self._store())
             return TxtDbExamples(dbs, _from_txt_db)
-        path = self.data / f"{split}.json"
+        tables = split_tables(self.data, ARROW, split)
+        if tables is not None:
+            return [e for path in tables for e in _from_table(path)]
+        path = annotations(self.data, "nlvr2", f"{split}.json") / f"{split}.json"
         store = self._store()
         out = []
-        for where, record in json_lines(path):
-            identifier = field(record, "identifier", str, where)
-            label = field(record, "label", str, where)
-            if label not in LABELS:
-                raise VLPruneError(f'{where}: label {label!r} is not "True" or "False"')
-            parts = identifier.split("-")
-            if len(parts) != 4:
-                raise VLPruneError(
-                    f"{where}: identifier {identifier!r} is not split-set-pair-sentence"
-                )
-            pair = "-".join(parts[:3])
-            left, right = f"{pair}-img0", f"{pair}-img1"
-            for name in (left, right):
+        for where, example in _lxmert(path) if is_json_list(path) else _official(path):
+            for name in (example.left, example.right):
                 store.require(name, where)
-            sentence = field(record, "sentence", str, where)
-            out.append(Nlvr2Example(identifier, sentence, LABELS[label], left, right))
+            out.append(example)
         if not out:
             raise VLPruneError(f"{path}: no examples")
         return out
@@ -163,6 +173,60 @@ class Nlvr2(Task):
 
     def score(self, predictions: torch.Tensor, targets: torch.Tensor) -> float:
         return (predictions == targets).float().mean().item()
+
+
+def _official(path: Path) -> Iterator[tuple[str, Nlvr2Example]]:
+    """(where, example) of every line of the release's JSON lines."""
+    for where, record in json_lines(path):
+        identifier = field(record, "identifier", str, where)
+        label = field(record, "label", str, where)
+        if label not in LABELS:
+            raise VLPruneError(f'{where}: label {label!r} is not "True" or "False"')
+        parts = identifier.split("-")
+        if len(parts) != 4:
+            raise VLPruneError(f"{where}: identifier {identifier!r} is not split-set-pair-sentence")
+        pair = "-".join(parts[:3])
+        sentence = field(record, "sentence", str, where)
+        yield (
+            where,
+            Nlvr2Example(identifier, sentence, LABELS[label], f"{pair}-img0", f"{pair}-img1"),
+        )
+
+
+def _lxmert(path: Path) -> Iterator[tuple[str, Nlvr2Example]]:
+    """(where, example) of LXMERT's NLVR2 json: a list of `identifier`, `img0`, `img1`,
+    `label` (0 or 1), `sent`."""
+    for where, record in json_records(path):
+        label = field(record, "label", int, where)
+        if label not in (0, 1):
+            raise VLPruneError(f"{where}: label {label!r} is not 0 or 1")
+        yield (
+            where,
+            Nlvr2Example(
+                field(record, "identifier", str, where),
+                field(record, "sent", str, where),
+                label,
+                field(record, "img0", str, where),
+                field(record, "img1", str, where),
+            ),
+        )
+
+
+def _from_table(path: Path) -> list[Nlvr2Example]:
+    """The examples of one of ViLT's NLVR2 tables: a row per image pair (`identifier`, its
+    `image_0`, `image_1`), with every sentence on it (`questions`, `answers` "True"/"False")."""
+    for column in ("image_0", "image_1"):
+        check_column(path, column)
+    rows = columns(path, ("identifier", "questions", "answers"))
+    out = []
+    for row, (pair, sentences, answers) in enumerate(zip(*rows.values(), strict=True)):
+        where = f"{path}: row {row} ({pair})"
+        if len(sentences) != len(answers) or not set(answers) <= LABELS.keys():
+            raise VLPruneError(f"{where}: each sentence needs an answer, True or False")
+        left, right = (ArrowImage(path, row, f"image_{k}") for k in (0, 1))
+        for k, (sentence, answer) in enumerate(zip(sentences, answers, strict=True)):
+            out.append(Nlvr2Example(f"{pair}-{k}", sentence, LABELS[answer], left, right))
+    return out
 
 
 def _from_txt_db(db: TxtDb, key: str, record: dict) -> Nlvr2Example:

@@ -20,12 +20,20 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.arrow import table_splits
 from vl_prune.data.loader import COLLATION
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.task import DataOptions, Task, TaskBatch, VLModel, symmetric_kl
 from vl_prune.train import OPTIMIZER, TrainSettings
-from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.karpathy import db_keys, karpathy_image, read_split, split_names
+from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.karpathy import (
+    caption_tables,
+    db_keys,
+    karpathy_image,
+    read_split,
+    split_names,
+    table_images,
+)
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.vocabulary import words
@@ -40,12 +48,14 @@ TXT_DB = "pretrain"
 TXT_DB_TRAIN, TXT_DB_EVAL = ("coco_train", "coco_restval", "vg_train"), "coco_val"
 #: Karpathy's "restval" images train with "train"
 READS = {"train": ("train", "restval")}
+#: ViLT's caption tables (coco_caption_karpathy_<split>.arrow, or Flickr30k's)
+ARROWS = ("coco_caption_karpathy", "f30k_caption_karpathy")
 
 
 @dataclass(frozen=True)
 class Caption:
     text: str | TokenIds
-    image: str
+    image: ImageName
 
 
 class PretrainHead(nn.Module):
@@ -97,6 +107,9 @@ class Pretrain(Task):
         if has_dbs(self.data, TXT_DB):
             present = [p for p in TXT_DB_TRAIN if locate(self.data, f"{TXT_DB}_{p}.db")]
             return "+".join(present) or TXT_DB_TRAIN[0], TXT_DB_EVAL
+        for prefix in ARROWS:
+            if splits := table_splits(self.data, prefix):
+                return "+".join(p for p in ("train", "restval") if p in splits) or "train", "val"
         return "train", "val" if "val" in split_names(self.data) else "dev"
 
     def examples(self, split: str) -> list[Caption] | TxtDbExamples:
@@ -104,10 +117,16 @@ class Pretrain(Task):
         if dbs is not None:
             use_txt_dbs(self, dbs, ImageStore(self.data, db_keys))
             return TxtDbExamples(dbs, _from_txt_db)
+        tables = caption_tables(self.data, ARROWS, split)
+        if tables is not None:
+            images = table_images(tables)
+        else:
+            read = read_split(self.data, split, READS.get(split, ()))
+            images = [(image.stem, image.captions) for image in read]
         out = []
-        for image in read_split(self.data, split, READS.get(split, ())):
-            out += [Caption(text, image.stem) for text in image.captions]
-            self.captions_of.setdefault(image.stem, set()).update(image.captions)
+        for image, captions in images:
+            out += [Caption(text, image) for text in captions]
+            self.captions_of.setdefault(image, set()).update(captions)
         return out
 
     @classmethod

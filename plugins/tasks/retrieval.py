@@ -5,7 +5,8 @@ Reads Karpathy's split file `dataset_<name>.json` (`images[*]`: `filename`, `spl
 test / restval, `sentences[*].raw`), the one NeuralTalk and UNITER's Flickr30k and COCO text
 databases come from; images are `images/<stem>.png`, region features `features/<stem>.npz`
 (named by the filename's stem) or a UNITER img_db (keys `flickr30k_<id:012>.npz`,
-`coco_<subtype>_<id:012>.npz`). "restval" images (COCO has them) train with "train", as in
+`coco_<subtype>_<id:012>.npz`); or ViLT's tables, `f30k_caption_karpathy_<split>.arrow` (or
+`coco_caption_karpathy_…`). "restval" images (COCO has them) train with "train", as in
 Karpathy's and UNITER's COCO set-ups. Or UNITER's release: `txt_db/itm_flickr30k_<split>.db`
 (each caption's `input_ids` and `img_fname`) with `img_db/flickr30k/`. To report on the test
 split: `--eval-split test`.
@@ -47,8 +48,14 @@ from vl_prune.data.txt_db import TxtDb, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.annotations import write_json
-from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
-from vl_prune_plugins.tasks.karpathy import db_keys, karpathy_image, read_split
+from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.karpathy import (
+    caption_tables,
+    db_keys,
+    karpathy_image,
+    read_split,
+    table_images,
+)
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 from vl_prune_plugins.world.language import number
@@ -59,8 +66,9 @@ from vl_prune_plugins.world.vocabulary import plural
 WORLD_SIZES = {"train": 1000, "val": 50}
 #: the Karpathy splits read for a split name: Karpathy's "restval" images are training images
 READS = {"train": ("train", "restval")}
-#: UNITER's txt_db names: txt_db/itm_flickr30k_<split>.db
+#: UNITER's txt_db names (txt_db/itm_flickr30k_<split>.db) and ViLT's tables
 TXT_DB = "itm_flickr30k"
+ARROWS = ("f30k_caption_karpathy", "coco_caption_karpathy")
 #: negative images and negative captions per caption (UNITER's negative_size)
 NEGATIVES = 1
 MARGIN = 0.2
@@ -74,7 +82,7 @@ class Caption:
     """A caption and the image it was written for: a training example."""
 
     text: str | TokenIds
-    image: str
+    image: ImageName
     split: str
     #: its position among the split's captions
     index: int
@@ -94,7 +102,7 @@ class Split:
     """One split of the Karpathy file: its images (feature names) and captions, in file order."""
 
     name: str
-    images: tuple[str, ...]
+    images: tuple[ImageName, ...]
     captions: tuple[Caption, ...]
     #: caption position → position of its image
     image_of: tuple[int, ...]
@@ -170,9 +178,12 @@ class Retrieval(Task):
         """The split's images and captions, read and checked once."""
         if split not in self._read:
             dbs = split_dbs(self.data, TXT_DB, split)
+            tables = caption_tables(self.data, ARROWS, split)
             if dbs is not None:
                 use_txt_dbs(self, dbs, self._store())
                 self._read[split] = _split_from_txt_db(dbs, split)
+            elif tables is not None:
+                self._read[split] = _split(split, table_images(tables))
             else:
                 self._read[split] = _read_split(self.data, split)
         return self._read[split]
@@ -387,8 +398,8 @@ def _split_from_txt_db(dbs: list[TxtDb], split: str) -> Split:
     return _split(split, list(captions.items()))
 
 
-def _split(split: str, images_captions: list[tuple[str, Sequence]]) -> Split:
-    images: list[str] = []
+def _split(split: str, images_captions: list[tuple[ImageName, Sequence]]) -> Split:
+    images: list[ImageName] = []
     captions: list[Caption] = []
     image_of: list[int] = []
     holders: dict[str | TokenIds, set[int]] = {}

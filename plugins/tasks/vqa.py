@@ -8,7 +8,11 @@ img_db (keys `coco_<subtype>_<image_id:012>.npz`), named as COCO names its files
 `COCO_<data_subtype>_<image_id:012d>`, the subtype read from the questions file. A split is a
 subtype: the release's `train2014` and `val2014` (the world's `train` and `dev`) are found by
 themselves. Or UNITER's release: `txt_db/vqa_<name>.db` (`train+trainval+vg` to train on, as
-UNITER does, `devval` to score) with `img_db/coco_train2014/`, `coco_val2014/`, `vg/`.
+UNITER does, `devval` to score) with `img_db/coco_train2014/`, `coco_val2014/`, `vg/`. Or LXMERT's
+`data/`: `vqa/<split>.json` (a list of `question_id`, `img_id`, `sent`, `label` {answer: score};
+`train+nominival` to train on, `minival` to score, its answers in `trainval_ans2label.json`)
+with `mscoco_imgfeat/*_obj36.tsv`. Or ViLT's tables, `vqav2_<split>.arrow` (a row per image:
+its questions, each with its answers, labels and scores; `train+trainable_val`, `rest_val`).
 
 The answer vocabulary is UNITER's (BUTD's): the normalised majority answers given at least
 `MIN_ANSWER_COUNT` times over the training and evaluation splits (3,129 answers on VQA v2; this
@@ -30,11 +34,20 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables, table_splits
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle, write_json
-from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
+from vl_prune_plugins.tasks.annotations import (
+    annotations,
+    field,
+    is_json_list,
+    json_file,
+    json_records,
+    load_plain_pickle,
+    write_json,
+)
+from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
@@ -57,6 +70,11 @@ LICENSE = {"url": "https://opensource.org/licenses/MIT", "name": "MIT License"}
 #: UNITER's txt_db names (txt_db/vqa_<split>.db), and the ones it trains and scores on
 TXT_DB = "vqa"
 TXT_DB_TRAIN, TXT_DB_EVAL = ("train", "trainval", "vg"), "devval"
+#: ViLT's tables (vqav2_<split>.arrow), and the ones it trains and scores on
+ARROW, ARROW_TRAIN, ARROW_EVAL = "vqav2", ("train", "trainable_val"), "rest_val"
+#: LXMERT's json (vqa/<split>.json), the ones it trains and scores on, and its answers
+LXMERT_TRAIN, LXMERT_EVAL = ("train", "nominival"), "minival"
+LXMERT_ANSWERS = "trainval_ans2label.json"
 #: where a txt_db's answer vocabulary is kept (UNITER's authors' prepro pickles it beside the
 #: db), and how many answers UNITER's head has when none is
 ANSWER_FILES = ("ans2label.json", "ans2label.pkl")
@@ -70,7 +88,7 @@ QUESTIONS = re.compile(r"v2_OpenEnded_mscoco_(?P<subtype>.+)_questions\.json")
 class VqaExample:
     question_id: int | str
     question: str | TokenIds
-    image: str
+    image: ImageName
     #: (answer, VQA score) of every answer the annotators gave: normalised answers, or a txt_db's
     #: indices into the answer vocabulary
     scores: tuple[tuple[str | int, float], ...]
@@ -113,12 +131,19 @@ class Vqa(Task):
             self.answers = read_answer_vocab(Path(self.options.answer_vocab))
 
     def default_splits(self) -> tuple[str, str]:
-        """UNITER's txt_dbs (`train+trainval+vg` as far as present, `devval`), else the
-        subtypes of the questions files: the one with "train" in its name, then the other
-        (`val2014` for the release, `dev` for the world)."""
+        """UNITER's txt_dbs (`train+trainval+vg` as far as present, `devval`); ViLT's tables
+        (`train+trainable_val`, `rest_val`); LXMERT's json (`train+nominival`, `minival`); else
+        the subtypes of the official questions files: the one with "train" in its name, then
+        the other (`val2014` for the release, `dev` for the world)."""
         if has_dbs(self.data, TXT_DB):
             present = [p for p in TXT_DB_TRAIN if locate(self.data, f"{TXT_DB}_{p}.db")]
             return "+".join(present) or TXT_DB_TRAIN[0], TXT_DB_EVAL
+        if splits := table_splits(self.data, ARROW):
+            return "+".join(p for p in ARROW_TRAIN if p in splits) or ARROW_TRAIN[0], ARROW_EVAL
+        lxmert = annotations(self.data, "vqa", f"{LXMERT_EVAL}.json")
+        if is_json_list(lxmert / f"{LXMERT_EVAL}.json"):
+            present = [p for p in LXMERT_TRAIN if (lxmert / f"{p}.json").is_file()]
+            return "+".join(present) or LXMERT_TRAIN[0], LXMERT_EVAL
         subtypes = sorted(
             match["subtype"]
             for path in self.data.glob("v2_OpenEnded_mscoco_*_questions.json")
@@ -136,6 +161,16 @@ class Vqa(Task):
         if dbs is not None:
             use_txt_dbs(self, dbs, ImageStore(self.data))
             return TxtDbExamples(dbs, _from_txt_db)
+        tables = split_tables(self.data, ARROW, split)
+        if tables is not None:
+            return [e for path in tables for e in _from_table(path)]
+        out = []
+        for part in split.split("+"):
+            lxmert = annotations(self.data, "vqa", f"{part}.json") / f"{part}.json"
+            out += _lxmert(lxmert, self.data) if is_json_list(lxmert) else self._official(part)
+        return out
+
+    def _official(self, split: str) -> list[VqaExample]:
         questions_path = self.data / f"v2_OpenEnded_mscoco_{split}_questions.json"
         annotations_path = self.data / f"v2_mscoco_{split}_annotations.json"
         subtype, questions = _questions(questions_path)
@@ -177,6 +212,12 @@ class Vqa(Task):
                     if (folder / name).is_file():
                         return read_answer_vocab(folder / name)
             return [f"answer {i}" for i in range(UNITER_ANSWERS)]
+        tables = split_tables(self.data, ARROW, self.train_split)
+        if tables is not None:
+            return _table_vocabulary(tables)
+        lxmert = annotations(self.data, "vqa", LXMERT_ANSWERS)
+        if (lxmert / LXMERT_ANSWERS).is_file():
+            return read_answer_vocab(lxmert / LXMERT_ANSWERS)
         majority: Counter[str] = Counter()
         for split in dict.fromkeys((self.train_split, self.eval_split)):
             for part in split.split("+"):
@@ -327,6 +368,59 @@ def read_answer_vocab(path: Path) -> list[str]:
     if not answers:
         raise VLPruneError(f"{path}: no answers")
     return answers
+
+
+def _lxmert(path: Path, data: Path) -> list[VqaExample]:
+    """LXMERT's VQA json: a list of `question_id`, `img_id` (COCO's file stem), `sent` and
+    `label` (answer → its VQA score)."""
+    store = ImageStore(data, db_keys)
+    out = []
+    for where, record in json_records(path):
+        label = field(record, "label", dict, where)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in label.values()):
+            raise VLPruneError(f"{where}: label scores should be numbers, got {label!r}")
+        image = field(record, "img_id", str, where)
+        store.require(image, where)
+        question_id = field(record, "question_id", int, where)
+        # LXMERT's answers are normalised already, as its trainval_ans2label.json names them.
+        scores = tuple((a, float(v)) for a, v in label.items())
+        out.append(VqaExample(question_id, field(record, "sent", str, where), image, scores))
+    if not out:
+        raise VLPruneError(f"{path}: no questions")
+    return out
+
+
+TABLE_COLUMNS = ("questions", "question_id", "answers", "answer_scores")
+
+
+def _from_table(path: Path) -> list[VqaExample]:
+    """The questions of one of ViLT's VQA tables: a row per image, with its `questions`,
+    `question_id`s, and each question's `answers` and `answer_scores`."""
+    check_column(path, "image")
+    rows = columns(path, TABLE_COLUMNS)
+    out = []
+    for row, (questions, ids, answers, scores) in enumerate(zip(*rows.values(), strict=True)):
+        if not len(questions) == len(ids) == len(answers) == len(scores):
+            raise VLPruneError(f"{path}: row {row}: a question without its id or answers")
+        image = ArrowImage(path, row, "image")
+        for question, question_id, given, score in zip(
+            questions, ids, answers, scores, strict=True
+        ):
+            pairs = tuple(zip(given, map(float, score), strict=True))
+            out.append(VqaExample(question_id, question, image, pairs))
+    return out
+
+
+def _table_vocabulary(paths: list[Path]) -> list[str]:
+    """ViLT's answer labels: its tables give each label (`answer_labels`) with its answer."""
+    names: dict[int, str] = {}
+    for path in paths:
+        rows = columns(path, ("answer_labels", "answers"))
+        for labels, answers in zip(rows["answer_labels"], rows["answers"], strict=True):
+            for label_list, answer_list in zip(labels, answers, strict=True):
+                names.update(zip(label_list, answer_list, strict=True))
+    size = max(UNITER_ANSWERS, max(names, default=-1) + 1)
+    return [names.get(i, f"answer {i}") for i in range(size)]
 
 
 def _from_txt_db(db: TxtDb, key: str, record: dict) -> VqaExample:
