@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,10 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from vl_prune.backbone import LoadReport, is_local
 from vl_prune.checkpoint import read_state_dict, reason
 from vl_prune.errors import VLPruneError
-from vl_prune.hub import from_hub
+from vl_prune.hub import from_hub, from_source
+from vl_prune.tokenizers import local_tokenizer
+from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
+from vl_prune_plugins.world.vocabulary import words
 
 
 def preset_of_width(presets: dict[str, dict[str, int]], hidden: int) -> str:
@@ -69,6 +73,23 @@ def quiet_loading() -> Iterator[None]:
         logging.set_verbosity(verbosity)
         if shown:
             logging.enable_progress_bar()
+
+
+def tokenizer_loader(
+    tokenizer: str | os.PathLike | None,
+    vocab_size: int,
+    checkpoint: str | os.PathLike | None,
+    tokenizer_class: type,
+    hub_id: str,
+) -> Callable[[], object]:
+    """How to load a checkpoint's tokenizer, lazily: `--tokenizer`'s local files; the world's
+    tokenizer for the world's vocabulary; else the checkpoint folder's files or the hub's."""
+    if tokenizer is not None:
+        return partial(local_tokenizer, tokenizer, lowercase=True)
+    if vocab_size == len(words()):
+        return tiny_tokenizer
+    source = files_source(checkpoint, "tokenizer_config.json", hub_id) if checkpoint else hub_id
+    return partial(from_source, tokenizer_class.from_pretrained, source)
 
 
 def load_pretrained(

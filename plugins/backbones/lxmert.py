@@ -8,24 +8,23 @@ The model sits under `lxmert`, so parameter paths (and ticket tensor names) are 
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LxmertConfig, LxmertModel
+from transformers import LxmertConfig, LxmertModel, LxmertTokenizerFast
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
-from vl_prune.tokenizers import local_tokenizer
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
     files_source,
     load_pretrained,
     preset_of_width,
+    tokenizer_loader,
 )
 from vl_prune_plugins.backbones.lxmert_original import convert, is_original, load_original
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
@@ -97,8 +96,6 @@ class Lxmert(Backbone):
         """The world's word-level tokenizer (tiny), or the checkpoint's LxmertTokenizerFast loaded
         on first use, so building from local weights needs no network."""
         if self._tokenizer is None:
-            from transformers import LxmertTokenizerFast
-
             self._tokenizer = from_source(LxmertTokenizerFast.from_pretrained, self._source)
         return self._tokenizer
 
@@ -129,17 +126,7 @@ class Lxmert(Backbone):
         else:
             vocab, img_dim, hidden = _input_sizes(checkpoint)
         label = f"lxmert-{preset or preset_of_width(PRESETS, hidden)}"
-        if tokenizer is not None:
-            load = partial(local_tokenizer, tokenizer, cls.lowercase)
-        elif vocab == len(words()):
-            load = tiny_tokenizer
-        else:
-            from transformers import LxmertTokenizerFast
-
-            source = (
-                files_source(checkpoint, "tokenizer_config.json", HUB_ID) if checkpoint else HUB_ID
-            )
-            load = partial(from_source, LxmertTokenizerFast.from_pretrained, source)
+        load = tokenizer_loader(tokenizer, vocab, checkpoint, LxmertTokenizerFast, HUB_ID)
         return Inputs(label, "regions", load, img_dim, vocab)
 
     @classmethod

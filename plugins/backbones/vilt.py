@@ -13,19 +13,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import ViltConfig, ViltModel
+from transformers import BertTokenizerFast, ViltConfig, ViltModel
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local, with_image_types
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
-from vl_prune.tokenizers import local_tokenizer
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
     files_source,
     load_pretrained,
     preset_of_width,
+    tokenizer_loader,
 )
 from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 from vl_prune_plugins.backbones.vilt_original import convert, is_original, load_original
@@ -96,8 +96,6 @@ class Vilt(Backbone):
         """The world's word-level tokenizer (tiny), or the checkpoint's BertTokenizerFast loaded
         on first use, so building from local weights needs no network."""
         if self._tokenizer is None:
-            from transformers import BertTokenizerFast
-
             self._tokenizer = from_source(BertTokenizerFast.from_pretrained, self._source)
         return self._tokenizer
 
@@ -134,15 +132,7 @@ class Vilt(Backbone):
         else:
             vocab, hidden, size = _input_sizes(checkpoint)
             source = files_source(checkpoint, "preprocessor_config.json", HUB_ID)
-        if tokenizer is not None:
-            load = partial(local_tokenizer, tokenizer, cls.lowercase)
-        elif vocab == len(words()):
-            load = tiny_tokenizer
-        else:
-            from transformers import BertTokenizerFast
-
-            tokenizer_source = files_source(checkpoint, "tokenizer_config.json", HUB_ID)
-            load = partial(from_source, BertTokenizerFast.from_pretrained, tokenizer_source)
+        load = tokenizer_loader(tokenizer, vocab, checkpoint, BertTokenizerFast, HUB_ID)
         label = f"vilt-{preset or preset_of_width(PRESETS, hidden)}"
         processor = partial(image_processor, source, size)
         return Inputs(label, "pixels", load, vocab_size=vocab, image_processor=processor)
