@@ -24,6 +24,8 @@ from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
+from vl_prune_plugins.tasks.inputs import ImageStore, encode
+from vl_prune_plugins.tasks.nlvr2 import Nlvr2
 
 pytest.importorskip("pyarrow")
 
@@ -180,3 +182,14 @@ def test_find_vilt_from_its_original_release_on_its_tables(folders, vocab, tmp_p
     assert result.exit_code == 0, result.output
     assert [r["round"] for r in json.loads(result.stdout)["rounds"]] == [0, 1]
     assert "fused attn.qkv tensors → query/key/value" in result.stderr
+
+
+def test_texts_are_cut_to_the_backbones_positions(folders):
+    """ViLT reads 40 text positions (the tiny preset 64): a longer text is cut, [SEP] kept."""
+    vilt = Vilt.build("tiny")
+    nlvr2 = folders["vilt-nlvr2"]
+    image = Nlvr2(nlvr2).examples("dev")[0].left
+    batch = encode(["a red circle ." * 40], [image], vilt, ImageStore(nlvr2), max_length=200)
+    assert batch.input_ids.shape == (1, vilt.max_positions)
+    assert batch.input_ids[0, -1] == vilt.tokenizer.sep_token_id
+    assert vilt(batch).pooled.shape == (1, vilt.hidden_size)

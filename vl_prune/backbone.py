@@ -97,9 +97,9 @@ class LoadReport:
 
 class Inputs:
     """What collating a batch needs of a backbone, known before any weights are read, so a
-    data problem fails in seconds: its image input, region feature width, vocabulary size and
-    (loaded when first asked for) tokenizer and image processor. A built backbone offers the
-    same attributes; `Backbone.inputs` gives one or the other."""
+    data problem fails in seconds: its image input, region feature width, vocabulary size, the
+    longest text it reads and (loaded when first asked for) tokenizer and image processor. A
+    built backbone offers the same attributes; `Backbone.inputs` gives one or the other."""
 
     def __init__(
         self,
@@ -109,9 +109,10 @@ class Inputs:
         img_dim: int | None = None,
         vocab_size: int | None = None,
         image_processor: Callable[[], Any] | None = None,
+        max_positions: int | None = None,
     ):
         self.label, self.image_input = label, image_input
-        self.img_dim, self.vocab_size = img_dim, vocab_size
+        self.img_dim, self.vocab_size, self.max_positions = img_dim, vocab_size, max_positions
         self._load_tokenizer, self._load_processor = tokenizer, image_processor
 
     @cached_property
@@ -150,6 +151,8 @@ class Backbone(nn.Module):
     img_dim: int
     #: rows of the word embedding: token ids (a UNITER txt_db's) must be below it
     vocab_size: int | None = None
+    #: text positions: longer texts are cut to this many tokens
+    max_positions: int | None = None
     tokenizer: Any
     image_processor: Any = None
     load_report: LoadReport | None = None

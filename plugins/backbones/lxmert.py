@@ -62,6 +62,7 @@ PRESETS = {
 HUB_ID = "unc-nlp/lxmert-base-uncased"
 # The tensors whose shapes give a weights file's vocabulary, hidden size and feature width.
 WORDS, FEATURES = "embeddings.word_embeddings.weight", "encoder.visn_fc.visn_fc.weight"
+POSITIONS = "embeddings.position_embeddings.weight"
 
 
 class Lxmert(Backbone):
@@ -85,6 +86,7 @@ class Lxmert(Backbone):
         self.hidden_size = self.lxmert.config.hidden_size
         self.img_dim = self.lxmert.config.visual_feat_dim
         self.vocab_size = self.lxmert.config.vocab_size
+        self.max_positions = self.lxmert.config.max_position_embeddings
         # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
         self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
         self._source = source
@@ -120,14 +122,13 @@ class Lxmert(Backbone):
         or a weights file's tensor shapes, without the weights."""
         if checkpoint is None:
             settings = PRESETS[cls.check_preset(preset)]
-            vocab, img_dim, hidden = (
-                settings[k] for k in ("vocab_size", "visual_feat_dim", "hidden_size")
-            )
+            names = ("vocab_size", "visual_feat_dim", "hidden_size", "max_position_embeddings")
+            vocab, img_dim, hidden, positions = (settings[k] for k in names)
         else:
-            vocab, img_dim, hidden = _input_sizes(checkpoint)
+            vocab, img_dim, hidden, positions = _input_sizes(checkpoint)
         label = f"lxmert-{preset or preset_of_width(PRESETS, hidden)}"
         load = tokenizer_loader(tokenizer, vocab, checkpoint, LxmertTokenizerFast, HUB_ID)
-        return Inputs(label, "regions", load, img_dim, vocab)
+        return Inputs(label, "regions", load, img_dim, vocab, max_positions=positions)
 
     @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
@@ -202,8 +203,9 @@ class Lxmert(Backbone):
         separately."""
 
 
-def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int]:
-    """Vocabulary size, region feature width and hidden size of a checkpoint: from a weights
+def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
+    """Vocabulary size, region feature width, hidden size and text positions of a checkpoint:
+    from a weights
     file's tensor shapes (any of its layouts), else from the folder's or hub id's config."""
     path = Path(checkpoint).expanduser()
     if is_local(checkpoint) and path.is_file():
@@ -211,15 +213,16 @@ def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int]:
         if is_original(checkpoint):  # every key must map: refused before any weight is read
             state, _, _ = convert(state, str(checkpoint))
         state = {key.removeprefix("lxmert."): value for key, value in state.items()}
-        for key in (WORDS, FEATURES):
+        for key in (WORDS, FEATURES, POSITIONS):
             if key not in state or state[key].dim() != 2:
                 raise VLPruneError(f"{path}: no {key}: not a checkpoint of LXMERT")
         vocab, hidden = state[WORDS].shape
-        return vocab, state[FEATURES].shape[1], hidden
+        return vocab, state[FEATURES].shape[1], hidden, state[POSITIONS].shape[0]
     if is_local(checkpoint) and not path.is_dir():
         raise VLPruneError(f"{path}: no such checkpoint file or folder")
     config = from_source(LxmertConfig.from_pretrained, str(checkpoint))
-    return config.vocab_size, config.visual_feat_dim, config.hidden_size
+    sizes = (config.vocab_size, config.visual_feat_dim, config.hidden_size)
+    return (*sizes, config.max_position_embeddings)
 
 
 def preset_config(preset: str) -> LxmertConfig:

@@ -89,11 +89,6 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, delta=None):
-        if input_ids.shape[1] > self.position_embeddings.num_embeddings:
-            raise VLPruneError(
-                f"texts of {input_ids.shape[1]} tokens, but the model has "
-                f"{self.position_embeddings.num_embeddings} positions: lower --max-text-len"
-            )
         words = self.word_embeddings(input_ids)
         if delta is not None:
             words = words + delta
@@ -158,6 +153,7 @@ class Uniter(Backbone):
         self.preset = preset
         self.img_dim = settings.pop("img_dim")
         self.vocab_size = settings["vocab_size"]
+        self.max_positions = settings["max_position_embeddings"]
         config = BertConfig(**settings, **_BERT, layer_norm_eps=1e-12)
         config._attn_implementation = "sdpa"
         self.hidden_size = config.hidden_size
@@ -204,7 +200,10 @@ class Uniter(Backbone):
         else:
             files = beside(checkpoint) if checkpoint is not None else None
             load = partial(default_tokenizer, vocab, files)
-        return Inputs(f"uniter-{preset}", "regions", load, settings["img_dim"], vocab)
+        positions = settings["max_position_embeddings"]
+        return Inputs(
+            f"uniter-{preset}", "regions", load, settings["img_dim"], vocab, None, positions
+        )
 
     @classmethod
     def embedded(cls) -> Uniter:

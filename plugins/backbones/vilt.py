@@ -63,6 +63,7 @@ HUB_ID = "dandelin/vilt-b32-mlm"
 # The tensors whose shapes give a weights file's vocabulary, hidden size and image size.
 WORDS = "embeddings.text_embeddings.word_embeddings.weight"
 PATCHES, GRID = "embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings"
+POSITIONS = "embeddings.text_embeddings.position_embeddings.weight"
 # The modality type embedding (the text embeddings have a token_type_embeddings of their own).
 _TYPES = "embeddings.token_type_embeddings.weight"
 
@@ -84,6 +85,7 @@ class Vilt(Backbone):
         self.vilt = model if model is not None else ViltModel(preset_config(self.preset))
         self.hidden_size = self.vilt.config.hidden_size
         self.vocab_size = self.vilt.config.vocab_size
+        self.max_positions = self.vilt.config.max_position_embeddings
         # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
         self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
         self._image_processor = None
@@ -123,19 +125,23 @@ class Vilt(Backbone):
         or a weights file's tensor shapes, without the weights."""
         if checkpoint is None:
             settings = PRESETS[cls.check_preset(preset)]
-            vocab, hidden, size, source = (
-                settings["vocab_size"],
-                settings["hidden_size"],
-                settings["image_size"],
-                HUB_ID,
-            )
+            names = ("vocab_size", "hidden_size", "image_size", "max_position_embeddings")
+            vocab, hidden, size, positions = (settings[k] for k in names)
+            source = HUB_ID
         else:
-            vocab, hidden, size = _input_sizes(checkpoint)
+            vocab, hidden, size, positions = _input_sizes(checkpoint)
             source = files_source(checkpoint, "preprocessor_config.json", HUB_ID)
         load = tokenizer_loader(tokenizer, vocab, checkpoint, BertTokenizerFast, HUB_ID)
         label = f"vilt-{preset or preset_of_width(PRESETS, hidden)}"
         processor = partial(image_processor, source, size)
-        return Inputs(label, "pixels", load, vocab_size=vocab, image_processor=processor)
+        return Inputs(
+            label,
+            "pixels",
+            load,
+            vocab_size=vocab,
+            image_processor=processor,
+            max_positions=positions,
+        )
 
     @classmethod
     def embedded(cls) -> Vilt:
@@ -251,23 +257,26 @@ def image_processor(source: str, size: int):
     return ViltImageProcessorPil(size={"shortest_edge": size}, size_divisor=32)
 
 
-def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int]:
-    """Vocabulary size, hidden size and image size of a checkpoint: from a weights file's
-    tensor shapes (any of its layouts), else from the folder's or hub id's config."""
+def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
+    """Vocabulary size, hidden size, image size and text positions of a checkpoint: from a
+    weights file's tensor shapes (any of its layouts), else from the folder's or hub id's
+    config."""
     path = Path(checkpoint).expanduser()
     if is_local(checkpoint) and path.is_file():
         state = read_state_dict(path, shapes_only=True)
         if is_original(checkpoint):  # every key must map: refused before any weight is read
             state, _, _ = convert(state, str(checkpoint))
         state = {key.removeprefix("vilt."): value for key, value in state.items()}
-        words, patches = state.get(WORDS), state.get(PATCHES)
-        if words is None or words.dim() != 2 or patches is None:
+        words, patches, positions = state.get(WORDS), state.get(PATCHES), state.get(POSITIONS)
+        if words is None or words.dim() != 2 or patches is None or positions is None:
             raise VLPruneError(f"{path}: no {WORDS}: not a checkpoint of ViLT")
         vocab, hidden = words.shape
         # The position grid (cls first) times the patch size: the image size trained on.
         grid = round((state[GRID].shape[1] - 1) ** 0.5) if GRID in state else 0
-        return vocab, hidden, grid * patches.shape[-1] or PRESETS["b32"]["image_size"]
+        size = grid * patches.shape[-1] or PRESETS["b32"]["image_size"]
+        return vocab, hidden, size, positions.shape[0]
     if is_local(checkpoint) and not path.is_dir():
         raise VLPruneError(f"{path}: no such checkpoint file or folder")
     config = from_source(ViltConfig.from_pretrained, str(checkpoint))
-    return config.vocab_size, config.hidden_size, config.image_size
+    sizes = (config.vocab_size, config.hidden_size, config.image_size)
+    return (*sizes, config.max_position_embeddings)

@@ -158,9 +158,11 @@ def encode(
     new_words: int = 0,
 ) -> VLBatch:
     """One VLBatch: `texts` (with `pairs` as second segments, e.g. VCR answers) and the named
-    images, as the backbone's image input wants them. Texts longer than `max_length` tokens are
-    cut, keeping their last [SEP]. Token ids must be words of the backbone, or of the
-    `new_words` a task's head adds to it."""
+    images, as the backbone's image input wants them. Texts longer than `max_length` tokens (or
+    than the backbone has positions) are cut, keeping their last [SEP]. Token ids must be words
+    of the backbone, or of the `new_words` a task's head adds to it."""
+    # A model reads no text longer than its position embeddings (ViLT's are 40).
+    max_length = min(max_length, getattr(backbone, "max_positions", None) or max_length)
     if texts and not isinstance(texts[0], str):
         vocab_size = getattr(backbone, "vocab_size", None)
         if vocab_size is not None:
