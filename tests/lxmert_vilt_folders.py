@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 FIELDS = [
@@ -126,6 +125,8 @@ def png(name: str, size: tuple[int, int] = (64, 64)) -> bytes:
 
 def write_table(path: Path, columns: dict[str, list]) -> Path:
     """An Arrow IPC file of one table, as ViLT's writers leave it."""
+    import pyarrow as pa
+
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(columns)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:

@@ -193,3 +193,105 @@ def test_texts_are_cut_to_the_backbones_positions(folders):
     assert batch.input_ids.shape == (1, vilt.max_positions)
     assert batch.input_ids[0, -1] == vilt.tokenizer.sep_token_id
     assert vilt(batch).pooled.shape == (1, vilt.hidden_size)
+
+
+def _null_question(rows: dict) -> None:
+    rows["questions"][1] = None
+
+
+def _questions_as_strings(rows: dict) -> None:  # a string where ViLT's writer puts a list
+    rows["questions"] = [" ".join(q) for q in rows["questions"]]
+
+
+def _null_score(rows: dict) -> None:
+    rows["answer_scores"][1] = [[1.0], [None, 0.3]]
+
+
+@pytest.mark.parametrize(
+    ("damage", "column", "kind"),
+    [
+        (_null_question, "questions", "[str]"),
+        (_questions_as_strings, "questions", "[str]"),
+        (_null_score, "answer_scores", "[[float]]"),
+    ],
+)
+def test_a_table_value_of_the_wrong_kind_names_file_row_and_column(
+    tiny, tmp_path, damage, column, kind
+):
+    import pyarrow as pa
+
+    data = vilt_vqa(tmp_path / "data")
+    table = data / "vqav2_train.arrow"
+    rows = pa.ipc.open_file(str(table)).read_all().to_pydict()
+    damage(rows)
+    write_table(table, rows)
+    result = find(tmp_path, "vilt", "vqa", tiny["vilt"], data)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    row = 0 if damage is _questions_as_strings else 1
+    assert f"{table}: row {row}, column '{column}': expected {kind}" in result.output
+
+
+def test_a_split_indexes_only_the_feature_files_it_needs(folders, tmp_path):
+    from vl_prune.data.tsv import TsvStore
+
+    store = TsvStore(folders["lxmert-vqa"])
+    assert store.has("COCO_val2014_000000000500")
+    scanned = [file.path.name for file in store.files if "lines" in file.__dict__]
+    assert scanned == ["val2014_obj36.tsv"]
+
+
+def test_a_release_checkpoint_in_torchs_old_format_is_read_once(folders, tmp_path, monkeypatch):
+    """LXMERT's Epoch20_LXRT.pth cannot be memory-mapped: its shapes, its layout and its
+    values come from one read."""
+    import torch
+    from lxmert_original import write_original_lxmert
+
+    original = tmp_path / "Epoch20_LXRT.pth"
+    write_original_lxmert(original, visual_feat_dim=64)
+    reads = []
+    load = torch.load
+
+    def counting(path, *args, **kwargs):
+        reads.append(kwargs.get("mmap", False))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    Lxmert.inputs(None, original)
+    Lxmert.build(None, original)
+    assert reads.count(False) == 1
+
+
+def test_retrieval_trains_on_karpathys_restval_too(tmp_path):
+    from vl_prune_plugins.tasks.retrieval import Retrieval
+
+    data = vilt_karpathy(tmp_path / "coco", "coco")
+    (data / "coco_caption_karpathy_val.arrow").rename(data / "coco_caption_karpathy_restval.arrow")
+    vilt_karpathy(tmp_path / "val", "coco")
+    (tmp_path / "val" / "coco_caption_karpathy_val.arrow").rename(
+        data / "coco_caption_karpathy_val.arrow"
+    )
+    task = Retrieval(data)
+    assert len(task.examples("train")) == 2 * 4 * 5  # train's and restval's images, 5 captions
+
+
+def test_jpeg_pictures_are_read_as_released(tmp_path):
+    from PIL import Image as PILImage
+
+    (tmp_path / "images").mkdir()
+    PILImage.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "images" / "1000092795.jpg")
+    store = ImageStore(tmp_path)
+    assert store.has("1000092795")
+    assert store.picture("1000092795").size == (40, 30)
+
+
+def test_a_checkpoint_naming_a_torch_function_is_refused_by_name(tmp_path):
+    import torch
+
+    from vl_prune.checkpoint import read_state_dict
+    from vl_prune.errors import VLPruneError
+
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hook": torch.load}, crafted)
+    with pytest.raises(VLPruneError, match=r"names torch\.serialization\.load, which a weights"):
+        read_state_dict(crafted)

@@ -38,6 +38,8 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
             state = load_file(path)
         else:
             state = _torch_load(path, shapes_only)
+    except VLPruneError:
+        raise
     except Exception as exc:
         raise VLPruneError(f"{path}: cannot read checkpoint ({reason(exc)})") from exc
     for wrapper in ("model", "state_dict"):
@@ -57,19 +59,20 @@ _READ_WHOLE: dict[tuple[Path, int, int], object] = {}
 
 def _torch_load(path: Path, shapes_only: bool) -> object:
     """`torch.load`; for shapes only, memory-mapped where the file is in torch's zip format
-    (nothing is read but the tensors' headers), else read whole once for both reads."""
+    (nothing is read but the tensors' headers), else read whole once and kept for every read
+    after it, the last of which (the values) takes it."""
     stat = path.stat()
     key = (path.resolve(), stat.st_mtime_ns, stat.st_size)
-    if key in _READ_WHOLE and not shapes_only:
-        return _READ_WHOLE.pop(key)
-    if shapes_only:
-        try:
-            return _load(path, mmap=True)
-        except RuntimeError:
-            _READ_WHOLE.clear()
-            _READ_WHOLE[key] = _load(path)
-            return _READ_WHOLE[key]
-    return _load(path)
+    if key in _READ_WHOLE:
+        return _READ_WHOLE[key] if shapes_only else _READ_WHOLE.pop(key)
+    if not shapes_only:
+        return _load(path)
+    try:
+        return _load(path, mmap=True)
+    except RuntimeError:
+        _READ_WHOLE.clear()
+        _READ_WHOLE[key] = _load(path)
+        return _READ_WHOLE[key]
 
 
 class _StandIn:
@@ -90,6 +93,11 @@ def _load(path: Path, mmap: bool = False) -> object:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except ValueError:  # not torch's zip format (torch < 1.6): read as is
         found = []
-    stand_ins = [(_StandIn, name) for name in found if not name.startswith("torch.")]
+    if refused := [name for name in found if name.startswith("torch.")]:
+        raise VLPruneError(
+            f"{path}: names {', '.join(refused[:3])}, which a weights-only read refuses "
+            "(nothing from the file ran)"
+        )
+    stand_ins = [(_StandIn, name) for name in found]
     with torch.serialization.safe_globals(stand_ins):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -89,6 +89,11 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, delta=None):
+        if input_ids.shape[1] > self.position_embeddings.num_embeddings:
+            raise VLPruneError(
+                f"texts of {input_ids.shape[1]} tokens, but the model has "
+                f"{self.position_embeddings.num_embeddings} positions"
+            )
         words = self.word_embeddings(input_ids)
         if delta is not None:
             words = words + delta

@@ -1,13 +1,13 @@
 """Turning texts and image names into a VLBatch for a backbone: tokens, and region features or
 pixels read from a data folder.
 
-A data folder holds pictures as `images/<name>.png` (or in ViLT's tables: `ArrowImage`) and
-region features as `features/<name>.npz` (BUTD's per-image npz, as UNITER's feature extraction
-writes them), as a UNITER img_db under `img_db/` (`vl_prune.data.img_db`), or as LXMERT's
-`*obj*.tsv` files (`vl_prune.data.tsv`). npz files and img_dbs give an image's regions by the same
-rule (`vl_prune.data.regions.RegionRule`), so the same image reads the same in either layout.
-Texts are strings (tokenised here) or, from a UNITER txt_db, word-piece ids already framed by
-[CLS] and [SEP].
+A data folder holds pictures as `images/<name>.png` or `.jpg` (or in ViLT's tables:
+`ArrowImage`) and region features as `features/<name>.npz` (BUTD's per-image npz, as UNITER's
+feature extraction writes them), as a UNITER img_db under `img_db/` (`vl_prune.data.img_db`),
+or as LXMERT's `*obj*.tsv` files (`vl_prune.data.tsv`). npz files and img_dbs give an image's
+regions by the same rule (`vl_prune.data.regions.RegionRule`), so the same image reads the same
+in either layout. Texts are strings (tokenised here) or, from a UNITER txt_db, word-piece ids
+already framed by [CLS] and [SEP].
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ TokenIds = tuple[int, ...]
 #: (VCR's ground-truth and detected boxes)
 ImageName = str | tuple[str, ...] | ArrowImage
 PAD_ID = 0  # BERT's [PAD]; UNITER pads its token ids with 0
+PICTURES = (".png", ".jpg", ".jpeg")
 
 
 def _no_keys(name: str) -> list[str]:
@@ -77,9 +78,9 @@ class ImageStore:
     def picture(self, name: ImageName) -> Image.Image:
         if isinstance(name, ArrowImage):
             return name.picture()
-        path = self.root / "images" / f"{name}.png"
-        if not isinstance(name, str) or not path.is_file():
-            raise VLPruneError(f"{path}: image {name!r} is missing")
+        path = self._picture_file(name) if isinstance(name, str) else None
+        if path is None:
+            raise VLPruneError(f"{self.root / 'images'}: image {name!r} is missing")
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
@@ -95,7 +96,7 @@ class ImageStore:
             return True
         if (self.root / "features" / f"{name}.npz").is_file():
             return True
-        if (self.root / "images" / f"{name}.png").is_file():
+        if self._picture_file(name) is not None:
             return True
         if self._key(name) is not None:
             return True
@@ -113,7 +114,7 @@ class ImageStore:
             keys = ", ".join(self._candidates(missing))
             raise VLPruneError(
                 f"{where}: image {missing} is missing (no features/{missing}.npz, "
-                f"images/{missing}.png, img_db entry {keys} or line of an *obj*.tsv)"
+                f"images/{missing}.png or .jpg, img_db entry {keys} or line of an *obj*.tsv)"
             )
         self._present.add(name)
 
@@ -122,11 +123,13 @@ class ImageStore:
         key, so that readers whose keys depend on more than the name (the split) can hand the
         collation a plain name."""
         self.require(name, where)
-        own = any(
-            (self.root / folder / f"{name}{suffix}").is_file()
-            for folder, suffix in (("features", ".npz"), ("images", ".png"))
-        )
+        own = (self.root / "features" / f"{name}.npz").is_file() or self._picture_file(name)
         return name if own else self._key(name)
+
+    def _picture_file(self, name: str) -> Path | None:
+        """`images/<name>.png` (or `.jpg`, `.jpeg`: COCO's and Flickr's pictures as released)."""
+        paths = (self.root / "images" / f"{name}{suffix}" for suffix in PICTURES)
+        return next((path for path in paths if path.is_file()), None)
 
     def _candidates(self, name: str) -> list[str]:
         """The img_db keys an image may be stored under: a key stands for itself."""

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables
+from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables, table_splits
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.tasks.annotations import field, json_file
 from vl_prune_plugins.tasks.inputs import ImageStore
@@ -98,11 +98,13 @@ def _read_images(path: Path, mtime: int, size: int) -> list[Any]:
 
 
 def caption_tables(data: Path, prefixes: tuple[str, ...], split: str) -> list[Path] | None:
-    """ViLT's caption tables of `split` under the first of `prefixes` the folder has."""
+    """ViLT's caption tables of `split` under the first of `prefixes` the folder has; `train`
+    takes Karpathy's `restval` too where there is one, as the split json does."""
     for prefix in prefixes:
-        tables = split_tables(data, prefix, split)
-        if tables is not None:
-            return tables
+        if splits := table_splits(data, prefix):
+            if split == "train" and "restval" in splits:
+                split = "train+restval"
+            return split_tables(data, prefix, split)
     return None
 
 
@@ -111,8 +113,8 @@ def table_images(paths: list[Path]) -> list[tuple[ArrowImage, tuple[str, ...]]]:
     out = []
     for path in paths:
         check_column(path, "image")
-        for row, captions in enumerate(columns(path, ("caption",))["caption"]):
-            if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        for row, captions in enumerate(columns(path, {"caption": "[str]"})["caption"]):
+            if not captions or not all(c.strip() for c in captions):
                 raise VLPruneError(f"{path}: row {row}: column 'caption' needs captions")
             out.append((ArrowImage(path, row, "image"), tuple(captions)))
     if not out:

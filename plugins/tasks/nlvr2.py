@@ -217,7 +217,7 @@ def _from_table(path: Path) -> list[Nlvr2Example]:
     `image_0`, `image_1`), with every sentence on it (`questions`, `answers` "True"/"False")."""
     for column in ("image_0", "image_1"):
         check_column(path, column)
-    rows = columns(path, ("identifier", "questions", "answers"))
+    rows = columns(path, {"identifier": "str", "questions": "[str]", "answers": "[str]"})
     out = []
     for row, (pair, sentences, answers) in enumerate(zip(*rows.values(), strict=True)):
         where = f"{path}: row {row} ({pair})"

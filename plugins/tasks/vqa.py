@@ -395,7 +395,12 @@ def _lxmert(path: Path, data: Path) -> list[VqaExample]:
     return out
 
 
-TABLE_COLUMNS = ("questions", "question_id", "answers", "answer_scores")
+TABLE_COLUMNS = {
+    "questions": "[str]",
+    "question_id": "[int]",
+    "answers": "[[str]]",
+    "answer_scores": "[[float]]",
+}
 
 
 def _from_table(path: Path) -> list[VqaExample]:
@@ -411,6 +416,10 @@ def _from_table(path: Path) -> list[VqaExample]:
         for question, question_id, given, score in zip(
             questions, ids, answers, scores, strict=True
         ):
+            if len(given) != len(score):
+                raise VLPruneError(
+                    f"{path}: row {row}: question {question_id} has not a score per answer"
+                )
             pairs = tuple(zip(given, map(float, score), strict=True))
             out.append(VqaExample(question_id, question, image, pairs))
     return out
@@ -420,8 +429,10 @@ def _table_vocabulary(paths: list[Path]) -> list[str]:
     """ViLT's answer labels: its tables give each label (`answer_labels`) with its answer."""
     names: dict[int, str] = {}
     for path in paths:
-        rows = columns(path, ("answer_labels", "answers"))
-        for labels, answers in zip(rows["answer_labels"], rows["answers"], strict=True):
+        rows = columns(path, {"answer_labels": "[[int]]", "answers": "[[str]]"})
+        for row, (labels, answers) in enumerate(zip(*rows.values(), strict=True)):
+            if [len(a) for a in labels] != [len(a) for a in answers]:
+                raise VLPruneError(f"{path}: row {row}: answer_labels do not match answers")
             for label_list, answer_list in zip(labels, answers, strict=True):
                 names.update(zip(label_list, answer_list, strict=True))
     size = max(UNITER_ANSWERS, max(names, default=-1) + 1)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vl_prune.errors import VLPruneError
 
-_OPEN: dict[Path, Any] = {}
+_OPEN: dict[tuple[Path, int, int], Any] = {}
 
 
 def arrow_module() -> Any:
@@ -32,26 +32,53 @@ def arrow_module() -> Any:
 
 
 def table(path: Path) -> Any:
-    """The table of an Arrow IPC file, memory-mapped (once per process)."""
+    """The table of an Arrow IPC file, memory-mapped once per process (again if the file is
+    rewritten: a stale map of a rewritten file would read garbage)."""
     path = Path(path)
-    if path not in _OPEN:
+    stat = path.stat()
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _OPEN:
         pa = arrow_module()
+        for old in [k for k in _OPEN if k[0] == path]:
+            del _OPEN[old]
         try:
-            _OPEN[path] = pa.ipc.RecordBatchFileReader(pa.memory_map(str(path), "r")).read_all()
+            _OPEN[key] = pa.ipc.RecordBatchFileReader(pa.memory_map(str(path), "r")).read_all()
         except (OSError, pa.ArrowInvalid) as exc:
             raise VLPruneError(f"{path}: not an Arrow IPC file ({exc})") from exc
-    return _OPEN[path]
+    return _OPEN[key]
 
 
-def columns(path: Path, names: tuple[str, ...]) -> dict[str, list]:
-    """The named columns of a table as Python lists; a missing one is an error naming it."""
+#: the kinds of values `columns` checks: a string, an integer, a number, and lists of them
+KINDS = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    """Whether `value` is of `kind`: a name of KINDS, or `[kind]` for a list of them."""
+    if kind.startswith("["):
+        return isinstance(value, list) and all(_is(v, kind[1:-1]) for v in value)
+    return KINDS[kind](value)
+
+
+def columns(path: Path, kinds: dict[str, str]) -> dict[str, list]:
+    """The named columns of a table as Python lists, every value of its kind (`"[[str]]"`:
+    a list of lists of strings); a missing column or a value of another kind (a null, a string
+    where ViLT's writers put a list) is an error naming the file, column and row."""
     content = table(path)
-    missing = [name for name in names if name not in content.column_names]
-    if missing:
-        raise VLPruneError(
-            f"{path}: no column {missing[0]!r} (it has {', '.join(content.column_names)})"
-        )
-    return {name: content.column(name).to_pylist() for name in names}
+    out = {}
+    for name, kind in kinds.items():
+        check_column(path, name)
+        values = content.column(name).to_pylist()
+        for row, value in enumerate(values):
+            if not _is(value, kind):
+                raise VLPruneError(
+                    f"{path}: row {row}, column {name!r}: expected {kind}, got {value!r:.60}"
+                )
+        out[name] = values
+    return out
 
 
 def check_column(path: Path, name: str) -> None:

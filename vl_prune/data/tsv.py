@@ -15,6 +15,8 @@ import base64
 import binascii
 import hashlib
 import json
+import re
+import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -38,6 +40,8 @@ FIELDS = (
 )
 # A box may reach past the image by LXMERT's tolerance.
 TOLERANCE = 1e-5
+# What separates the words of image ids and file names: COCO_train2014_…, train-10171-0-img0.
+_WORD = re.compile(r"[_\-]")
 
 
 class TsvFeatures:
@@ -61,10 +65,21 @@ class TsvFeatures:
         return lines
 
     def _scan(self) -> dict[str, tuple[int, int]]:
+        from tqdm.auto import tqdm
+
         lines: dict[str, tuple[int, int]] = {}
         offset = 0
-        with self.path.open("rb") as file:
+        bar = tqdm(
+            total=self.path.stat().st_size,
+            desc=f"indexing {self.path.name} (once)",
+            unit="B",
+            unit_scale=True,
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
+        with self.path.open("rb") as file, bar:
             for number, line in enumerate(file, 1):
+                bar.update(len(line))
                 image = line.split(b"\t", 1)[0].decode("utf-8", errors="replace")
                 if line.strip():
                     if image in lines:
@@ -132,24 +147,31 @@ def find_tsv_files(folder: Path) -> list[Path]:
 
 
 class TsvStore:
-    """Every LXMERT feature file of a data folder, looked up by image id."""
+    """Every LXMERT feature file of a data folder, looked up by image id. A file is indexed
+    only when an image is looked for in it, those whose name shares a word with the image id
+    first (`train2014_obj36.tsv` for `COCO_train2014_…`): a split reads the files it needs."""
 
     def __init__(self, folder: Path):
         self.files = [TsvFeatures(path) for path in find_tsv_files(Path(folder))]
-
-    @cached_property
-    def _owner(self) -> dict[str, TsvFeatures]:
-        owner: dict[str, TsvFeatures] = {}
-        for file in self.files:
-            for image in file.lines:
-                owner.setdefault(image, file)
-        return owner
+        self._holder: dict[str, TsvFeatures | None] = {}
 
     def has(self, image: str) -> bool:
-        return image in self._owner
+        return self._file(image) is not None
 
     def regions(self, image: str) -> Regions:
-        return self._owner[image].regions(image)
+        file = self._file(image)
+        if file is None:
+            raise VLPruneError(f"no LXMERT feature file holds image {image!r}")
+        return file.regions(image)
+
+    def _file(self, image: str) -> TsvFeatures | None:
+        if image not in self._holder:
+            words = set(_WORD.split(image.lower()))
+            likely = sorted(
+                self.files, key=lambda f: not words & set(_WORD.split(f.path.stem.lower()))
+            )
+            self._holder[image] = next((f for f in likely if image in f.lines), None)
+        return self._holder[image]
 
 
 _OPENED: dict[Path, TsvStore] = {}
