@@ -80,7 +80,9 @@ class ImageStore:
             return name.picture()
         path = self._picture_file(name) if isinstance(name, str) else None
         if path is None:
-            raise VLPruneError(f"{self.root / 'images'}: image {name!r} is missing")
+            raise VLPruneError(
+                f"{self.root / 'images' / str(name)}.png: image {name!r} is missing (nor .jpg)"
+            )
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
