@@ -75,6 +75,27 @@ def quiet_loading() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def file_shapes(
+    checkpoint: str | os.PathLike,
+    base: str,
+    is_original: Callable[[str | os.PathLike], bool],
+    convert: Callable[[dict[str, torch.Tensor], str], tuple],
+) -> dict[str, torch.Tensor] | None:
+    """A weights file's tensors as meta tensors under the backbone model's own names (the base
+    model's prefix `base` dropped; a file in the original release's layout converted, so that a
+    key mapping onto nothing is refused before any weight is read); None for a save_pretrained
+    folder or a hub id, whose config tells the sizes instead."""
+    path = Path(checkpoint).expanduser()
+    if not is_local(checkpoint) or path.is_dir():
+        return None
+    if not path.is_file():
+        raise VLPruneError(f"{path}: no such checkpoint file or folder")
+    state = read_state_dict(path, shapes_only=True)
+    if is_original(checkpoint):
+        state = convert(state, str(checkpoint))[0]
+    return {key.removeprefix(base): value for key, value in state.items()}
+
+
 def tokenizer_loader(
     tokenizer: str | os.PathLike | None,
     vocab_size: int,

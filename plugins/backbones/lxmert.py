@@ -8,19 +8,18 @@ The model sits under `lxmert`, so parameter paths (and ticket tensor names) are 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LxmertConfig, LxmertModel, LxmertTokenizerFast
 
-from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local
-from vl_prune.checkpoint import read_state_dict
+from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
+    file_shapes,
     files_source,
     load_pretrained,
     preset_of_width,
@@ -205,24 +204,17 @@ class Lxmert(Backbone):
 
 def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
     """Vocabulary size, region feature width, hidden size and text positions of a checkpoint:
-    from a weights
-    file's tensor shapes (any of its layouts), else from the folder's or hub id's config."""
-    path = Path(checkpoint).expanduser()
-    if is_local(checkpoint) and path.is_file():
-        state = read_state_dict(path, shapes_only=True)
-        if is_original(checkpoint):  # every key must map: refused before any weight is read
-            state, _, _ = convert(state, str(checkpoint))
-        state = {key.removeprefix("lxmert."): value for key, value in state.items()}
-        for key in (WORDS, FEATURES, POSITIONS):
-            if key not in state or state[key].dim() != 2:
-                raise VLPruneError(f"{path}: no {key}: not a checkpoint of LXMERT")
-        vocab, hidden = state[WORDS].shape
-        return vocab, state[FEATURES].shape[1], hidden, state[POSITIONS].shape[0]
-    if is_local(checkpoint) and not path.is_dir():
-        raise VLPruneError(f"{path}: no such checkpoint file or folder")
-    config = from_source(LxmertConfig.from_pretrained, str(checkpoint))
-    sizes = (config.vocab_size, config.visual_feat_dim, config.hidden_size)
-    return (*sizes, config.max_position_embeddings)
+    from a weights file's tensor shapes (any of its layouts), else from its config."""
+    state = file_shapes(checkpoint, "lxmert.", is_original, convert)
+    if state is None:
+        config = from_source(LxmertConfig.from_pretrained, str(checkpoint))
+        sizes = (config.vocab_size, config.visual_feat_dim, config.hidden_size)
+        return (*sizes, config.max_position_embeddings)
+    for key in (WORDS, FEATURES, POSITIONS):
+        if key not in state or state[key].dim() != 2:
+            raise VLPruneError(f"{checkpoint}: no {key}: not a checkpoint of LXMERT")
+    vocab, hidden = state[WORDS].shape
+    return vocab, state[FEATURES].shape[1], hidden, state[POSITIONS].shape[0]
 
 
 def preset_config(preset: str) -> LxmertConfig:

@@ -16,12 +16,12 @@ from torch import nn
 from transformers import BertTokenizerFast, ViltConfig, ViltModel
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local, with_image_types
-from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
+    file_shapes,
     files_source,
     load_pretrained,
     preset_of_width,
@@ -259,24 +259,17 @@ def image_processor(source: str, size: int):
 
 def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
     """Vocabulary size, hidden size, image size and text positions of a checkpoint: from a
-    weights file's tensor shapes (any of its layouts), else from the folder's or hub id's
-    config."""
-    path = Path(checkpoint).expanduser()
-    if is_local(checkpoint) and path.is_file():
-        state = read_state_dict(path, shapes_only=True)
-        if is_original(checkpoint):  # every key must map: refused before any weight is read
-            state, _, _ = convert(state, str(checkpoint))
-        state = {key.removeprefix("vilt."): value for key, value in state.items()}
-        words, patches, positions = state.get(WORDS), state.get(PATCHES), state.get(POSITIONS)
-        if words is None or words.dim() != 2 or patches is None or positions is None:
-            raise VLPruneError(f"{path}: no {WORDS}: not a checkpoint of ViLT")
-        vocab, hidden = words.shape
-        # The position grid (cls first) times the patch size: the image size trained on.
-        grid = round((state[GRID].shape[1] - 1) ** 0.5) if GRID in state else 0
-        size = grid * patches.shape[-1] or PRESETS["b32"]["image_size"]
-        return vocab, hidden, size, positions.shape[0]
-    if is_local(checkpoint) and not path.is_dir():
-        raise VLPruneError(f"{path}: no such checkpoint file or folder")
-    config = from_source(ViltConfig.from_pretrained, str(checkpoint))
-    sizes = (config.vocab_size, config.hidden_size, config.image_size)
-    return (*sizes, config.max_position_embeddings)
+    weights file's tensor shapes (any of its layouts), else from its config."""
+    state = file_shapes(checkpoint, "vilt.", is_original, convert)
+    if state is None:
+        config = from_source(ViltConfig.from_pretrained, str(checkpoint))
+        sizes = (config.vocab_size, config.hidden_size, config.image_size)
+        return (*sizes, config.max_position_embeddings)
+    words, patches, positions = state.get(WORDS), state.get(PATCHES), state.get(POSITIONS)
+    if words is None or words.dim() != 2 or patches is None or positions is None:
+        raise VLPruneError(f"{checkpoint}: no {WORDS}: not a checkpoint of ViLT")
+    vocab, hidden = words.shape
+    # The position grid (cls first) times the patch size: the image size trained on.
+    grid = round((state[GRID].shape[1] - 1) ** 0.5) if GRID in state else 0
+    size = grid * patches.shape[-1] or PRESETS["b32"]["image_size"]
+    return vocab, hidden, size, positions.shape[0]
