@@ -15,11 +15,10 @@ import time
 import torch
 
 from vl_prune import registry
-from vl_prune.lottery import world_data
 from vl_prune.pruning import GlobalMagnitude, GlobalRandom
 from vl_prune.task import VLModel
 from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
-from vl_prune_plugins.tasks.pretrain import pretrained_tiny
+from vl_prune.world import embedded_world
 
 
 def main() -> None:
@@ -32,13 +31,13 @@ def main() -> None:
 
     backbone_class = registry.load("backbones", args.backbone)
     task_class = registry.load("tasks", args.task)
-    data = world_data(args.task)
-    task = task_class(data)
+    world = embedded_world()
+    task = task_class(world.data(args.task))
     train, dev = task.examples("train"), task.examples("dev")
     settings = TrainSettings(steps=args.steps)
 
     def run(prune=None) -> tuple[float, VLModel]:
-        backbone = pretrained_tiny(backbone_class, args.backbone)
+        backbone = world.theta0(backbone_class, args.backbone)
         torch.manual_seed(1)  # the same head φ0 for every run
         model = VLModel(backbone, task.head(backbone))
         if prune is not None:

@@ -127,9 +127,10 @@ def data() -> None:
 def data_world(task_name: str, out: Path, seed: int) -> None:
     """Write the embedded world's split of a task in its official layout."""
     from vl_prune.files import write_folder
+    from vl_prune.world import embedded_world
 
-    task = registry.load("tasks", task_name)
-    write_folder(out, lambda folder: task.write_world(folder, seed=seed))
+    split = embedded_world().split(task_name)
+    write_folder(out, lambda folder: split.write(folder, seed))
     files = sum(1 for p in out.rglob("*") if p.is_file())
     click.echo(f"wrote the world's {task_name} split (seed {seed}) to {out}: {files} files")
 
@@ -268,7 +269,8 @@ def _settings(
     "--method",
     default="imp",
     show_default=True,
-    help="imp, rewind, adv-imp, oneshot, random, … (see `vlprune list methods`).",
+    help="Mask rule: imp, random, layerwise, …; or rewind, oneshot, adv-imp: imp run that way "
+    "(see `vlprune list methods`).",
 )
 @click.option(
     "--schedule",
@@ -281,7 +283,18 @@ def _settings(
     "--rate", type=float, default=0.2, show_default=True, help="Geometric schedule's rate."
 )
 @click.option("--sparsity", type=float, default=0.9, show_default=True, help="Final sparsity.")
-@click.option("--rewind-step", type=int, help="rewind: the dense step whose weights to reset to.")
+@click.option(
+    "--rewind-step",
+    type=int,
+    help="Rewind survivors to the dense run's weights after this step (any method; rewind: "
+    "required).",
+)
+@click.option(
+    "--one-shot",
+    is_flag=True,
+    help="Cut every sparsity at once from the dense-trained weights (any method; oneshot: "
+    "implied).",
+)
 @click.option(
     "--keep",
     type=float,
@@ -314,6 +327,7 @@ def find(
     rate,
     sparsity,
     rewind_step,
+    one_shot,
     keep,
     runs,
     checkpoint_every,
@@ -325,13 +339,15 @@ def find(
     """Find a ticket: IMP rounds (or a baseline) to --sparsity, resumable, with a report."""
     from vl_prune.distributed import process_state
     from vl_prune.lottery import Lottery
+    from vl_prune.pruning.aliases import resolve
 
+    _, alias = resolve(method)
     settings = _settings(
         task,
         backbone,
         training,
         data=data,
-        implied=getattr(registry.load("methods", method), "adversarial", False),
+        implied=alias is not None and alias.adversarial,
         method=method,
         preset=preset,
         checkpoint=checkpoint,
@@ -340,6 +356,7 @@ def find(
         rate=rate,
         sparsity=sparsity,
         rewind_step=rewind_step,
+        one_shot=one_shot,
     )
     if out is not None and not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
@@ -757,6 +774,24 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     """Short names for tickets: file stems, or the full paths where stems collide."""
     stems = [p.stem for p in paths]
     return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+@cli.command("check-plugin")
+@click.argument("name")
+@click.option(
+    "--kind",
+    type=click.Choice(["backbones", "tasks", "methods"]),
+    help="The plugin's kind, where NAME names plugins of several kinds.",
+)
+def check_plugin(name: str, kind: str | None) -> None:
+    """Check a backbone, task or method plugin against its contract, as its first use does."""
+    from vl_prune.contract import load_checked, locate
+
+    plugin = locate(name, kind)
+    load_checked(plugin.kind, plugin.name)
+    click.echo(
+        f"ok: {plugin.kind[:-1]} {plugin.name!r} (from {plugin.distribution}) meets the contract"
+    )
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
-import vl_prune_plugins.tasks.pretrain as pretrain
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.pretrain as pretrain
 from vl_prune.train import TrainSettings
-from vl_prune_plugins.backbones.uniter import Uniter
+from vl_prune_plugins.world.synthetic import SyntheticWorld
+from vl_prune_plugins.world.theta0 import pretrained_tiny
 
 #: the world split sizes of the job (and of the test's reference θ0)
 WORLD = {"train": 48, "dev": 24}
@@ -39,9 +40,7 @@ def patch(setattr=setattr) -> None:
     """Small world splits and a tiny θ0 pre-training (`setattr`: monkeypatch's in a test)."""
     setattr(nlvr2, "WORLD_SIZES", WORLD)
     setattr(pretrain, "WORLD_SIZES", WORLD)
-    setattr(
-        Uniter, "embedded", classmethod(lambda cls: pretrain.pretrained_tiny(cls, "uniter", THETA0))
-    )
+    setattr(SyntheticWorld, "theta0", lambda world, cls, name: pretrained_tiny(cls, name, THETA0))
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -62,6 +61,7 @@ def main(out: Path, find_args: list[str]) -> None:
     import safetensors.torch
 
     import vl_prune.lottery as lottery
+    from vl_prune import registry
     from vl_prune.lottery import Experiment, FindSettings
     from vl_prune_cli.main import cli
 
@@ -121,6 +121,9 @@ def main(out: Path, find_args: list[str]) -> None:
 
     Experiment.train = recorded_train
     patch()
+    # Imported before recording: importing transformers probes the system (ldconfig through
+    # /dev/null, inductor's cache folder), which is no write of the find's.
+    registry.load("backbones", "uniter")
     sys.addaudithook(audit)
 
     cli.main(args=find_args, prog_name="vlprune", standalone_mode=False)

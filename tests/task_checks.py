@@ -10,14 +10,15 @@ import torch
 
 from vl_prune.task import Task, VLModel
 from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
+from vl_prune.world import WorldSplit
 from vl_prune_plugins.backbones.uniter import Uniter
 
 
-def written_twice(task_class: type[Task], folder: Path, seed: int) -> list[Path]:
-    """The files of the task's world written twice with one seed (paths relative to the world),
-    after asserting the two writes are byte-identical."""
+def written_twice(split: WorldSplit, folder: Path, seed: int) -> list[Path]:
+    """The files of the task's world split written twice with one seed (paths relative to the
+    split), after asserting the two writes are byte-identical."""
     for name in ("a", "b"):
-        task_class.write_world(folder / name, seed=seed)
+        split.write(folder / name, seed)
     files = sorted(p.relative_to(folder / "a") for p in (folder / "a").rglob("*.*"))
     for name in files:
         assert (folder / "a" / name).read_bytes() == (folder / "b" / name).read_bytes()

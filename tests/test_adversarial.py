@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
 from vl_prune.errors import VLPruneError
 from vl_prune.lottery import Experiment, FindSettings, Lottery
@@ -27,8 +27,8 @@ from vl_prune_plugins.backbones.uniter import Uniter
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nlvr2")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2, "WORLD_SIZES", {"train": 32, "dev": 16})
-        nlvr2.Nlvr2.write_world(root)
+        patch.setattr(nlvr2_world, "WORLD_SIZES", {"train": 32, "dev": 16})
+        nlvr2_world.write(root)
     return root
 
 

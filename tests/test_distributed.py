@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from vl_prune.ticket import current_weights, fingerprint
+from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.uniter import Uniter
-from vl_prune_plugins.tasks.nlvr2 import Nlvr2
+from vl_prune_plugins.world.splits import nlvr2 as nlvr2_world
 
 SCRIPT = Path(distributed_find.__file__)
 #: what Accelerate's `save_state` writes on every rank, rank 1 included: the save's folder
@@ -48,17 +49,14 @@ def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     with pytest.MonkeyPatch.context() as patch:
         distributed_find.patch(patch.setattr)
-        Nlvr2.write_world(root / "nlvr2")
+        nlvr2_world.write(root / "nlvr2")
         torch.manual_seed(0)
         save_file(Uniter.build("tiny").state_dict(), root / "theta0.safetensors")
         patch.setenv("VL_PRUNE_HOME", str(root / "reference"))
-        # Float sums, hence θ0's bits, depend on the thread count: use the job's.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            reference = Uniter.embedded()
-        finally:
-            torch.set_num_threads(threads)
+        # Float sums, hence θ0's bits, depend on the thread count: use the job's (θ0 is built
+        # in a process of its own, which takes its thread count from the environment).
+        patch.setenv("OMP_NUM_THREADS", "1")
+        reference = embedded_world().theta0(Uniter, "uniter")
     # The job's θ0 is built in a process of its own, which sees none of the patches: give it
     # the small pre-training world the reference was built on. No NLVR2 world, no θ0 yet.
     home = root / "home"

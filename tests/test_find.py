@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.errors import VLPruneError
 from vl_prune.lottery import Experiment, FindSettings, Lottery, train_ticket
 from vl_prune.pruning import linear
@@ -35,8 +36,8 @@ WORLD = {"train": 48, "dev": 24}
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nlvr2")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2, "WORLD_SIZES", WORLD)
-        nlvr2.Nlvr2.write_world(root)
+        patch.setattr(nlvr2_world, "WORLD_SIZES", WORLD)
+        nlvr2_world.write(root)
     return root
 
 

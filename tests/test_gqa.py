@@ -16,6 +16,7 @@ from PIL import Image
 from task_checks import train_briefly, written_twice
 
 import vl_prune_plugins.tasks.gqa as gqa
+import vl_prune_plugins.world.splits.gqa as gqa_world
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
 from vl_prune_plugins.backbones.lxmert import Lxmert
@@ -23,6 +24,7 @@ from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
 from vl_prune_plugins.tasks.gqa import Gqa, GqaExample
 from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
+from vl_prune_plugins.world.splits.gqa import SPLIT
 from vl_prune_plugins.world.vocabulary import SHAPES, plural, words
 
 # The keys of a question of the release's testdev_balanced_questions.json, in its order.
@@ -235,7 +237,7 @@ def answer_of(text: str) -> str:
     raise AssertionError(f"no form matches {text!r}")
 
 
-@pytest.mark.parametrize("family", gqa.FAMILIES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("family", gqa_world.FAMILIES, ids=lambda f: f.__name__)
 def test_world_questions_answer_what_the_scene_shows(family):
     vocabulary = set(words())
     rng = random.Random(0)
@@ -255,8 +257,8 @@ def test_world_questions_answer_what_the_scene_shows(family):
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gqa-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gqa, "WORLD_SIZES", WORLD)
-        Gqa.write_world(root, seed=0)
+        patch.setattr(gqa_world, "WORLD_SIZES", WORLD)
+        SPLIT.write(root, 0)
     return root
 
 
@@ -275,8 +277,8 @@ def test_world_split_round_trip(world):
 
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(gqa, "WORLD_SIZES", {"train": 4, "testdev": 2})
-    assert len(written_twice(Gqa, tmp_path, seed=5)) == 2 + 2 * 3
+    monkeypatch.setattr(gqa_world, "WORLD_SIZES", {"train": 4, "testdev": 2})
+    assert len(written_twice(SPLIT, tmp_path, seed=5)) == 2 + 2 * 3
 
 
 @pytest.mark.parametrize("backbone", [Uniter, Lxmert, Vilt])

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from uniter_release import write_uniter_checkpoint
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.errors import VLPruneError
 from vl_prune.pruning import GlobalMagnitude
 from vl_prune.ticket import Ticket, current_weights, fingerprint
@@ -196,8 +196,8 @@ def test_foreign_checkpoint_is_not_a_uniter_checkpoint(tmp_path):
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nlvr2")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2, "WORLD_SIZES", {"train": 16, "dev": 8})
-        nlvr2.Nlvr2.write_world(root)
+        patch.setattr(nlvr2_world, "WORLD_SIZES", {"train": 16, "dev": 8})
+        nlvr2_world.write(root)
     return root
 
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data import DataLoader
 
-import vl_prune_plugins.tasks.pretrain as pretrain
+import vl_prune_plugins.world.splits.pretrain as pretrain
 from vl_prune.data.loader import EpochOrder, batches
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
@@ -86,7 +86,7 @@ def pretrain_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain-world")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pretrain, "WORLD_SIZES", {"train": 6, "dev": 2})
-        Pretrain.write_world(root)
+        pretrain.write(root)
     return root
 
 

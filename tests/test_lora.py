@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.backbone import VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.lora import (
@@ -317,7 +317,7 @@ def test_a_rank_below_one_is_refused(rank):
 
 def test_fit_trains_a_peft_wrapped_ticket_on_a_world_split(tmp_path, monkeypatch):
     monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(nlvr2, "WORLD_SIZES", {"train": 16, "dev": 8})
+    monkeypatch.setattr(nlvr2_world, "WORLD_SIZES", {"train": 16, "dev": 8})
     torch.manual_seed(0)
     weights = tmp_path / "theta0.safetensors"
     save_file(Uniter.build("tiny").state_dict(), weights)
@@ -355,7 +355,7 @@ def test_evaluate_and_transfer_with_lora_save_adapters_and_merge_keeping_the_mas
     from vl_prune_cli.main import cli
 
     monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(nlvr2, "WORLD_SIZES", {"train": 16, "dev": 8})
+    monkeypatch.setattr(nlvr2_world, "WORLD_SIZES", {"train": 16, "dev": 8})
     torch.manual_seed(0)
     theta0 = tmp_path / "theta0.safetensors"
     save_file(Uniter.build("tiny").state_dict(), theta0)

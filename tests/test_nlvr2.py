@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
 from vl_prune_plugins.tasks.nlvr2 import Nlvr2, Nlvr2Example
+from vl_prune_plugins.world.splits.nlvr2 import SPLIT
 
 # The keys of a line of the release's dev.json, in its order.
 OFFICIAL_FIELDS = [
@@ -147,8 +148,8 @@ def world(tmp_path_factory) -> Path:
     """The world's NLVR2 split at test size, written once for the tests below (7-10 s)."""
     root = tmp_path_factory.mktemp("nlvr2-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2, "WORLD_SIZES", WORLD)
-        Nlvr2.write_world(root, seed=0)
+        patch.setattr(nlvr2_world, "WORLD_SIZES", WORLD)
+        SPLIT.write(root, 0)
     return root
 
 

@@ -6,15 +6,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
-import vl_prune_plugins.tasks.pretrain as pretrain
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.pretrain as pretrain
 from vl_prune import registry
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
 from vl_prune.ticket import fingerprint
 from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
 from vl_prune_cli.main import cli
-from vl_prune_plugins.tasks.pretrain import IGNORE, Pretrain, pretrained_tiny
+from vl_prune_plugins.tasks.pretrain import IGNORE, Pretrain
+from vl_prune_plugins.world.theta0 import pretrained_tiny
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def world(tmp_path_factory):
     sizes = pretrain.WORLD_SIZES
     pretrain.WORLD_SIZES = {"train": 400, "dev": 100}
     try:
-        Pretrain.write_world(root)
+        pretrain.write(root)
     finally:
         pretrain.WORLD_SIZES = sizes
     return root

@@ -16,8 +16,10 @@ from click.testing import CliRunner
 from task_checks import train_briefly, written_twice
 
 import vl_prune_plugins.tasks.refcoco as refcoco
+import vl_prune_plugins.world.splits.refcoco as refcoco_world
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
+from vl_prune.world import embedded_world
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
@@ -26,6 +28,7 @@ from vl_prune_plugins.tasks.refcoco import RefcocoPlus, accuracy, iou
 from vl_prune_plugins.world.images import scene_rng
 from vl_prune_plugins.world.referring import expression
 from vl_prune_plugins.world.scenes import SIZES, WorldSettings, sample_scene
+from vl_prune_plugins.world.splits.refcoco import SPLIT
 from vl_prune_plugins.world.vocabulary import COLOURS, PLACES, SHAPES, words
 
 # Every test here trains tiny models (see conftest.one_thread).
@@ -276,15 +279,15 @@ def test_targets_are_the_best_region_and_a_prediction_is_right_by_iou(tmp_path):
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("refcoco-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(refcoco, "WORLD_SIZES", WORLD)
-        RefcocoPlus.write_world(root)
+        patch.setattr(refcoco_world, "WORLD_SIZES", WORLD)
+        SPLIT.write(root, 0)
     return root
 
 
 def test_world_split_round_trip(world):
     task = RefcocoPlus(world)
     backbone = Uniter.build("tiny")
-    per_image = refcoco.REFS_PER_IMAGE * refcoco.SENTENCES_PER_REF
+    per_image = refcoco_world.REFS_PER_IMAGE * refcoco_world.SENTENCES_PER_REF
     for split, images in WORLD.items():
         examples = task.examples(split)
         assert len(examples) == images * per_image
@@ -312,15 +315,15 @@ def test_world_split_round_trip(world):
 
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(refcoco, "WORLD_SIZES", {"train": 3, "val": 2})
-    assert len(written_twice(RefcocoPlus, tmp_path, seed=5)) == 2 + 2 * 5
+    monkeypatch.setattr(refcoco_world, "WORLD_SIZES", {"train": 3, "val": 2})
+    assert len(written_twice(SPLIT, tmp_path, seed=5)) == 2 + 2 * 5
 
 
 def test_world_expressions_single_out_their_object_by_appearance():
     """Every expression names only the target among the scene's objects, uses no location word
     (RefCOCO+'s rule) and only the tokenizer's words. Many (0.4 here) name an attribute a
     distractor shares, where no single word gives the answer away."""
-    settings = WorldSettings(seed=0, **refcoco.WORLD_SCENES)
+    settings = WorldSettings(seed=0, **refcoco_world.WORLD_SCENES)
     rng = scene_rng(settings, "test")
     attribute_words = set(SIZES) | set(COLOURS) | set(SHAPES)
 
@@ -379,9 +382,9 @@ def test_the_cli_lists_the_task_and_refuses_vilt_in_one_line(tmp_path, monkeypat
     line = next(x for x in listed.output.splitlines() if "refcoco+" in x)
     assert "accuracy" in line
     monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(refcoco, "WORLD_SIZES", {"train": 2, "val": 1})
+    monkeypatch.setattr(refcoco_world, "WORLD_SIZES", {"train": 2, "val": 1})
     # A fresh tiny ViLT stands in for its world θ0, which would take minutes to build.
-    monkeypatch.setattr(Vilt, "embedded", classmethod(lambda cls: cls.build("tiny")))
+    monkeypatch.setattr(embedded_world(), "theta0", lambda backbone_class, name: Vilt.build("tiny"))
     runs = str(tmp_path / "runs")
     result = CliRunner().invoke(
         cli, ["find", "--model", "vilt", "--task", "refcoco+", "--quiet", "--runs", runs]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from task_checks import written_twice
 
-import vl_prune_plugins.tasks.retrieval as retrieval
+import vl_prune_plugins.world.splits.retrieval as retrieval_world
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
 from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
@@ -19,6 +19,7 @@ from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
 from vl_prune_plugins.tasks.retrieval import Candidate, Caption, Pool, Retrieval, recalls
+from vl_prune_plugins.world.splits.retrieval import SPLIT
 from vl_prune_plugins.world.vocabulary import words
 
 WORLD = {"train": 40, "val": 8}
@@ -85,8 +86,8 @@ def write_release(root: Path, content: dict) -> Path:
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("retrieval-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(retrieval, "WORLD_SIZES", WORLD)
-        Retrieval.write_world(root)
+        patch.setattr(retrieval_world, "WORLD_SIZES", WORLD)
+        SPLIT.write(root, 0)
     return root
 
 
@@ -283,8 +284,8 @@ def test_world_scenes_can_differ_in_one_word(world):
 
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(retrieval, "WORLD_SIZES", {"train": 4, "val": 2})
-    assert len(written_twice(Retrieval, tmp_path, seed=3)) == 1 + 2 * 6
+    monkeypatch.setattr(retrieval_world, "WORLD_SIZES", {"train": 4, "val": 2})
+    assert len(written_twice(SPLIT, tmp_path, seed=3)) == 1 + 2 * 6
 
 
 @pytest.mark.parametrize("backbone", [Lxmert, Vilt])

@@ -15,14 +15,15 @@ import torch
 from PIL import Image
 from task_checks import train_briefly, written_twice
 
-import vl_prune_plugins.tasks.snli_ve as snli_ve
+import vl_prune_plugins.world.splits.snli_ve as snli_ve_world
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
-from vl_prune_plugins.tasks.snli_ve import Hypothesis, SnliVe, SnliVeExample
+from vl_prune_plugins.tasks.snli_ve import SnliVe, SnliVeExample
 from vl_prune_plugins.world.scenes import Scene, WorldSettings, sample_scene
+from vl_prune_plugins.world.splits.snli_ve import SPLIT, Hypothesis
 from vl_prune_plugins.world.vocabulary import words
 
 # The keys of a line of the release, sorted as its generator writes them.
@@ -181,8 +182,8 @@ def test_labels_are_what_every_possible_unseen_image_agrees_on(settings):
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("snli-ve-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(snli_ve, "WORLD_SIZES", WORLD)
-        SnliVe.write_world(root, seed=0)
+        patch.setattr(snli_ve_world, "WORLD_SIZES", WORLD)
+        SPLIT.write(root, 0)
     return root
 
 
@@ -218,8 +219,8 @@ def test_hypotheses_alone_do_not_give_the_label_away(world):
 
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(snli_ve, "WORLD_SIZES", {"train": 3, "dev": 2})
-    assert len(written_twice(SnliVe, tmp_path, seed=5)) == 2 + 2 * 5
+    monkeypatch.setattr(snli_ve_world, "WORLD_SIZES", {"train": 3, "dev": 2})
+    assert len(written_twice(SPLIT, tmp_path, seed=5)) == 2 + 2 * 5
 
 
 @pytest.mark.parametrize("backbone", [Uniter, Lxmert, Vilt])

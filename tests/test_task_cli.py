@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import vl_prune_plugins.tasks.gqa as gqa
-import vl_prune_plugins.tasks.refcoco as refcoco
-import vl_prune_plugins.tasks.retrieval as retrieval
-import vl_prune_plugins.tasks.snli_ve as snli_ve
-import vl_prune_plugins.tasks.vcr as vcr
+import vl_prune_plugins.world.splits.gqa as gqa
+import vl_prune_plugins.world.splits.refcoco as refcoco
+import vl_prune_plugins.world.splits.retrieval as retrieval
+import vl_prune_plugins.world.splits.snli_ve as snli_ve
+import vl_prune_plugins.world.splits.vcr as vcr
 from vl_prune.ticket import Ticket
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.lxmert import Lxmert

@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
-import vl_prune_plugins.tasks.pretrain as pretrain
-import vl_prune_plugins.tasks.vqa as vqa
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.pretrain as pretrain
+import vl_prune_plugins.world.splits.vqa as vqa
 from vl_prune.lottery import Experiment, FindSettings, Lottery
 from vl_prune.ticket import Ticket
 from vl_prune.train import TrainSettings

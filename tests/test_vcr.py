@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 from task_checks import written_twice
 
-import vl_prune_plugins.tasks.vcr as vcr
+import vl_prune_plugins.world.splits.vcr as vcr_world
 from vl_prune.errors import VLPruneError
 from vl_prune.task import VLModel
 from vl_prune.train import TrainSettings, evaluate, fit, make_accelerator
@@ -26,6 +26,7 @@ from vl_prune_plugins.tasks.vcr import Vcr, VcrExample, accuracies
 from vl_prune_plugins.world.commonsense import commonsense_question
 from vl_prune_plugins.world.images import new_scene, scene_rng
 from vl_prune_plugins.world.scenes import WorldSettings
+from vl_prune_plugins.world.splits.vcr import SPLIT
 
 # The keys of a line of the release's val.jsonl, in its order.
 OFFICIAL_FIELDS = [
@@ -212,8 +213,8 @@ def world(tmp_path_factory) -> Path:
     """The world's VCR split at test size, written once for the tests below (about 2 s)."""
     root = tmp_path_factory.mktemp("vcr-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vcr, "WORLD_SIZES", WORLD)
-        Vcr.write_world(root, seed=0)
+        patch.setattr(vcr_world, "WORLD_SIZES", WORLD)
+        SPLIT.write(root, 0)
     return root
 
 
@@ -287,8 +288,8 @@ def test_the_words_alone_do_not_give_the_choices_away(world):
 
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(vcr, "WORLD_SIZES", {"train": 6, "val": 4})
-    assert len(written_twice(Vcr, tmp_path, seed=3)) == 2 + 3 * 10
+    monkeypatch.setattr(vcr_world, "WORLD_SIZES", {"train": 6, "val": 4})
+    assert len(written_twice(SPLIT, tmp_path, seed=3)) == 2 + 3 * 10
 
 
 @pytest.mark.parametrize("backbone", [Uniter, Lxmert, Vilt])

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import vl_prune_plugins.tasks.vqa as vqa
+import vl_prune_plugins.world.splits.vqa as vqa_world
 from vl_prune import registry
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, VLModel
 from vl_prune_plugins.tasks.vqa import Vqa
+from vl_prune_plugins.world.splits.vqa import SPLIT
 
 LICENSE = {
     "url": "http://creativecommons.org/licenses/by/4.0/",
@@ -99,8 +101,8 @@ def real_task(root: Path, answers: list[str] | None = None) -> Vqa:
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vqa-world")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vqa, "WORLD_SIZES", {"train": 600, "dev": 200})
-        Vqa.write_world(root)
+        patch.setattr(vqa_world, "WORLD_SIZES", {"train": 600, "dev": 200})
+        SPLIT.write(root, 0)
     return root
 
 
@@ -281,9 +283,9 @@ def test_world_splits_read_back(world):
 
 
 def test_the_same_seed_writes_the_same_world(tmp_path, monkeypatch):
-    monkeypatch.setattr(vqa, "WORLD_SIZES", {"train": 6, "dev": 4})
-    Vqa.write_world(tmp_path / "a", seed=3)
-    Vqa.write_world(tmp_path / "b", seed=3)
+    monkeypatch.setattr(vqa_world, "WORLD_SIZES", {"train": 6, "dev": 4})
+    SPLIT.write(tmp_path / "a", 3)
+    SPLIT.write(tmp_path / "b", 3)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*"))
     assert len(files) == 4 + 2 * (3 + 2)
     for name in files:

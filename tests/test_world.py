@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vl_prune_plugins.tasks.nlvr2 as nlvr2
+import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune_plugins.world import language
 from vl_prune_plugins.world.features import region_features
 from vl_prune_plugins.world.images import new_scene, write_image
 from vl_prune_plugins.world.language import NUMBER_WORDS, captions, question, statement
 from vl_prune_plugins.world.scenes import Scene, WorldSettings, sample_scene
+from vl_prune_plugins.world.splits.nlvr2 import SPLIT
 from vl_prune_plugins.world.vocabulary import SHAPES, plural, words
 
 EVERY_NAME = WorldSettings(shapes=len(SHAPES), colours=8)
@@ -34,20 +35,20 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def small_world(monkeypatch):
-    monkeypatch.setattr(nlvr2, "WORLD_SIZES", {"train": 12, "dev": 4})
+    monkeypatch.setattr(nlvr2_world, "WORLD_SIZES", {"train": 12, "dev": 4})
 
 
 def test_same_seed_writes_byte_identical_files(tmp_path, small_world):
-    nlvr2.Nlvr2.write_world(tmp_path / "a", seed=3)
-    nlvr2.Nlvr2.write_world(tmp_path / "b", seed=3)
+    SPLIT.write(tmp_path / "a", 3)
+    SPLIT.write(tmp_path / "b", 3)
     a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
     assert len(a) == 2 + 2 * 2 * (12 + 4)  # two jsonl files; a PNG and an npz per image
     assert a == b
 
 
 def test_another_seed_writes_another_world(tmp_path, small_world):
-    nlvr2.Nlvr2.write_world(tmp_path / "a", seed=3)
-    nlvr2.Nlvr2.write_world(tmp_path / "b", seed=4)
+    SPLIT.write(tmp_path / "a", 3)
+    SPLIT.write(tmp_path / "b", 4)
     a, b = file_hashes(tmp_path / "a"), file_hashes(tmp_path / "b")
     assert a.keys() == b.keys()
     changed = [name for name in a if a[name] != b[name]]

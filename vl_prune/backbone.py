@@ -196,13 +196,6 @@ class Backbone(nn.Module):
 
         self.tokenizer = local_tokenizer(path, self.lowercase)
 
-    @classmethod
-    def embedded(cls) -> Backbone:
-        """The backbone to use when no checkpoint is given: the tiny preset pre-trained on the
-        embedded world (a real θ0, built on first use and cached). Plugins without one keep
-        this default, which asks for a checkpoint."""
-        raise VLPruneError(f"{cls.__name__} has no embedded pre-trained weights; pass --checkpoint")
-
     def forward(
         self,
         batch: VLBatch,

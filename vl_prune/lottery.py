@@ -22,19 +22,20 @@ from typing import Any
 
 import torch
 
-from vl_prune import registry
 from vl_prune.adversarial import AdversarialSettings
 from vl_prune.backbone import Backbone, Inputs
 from vl_prune.baselines import load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
+from vl_prune.contract import load_checked
 from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
-from vl_prune.home import cached_folder
 from vl_prune.pruning import SCHEDULES, ScorePruning, geometric, linear, prune_to
+from vl_prune.pruning.aliases import resolve
 from vl_prune.task import DataOptions, VLModel
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
 from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
+from vl_prune.world import embedded_world
 
 TICKET = "ticket.safetensors"
 METRICS = "metrics.json"
@@ -54,7 +55,10 @@ class FindSettings:
     schedule: str = "linear"
     rate: float = 0.2
     sparsity: float = 0.9
+    #: rewinding: survivors restart from the dense run's weights after this many steps
     rewind_step: int | None = None
+    #: every sparsity cut at once from the dense-trained weights, not round by round
+    one_shot: bool = False
     train: TrainSettings = field(default_factory=TrainSettings)
     #: how the task reads --data (splits, text length, answers)
     data_options: DataOptions = field(default_factory=DataOptions)
@@ -82,10 +86,16 @@ class FindSettings:
         later are left out while unset, so earlier runs keep their names."""
         fields = {**asdict(self), "train": self.train.identity()}
         fields["data_options"] = {k: v for k, v in fields["data_options"].items() if v is not None}
-        for later in ("data_options", "tokenizer"):
+        for later in ("data_options", "tokenizer", "one_shot"):
             if not fields[later]:
                 del fields[later]
         return fields
+
+    @property
+    def label(self) -> str:
+        """The method as typed, with the procedure settings given besides it: `random-rewind`."""
+        extras = [("oneshot", self.one_shot), ("rewind", self.rewind_step is not None)]
+        return "-".join([self.method, *(name for name, given in extras if given)])
 
     @property
     def embedded(self) -> bool:
@@ -95,15 +105,9 @@ class FindSettings:
 
 def recipe(task: str, world: bool) -> TrainSettings:
     """The task's fine-tuning settings for the embedded world or for real data."""
-    task_class = registry.load("tasks", task)
-    return TrainSettings(**(task_class.world_recipe if world else task_class.recipe))
-
-
-def world_data(task: str, seed: int = 0) -> Path:
-    """The embedded world's split of `task`, written on first use and cached."""
-    task_class = registry.load("tasks", task)
-    name = f"world/{task}-v{task_class.world_version}-seed{seed}"
-    return cached_folder(name, lambda out: task_class.write_world(out, seed))
+    if world:
+        return TrainSettings(**embedded_world().recipe(task))
+    return TrainSettings(**load_checked("tasks", task).recipe)
 
 
 class Experiment:
@@ -114,15 +118,15 @@ class Experiment:
 
     def __init__(self, settings: FindSettings, log: Callable[[str], None] = lambda line: None):
         self.settings = settings
-        backbone_class = registry.load("backbones", settings.backbone)
-        task_class = registry.load("tasks", settings.task)
+        backbone_class = load_checked("backbones", settings.backbone)
+        task_class = load_checked("tasks", settings.task)
         task_class.check_backbone(backbone_class)  # before any data or θ0 is built
         if settings.checkpoint is None and settings.preset not in (None, "tiny"):
             raise VLPruneError(
                 f"no pre-trained weights for {settings.backbone}-{settings.preset}: "
                 "pass --checkpoint (without one only the embedded tiny preset exists)"
             )
-        data = Path(settings.data) if settings.data else world_data(settings.task)
+        data = Path(settings.data) if settings.data else embedded_world().data(settings.task)
         self.task = task_class(data, settings.data_options)
         train_split, eval_split = self.task.train_split, self.task.eval_split
         self.train_examples = self.task.examples(train_split)
@@ -135,7 +139,7 @@ class Experiment:
             f"scored on {eval_split} ({len(self.eval_examples):,}), from {data}"
         )
         if settings.checkpoint is None:
-            backbone = backbone_class.embedded()
+            backbone = embedded_world().theta0(backbone_class, settings.backbone)
         elif isinstance(inputs, Backbone):  # the plugin built it to tell its inputs
             backbone = inputs
         else:
@@ -160,7 +164,10 @@ class Experiment:
         if settings.checkpoint is not None:
             return backbone_class.inputs(settings.preset, settings.checkpoint, settings.tokenizer)
         if "tiny" not in backbone_class.presets:
-            return backbone_class.embedded()  # which says what to pass instead
+            raise VLPruneError(
+                f"{settings.backbone} has no tiny preset for the embedded world to pre-train: "
+                "pass --checkpoint"
+            )
         return backbone_class.inputs("tiny")
 
     def _check_vocabulary(self, inputs: Inputs | Backbone) -> None:
@@ -249,19 +256,22 @@ class Lottery:
         quiet: bool = False,
         log: Callable[[str], None] = lambda line: None,
     ):
-        method = registry.load("methods", settings.method)
+        method, alias = resolve(settings.method)
         if not (isinstance(method, type) and issubclass(method, ScorePruning)):
             raise VLPruneError(
                 f"method {settings.method!r} is not a ScorePruning method and cannot run rounds"
             )
-        if method.rewind and settings.rewind_step is None:
+        if alias is not None and alias.rewind and settings.rewind_step is None:
             raise VLPruneError(f"method {settings.method!r} needs --rewind-step")
         if checkpoint_every < 1:
             raise VLPruneError(f"--checkpoint-every must be at least 1, not {checkpoint_every}")
-        if method.adversarial and settings.train.adversarial is None:
+        if alias is not None and alias.adversarial and settings.train.adversarial is None:
             adversarial = replace(settings.train, adversarial=AdversarialSettings())
             settings = replace(settings, train=adversarial)
         self.settings, self.method = settings, method
+        #: the procedure: one-shot cuts, and rewinding (to θ_k, k = `rewind_step`)
+        self.one_shot = settings.one_shot or (alias is not None and alias.one_shot)
+        self.rewinds = settings.rewind_step is not None
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
         self.experiment = Experiment(settings, log)
         total = self.experiment.total
@@ -276,7 +286,7 @@ class Lottery:
             "weights_fingerprint": self.experiment.fingerprint,
         }
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
-        name = f"{settings.backbone}-{settings.task}-{settings.method}-{digest[:10]}"
+        name = f"{settings.backbone}-{settings.task}-{settings.label}-{digest[:10]}"
         self.folder = Path(runs) / name
 
     @property
@@ -330,7 +340,7 @@ class Lottery:
                     f"delete {folder.parent / f'round_{r - 1:02d}'} to redo that round"
                 )
             Ticket.load(ticket_path).apply(model.backbone, strict=True)
-            if self.method.rewind:
+            if self.rewinds:
                 _load_weights(model, read_state_dict(self.folder / "round_00" / REWIND))
         own = Ticket.from_model(model.backbone, model.backbone.prunable())
         self.log(
@@ -343,7 +353,7 @@ class Lottery:
             description=f"round {r}/{self.rounds}",
             quiet=self.quiet,
             checkpoints=Checkpoints(folder / "checkpoint", self.checkpoint_every),
-            on_step=self._rewind_saver() if r == 0 and self.method.rewind else None,
+            on_step=self._rewind_saver() if r == 0 and self.rewinds else None,
         )
         dense = score if r == 0 else history[0]["score"]
         metrics = {
@@ -366,7 +376,7 @@ class Lottery:
     def _cut(self, r: int, trained: VLModel, dense: float, records: list[dict]) -> None:
         """Write the masks that round r's trained weights give the rounds after it: the next
         round's, or (one-shot, after the dense round) every round's."""
-        if self.method.one_shot:
+        if self.one_shot:
             levels = range(1, self.rounds + 1) if r == 0 else range(0)
         else:
             levels = range(r + 1, min(r + 1, self.rounds) + 1)
@@ -412,7 +422,7 @@ class Lottery:
             weights_fingerprint=self.experiment.fingerprint,
             task=settings.task,
             metric=self.experiment.task.metric,
-            method=settings.method,
+            method=settings.label,
             schedule=settings.schedule,
             round=r,
             score=score,
@@ -433,7 +443,7 @@ class Lottery:
             "preset": self.config["preset"],
             "task": self.settings.task,
             "metric": self.experiment.task.metric,
-            "method": self.settings.method,
+            "method": self.settings.label,
             "dense_score": dense,
             "keep": keep,
             "rounds": rounds,

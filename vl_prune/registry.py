@@ -1,7 +1,8 @@
 """Plugin discovery through entry points: lazy, with close-match errors and isolated failures.
 
-Backbones, tasks and pruning methods are entry points in the groups ``vl_prune.backbones``,
-``vl_prune.tasks`` and ``vl_prune.methods``. The built-ins are registered in vl_prune's own
+Backbones, tasks, pruning methods, worlds and the worlds' task splits are entry points in the
+groups ``vl_prune.backbones``, ``vl_prune.tasks``, ``vl_prune.methods``, ``vl_prune.worlds``
+and ``vl_prune.world_splits``. The built-ins are registered in vl_prune's own
 pyproject.toml exactly like a third party's, so there is one way in. Nothing is imported until
 a plugin is asked for by name or a listing is requested.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from vl_prune.errors import VLPruneError
 
-KINDS = ("backbones", "tasks", "methods")
+KINDS = ("backbones", "tasks", "methods", "worlds", "world_splits")
 
 
 class PluginLoadError(VLPruneError):

@@ -1,8 +1,8 @@
 """The task contract: what a `vl_prune.tasks` plugin provides, and the model it trains.
 
-A task reads its data set in the official annotation format, writes the embedded world's split
-in that same format, and owns the head f2, the loss and the metric. vl_prune trains and scores
-`VLModel(backbone, head)` through this interface only.
+A task reads its data set in the official annotation format and owns the head f2, the loss and
+the metric (the embedded world writes its split in that format: `vl_prune.world`). vl_prune
+trains and scores `VLModel(backbone, head)` through this interface only.
 """
 
 from __future__ import annotations
@@ -84,12 +84,9 @@ class Task:
     splits: ClassVar[tuple[str, ...]] = ("train", "dev")
     #: the longest text in tokens ([CLS] and [SEP] included): UNITER's max_txt_len
     max_text_len: ClassVar[int] = 60
-    #: fine-tuning settings (TrainSettings fields) for real data, e.g. the published ones,
-    #: and for the embedded world; flags override them
+    #: fine-tuning settings (TrainSettings fields) for real data, e.g. the published ones;
+    #: flags override them (the embedded world's come from its `WorldSplit`)
     recipe: ClassVar[dict[str, Any]] = {}
-    world_recipe: ClassVar[dict[str, Any]] = {}
-    #: changes whenever `write_world` writes something else: cached world splits are keyed by it
-    world_version: ClassVar[int] = 0
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         self.data = Path(data)
@@ -118,11 +115,6 @@ class Task:
     @property
     def eval_split(self) -> str:
         return self.options.eval_split or self.default_splits()[1]
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        """Write the embedded world's split of this task into `out`, in the official layout."""
-        raise NotImplementedError
 
     def examples(self, split: str) -> list[Any]:
         """The checked examples of one split."""

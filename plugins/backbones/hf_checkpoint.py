@@ -17,8 +17,7 @@ from vl_prune.checkpoint import read_state_dict, reason
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_hub, from_source
 from vl_prune.tokenizers import local_tokenizer
-from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
-from vl_prune_plugins.world.vocabulary import words
+from vl_prune.world import embedded_world
 
 
 def preset_of_width(presets: dict[str, dict[str, int]], hidden: int) -> str:
@@ -107,8 +106,8 @@ def tokenizer_loader(
     tokenizer for the world's vocabulary; else the checkpoint folder's files or the hub's."""
     if tokenizer is not None:
         return partial(local_tokenizer, tokenizer, lowercase=True)
-    if vocab_size == len(words()):
-        return tiny_tokenizer
+    if vocab_size == embedded_world().vocab_size:
+        return embedded_world().tokenizer
     source = files_source(checkpoint, "tokenizer_config.json", hub_id) if checkpoint else hub_id
     return partial(from_source, tokenizer_class.from_pretrained, source)
 

@@ -16,6 +16,7 @@ from transformers import LxmertConfig, LxmertModel, LxmertTokenizerFast
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
+from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
@@ -26,21 +27,19 @@ from vl_prune_plugins.backbones.hf_checkpoint import (
     tokenizer_loader,
 )
 from vl_prune_plugins.backbones.lxmert_original import convert, is_original, load_original
-from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
-from vl_prune_plugins.world.vocabulary import words
 
 PRESETS = {
     # For the embedded world and the tests: trains on 2 CPU cores in seconds. Its region features
     # have uniter-tiny's img_dim, so one synthetic world serves both.
     "tiny": dict(
-        vocab_size=len(words()),
+        vocab_size=embedded_world().vocab_size,
         hidden_size=128,
         num_attention_heads=4,
         intermediate_size=256,
         l_layers=2,
         x_layers=1,
         r_layers=1,
-        visual_feat_dim=64,
+        visual_feat_dim=embedded_world().img_dim,
         visual_pos_dim=4,
         max_position_embeddings=64,
     ),
@@ -87,7 +86,8 @@ class Lxmert(Backbone):
         self.vocab_size = self.lxmert.config.vocab_size
         self.max_positions = self.lxmert.config.max_position_embeddings
         # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
-        self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
+        world = embedded_world()
+        self._tokenizer = world.tokenizer() if self.vocab_size == world.vocab_size else None
         self._source = source
         # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
         self.train()
@@ -103,12 +103,6 @@ class Lxmert(Backbone):
     @tokenizer.setter
     def tokenizer(self, tokenizer) -> None:
         self._tokenizer = tokenizer
-
-    @classmethod
-    def embedded(cls) -> Lxmert:
-        from vl_prune_plugins.tasks.pretrain import pretrained_tiny
-
-        return pretrained_tiny(cls, "lxmert")
 
     @classmethod
     def inputs(

@@ -30,21 +30,21 @@ from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_hub
 from vl_prune.tokenizers import beside, local_tokenizer
-from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
-from vl_prune_plugins.world.vocabulary import words
+from vl_prune.world import embedded_world
 
 _BERT = dict(hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 PRESETS = {
-    # For the embedded world and the tests: trains on 2 CPU cores in seconds.
+    # For the embedded world and the tests: trains on 2 CPU cores in seconds; reads the world's
+    # words and region features.
     "tiny": dict(
-        vocab_size=len(words()),
+        vocab_size=embedded_world().vocab_size,
         hidden_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=64,
         type_vocab_size=2,
-        img_dim=64,
+        img_dim=embedded_world().img_dim,
     ),
     # config/uniter-base.json and uniter-large.json of the original release (bert-base-cased).
     "base": dict(
@@ -211,12 +211,6 @@ class Uniter(Backbone):
         )
 
     @classmethod
-    def embedded(cls) -> Uniter:
-        from vl_prune_plugins.tasks.pretrain import pretrained_tiny
-
-        return pretrained_tiny(cls, "uniter")
-
-    @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):
         if checkpoint is None:
             return cls(cls.check_preset(preset))
@@ -340,8 +334,8 @@ def _init_weights(module: nn.Module) -> None:
 def default_tokenizer(vocab_size: int, files: Path | None):
     """The world's tokenizer for the world's vocabulary; else bert-base-cased, from `files`
     (a tokenizer kept beside the checkpoint) or the hub."""
-    if vocab_size == len(words()):
-        return tiny_tokenizer()
+    if vocab_size == embedded_world().vocab_size:
+        return embedded_world().tokenizer()
     if files is not None:
         return local_tokenizer(files, lowercase=False)
     from transformers import BertTokenizerFast

@@ -18,6 +18,7 @@ from transformers import BertTokenizerFast, ViltConfig, ViltModel
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local, with_image_types
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
+from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
     embedding_width,
@@ -27,20 +28,18 @@ from vl_prune_plugins.backbones.hf_checkpoint import (
     preset_of_width,
     tokenizer_loader,
 )
-from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
 from vl_prune_plugins.backbones.vilt_original import convert, is_original, load_original
-from vl_prune_plugins.world.vocabulary import words
 
 PRESETS = {
     # For the embedded world and the tests: 64-pixel images in 16-pixel patches (4 × 4 for a
     # square image), trains on 2 CPU cores in seconds.
     "tiny": dict(
-        vocab_size=len(words()),
+        vocab_size=embedded_world().vocab_size,
         hidden_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=256,
-        image_size=64,
+        image_size=embedded_world().image_size,
         patch_size=16,
         max_position_embeddings=64,
     ),
@@ -87,7 +86,8 @@ class Vilt(Backbone):
         self.vocab_size = self.vilt.config.vocab_size
         self.max_positions = self.vilt.config.max_position_embeddings
         # The world's vocabulary (the tiny preset's) has the world's tokenizer, others a real one.
-        self._tokenizer = tiny_tokenizer() if self.vocab_size == len(words()) else None
+        world = embedded_world()
+        self._tokenizer = world.tokenizer() if self.vocab_size == world.vocab_size else None
         self._image_processor = None
         self._source = source
         # from_pretrained leaves models in eval mode; a fresh module (and uniter) is in train mode.
@@ -142,12 +142,6 @@ class Vilt(Backbone):
             image_processor=processor,
             max_positions=positions,
         )
-
-    @classmethod
-    def embedded(cls) -> Vilt:
-        from vl_prune_plugins.tasks.pretrain import pretrained_tiny
-
-        return pretrained_tiny(cls, "vilt")
 
     @classmethod
     def build(cls, preset: str | None = None, checkpoint: str | os.PathLike | None = None):

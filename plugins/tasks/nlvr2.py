@@ -13,7 +13,6 @@ two pooled vectors go through an MLP to two classes.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +32,11 @@ from vl_prune_plugins.tasks.annotations import (
     is_json_list,
     json_lines,
     json_records,
-    write_json_lines,
 )
 from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 LABELS = {"False": 0, "True": 1}
-WORLD_SIZES = {"train": 2000, "dev": 500}
 #: UNITER's txt_db names (txt_db/nlvr2_<split>.db) and ViLT's tables (nlvr2_<split>.arrow)
 TXT_DB = ARROW = "nlvr2"
 
@@ -81,7 +77,6 @@ class Nlvr2(Task):
 
     description = "NLVR2: is the sentence true of the image pair? (UNITER's paired head)"
     metric = "accuracy"
-    world_version = WORLD_VERSION
     # UNITER's train-nlvr2-base-1gpu.json (its batches are 10,240 tokens, ~32 pairs here).
     recipe: ClassVar[dict] = {
         "steps": 8000,
@@ -90,7 +85,6 @@ class Nlvr2(Task):
         "batch_size": 32,
         "seed": 77,
     }
-    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
     def default_splits(self) -> tuple[str, str]:
         """`train` and `dev`; LXMERT's json calls the dev split `valid`."""
@@ -117,33 +111,6 @@ class Nlvr2(Task):
         if not out:
             raise VLPruneError(f"{path}: no examples")
         return out
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
-        from vl_prune_plugins.world.language import statement
-        from vl_prune_plugins.world.scenes import WorldSettings
-
-        settings = WorldSettings(seed=seed)
-        out.mkdir(parents=True, exist_ok=True)
-        for split, size in WORLD_SIZES.items():
-            rng = scene_rng(settings, "nlvr2", split)
-            records = []
-            for i in range(size):
-                pair = f"{split}-{i // 4}-{i % 4}"
-                label = rng.random() < 0.5
-                for attempt in itertools.count():
-                    # A new sentence now and then: some admit few pairs of one truth value.
-                    if attempt % 50 == 0:
-                        text, holds = statement(rng, settings)
-                    left = new_scene(settings, "nlvr2", split, i, attempt, 0)
-                    right = new_scene(settings, "nlvr2", split, i, attempt, 1)
-                    if holds(left, right) == label:
-                        break
-                write_image(left, f"{pair}-img0", out, settings)
-                write_image(right, f"{pair}-img1", out, settings)
-                records.append(_record(pair, text, label))
-            write_json_lines(out / f"{split}.json", records)
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -238,20 +205,3 @@ def _from_txt_db(db: TxtDb, key: str, record: dict) -> Nlvr2Example:
         raise VLPruneError(f"{where}: 'target' is {label!r}, not 0 or 1 (an unlabelled split?)")
     left, right = image_names(record, 2, where)
     return Nlvr2Example(key, db.with_specials(record["input_ids"]), label, left, right)
-
-
-def _record(pair: str, sentence: str, label: bool) -> dict:
-    """A line in the official release's field order; the world has no URLs or workers."""
-    answer = "True" if label else "False"
-    return {
-        "validation": {"world": answer},
-        "sentence": sentence,
-        "left_url": f"images/{pair}-img0.png",
-        "writer": "world",
-        "label": answer,
-        "right_url": f"images/{pair}-img1.png",
-        "synset": "shape",
-        "query": "world",
-        "identifier": f"{pair}-0",
-        "extra_validations": {},
-    }

@@ -6,41 +6,31 @@ Captions come in the Karpathy split json (`dataset_<name>.json`: `images[*].file
 UNITER's pre-training txt_dbs (`txt_db/pretrain_coco_train.db`, `…_restval.db`, `…_val.db`,
 `pretrain_vg_train.db`: split names `coco_train+coco_restval+vg_train` and `coco_val`) with
 `img_db/coco_train2014/`, `coco_val2014/`, `vg/`. Used to pre-train each backbone's tiny preset
-on the embedded world (a real θ0, cached) and to find task-agnostic tickets.
+on the embedded world (`vl_prune_plugins.world.theta0`) and to find task-agnostic tickets.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.arrow import table_splits
-from vl_prune.data.loader import COLLATION
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
-from vl_prune.task import DataOptions, Task, TaskBatch, VLModel, symmetric_kl
-from vl_prune.train import OPTIMIZER, TrainSettings
+from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.karpathy import (
     caption_tables,
     db_keys,
-    karpathy_image,
     read_split,
     split_names,
     table_images,
 )
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
-from vl_prune_plugins.world.vocabulary import words
 
-WORLD_SIZES = {"train": 3000, "dev": 500}
-# Pre-training of the tiny presets' θ0; changing it changes every cached θ0 (and its name).
-THETA0 = TrainSettings(steps=400, batch_size=32, lr=1e-3, seed=0)
 MASK_RATE = 0.15
 IGNORE = -100
 #: UNITER's pre-training txt_dbs (txt_db/pretrain_<part>.db): what trains, what scores
@@ -87,14 +77,6 @@ class Pretrain(Task):
 
     description = "pre-training objectives: MLM + ITM (+ MRFR for region backbones)"
     metric = "mlm_itm_accuracy"
-    world_version = WORLD_VERSION
-    # `vlprune find --task pretrain` (task-agnostic tickets): each round continues pre-training
-    # for a quarter of θ0's steps, as the paper gives each IMP round a fraction of pre-training.
-    world_recipe: ClassVar[dict] = {
-        "steps": THETA0.steps // 4,
-        "lr": THETA0.lr,
-        "batch_size": THETA0.batch_size,
-    }
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)
@@ -128,27 +110,6 @@ class Pretrain(Task):
             out += [Caption(text, image) for text in captions]
             self.captions_of.setdefault(image, set()).update(captions)
         return out
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.tasks.annotations import write_json
-        from vl_prune_plugins.world.images import new_scene, write_image
-        from vl_prune_plugins.world.language import captions
-        from vl_prune_plugins.world.scenes import WorldSettings
-
-        settings = WorldSettings(seed=seed)
-        images, sentence_id = [], 0
-        for split, size in WORLD_SIZES.items():
-            for i in range(size):
-                name = f"world_{split}_{i:06d}"
-                scene = new_scene(settings, "pretrain", split, i)
-                write_image(scene, name, out, settings)
-                # Every true statement `captions` makes: a caption missing from an image's list
-                # is false of it, so ITM negatives are real negatives (see `collate`).
-                pairs = [(raw, raw.rstrip(" .").split()) for raw in captions(scene)]
-                images.append(karpathy_image(len(images), sentence_id, split, f"{name}.png", pairs))
-                sentence_id += len(pairs)
-        write_json(out / "dataset_world.json", {"images": images, "dataset": "world"})
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -250,83 +211,3 @@ def _from_txt_db(db: TxtDb, key: str, record: dict) -> Caption:
     """A caption of UNITER's pre-training txt_dbs: its `input_ids` and image (`img_fname`)."""
     (image,) = image_names(record, 1, f"{db.path}: key {key!r}")
     return Caption(db.with_specials(record["input_ids"]), image)
-
-
-def pretrained_tiny(backbone_class: type[Backbone], name: str, settings: TrainSettings = THETA0):
-    """The tiny preset of a backbone pre-trained on the embedded world (MLM + ITM, + MRFR for
-    region backbones): a real θ0. Built on first use, deterministically, and cached under
-    `$VL_PRUNE_HOME/theta0/`; later calls load it."""
-    from safetensors.torch import load_file
-
-    from vl_prune.distributed import process_state, run_alone
-    from vl_prune.home import home, local_main_first
-
-    torch.manual_seed(settings.seed)
-    backbone = backbone_class.build("tiny")
-    # Everything that decides the weights names the file: a change builds a new θ0.
-    recipe = repr(
-        (
-            settings.identity(),
-            sorted(backbone.state_dict()),
-            words(),
-            WORLD_SIZES,
-            WORLD_VERSION,
-            OPTIMIZER,
-            COLLATION,
-        )
-    )
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"
-    # In a multi-process job one process per machine builds it, the others wait; every rank
-    # passes the barrier, built or not (see `cached_folder`). The build runs in a process of
-    # its own: inside the job, Accelerate would split its batches across the ranks and give
-    # another θ0 under the same name.
-    with local_main_first() as builder:
-        if builder and not path.is_file():
-            if process_state().num_processes > 1:
-                run_alone(_pretrain_fresh, backbone_class, name, settings, path)
-            else:
-                _pretrain(backbone, name, settings, path)
-    backbone.load_state_dict(load_file(path))
-    return backbone
-
-
-def _pretrain(backbone: Backbone, name: str, settings: TrainSettings, path: Path) -> None:
-    """Pre-train `backbone` (the tiny preset, seeded) on the world's captions; write it to
-    `path`."""
-    from accelerate.state import AcceleratorState
-    from safetensors.torch import save
-
-    from vl_prune.files import atomic_write
-    from vl_prune.home import cached_folder
-    from vl_prune.train import fit, make_accelerator
-
-    data = cached_folder(
-        f"world/pretrain-v{WORLD_VERSION}-seed{settings.seed}",
-        lambda out: Pretrain.write_world(out, seed=settings.seed),
-    )
-    task = Pretrain(data)
-    model = VLModel(backbone, task.head(backbone))
-    accelerator = make_accelerator(settings)
-    fit(
-        accelerator.prepare(model),
-        task,
-        task.examples("train"),
-        settings,
-        accelerator,
-        description=f"pre-training {name}-tiny",
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    atomic_write(path, save(state))
-    # θ0 trains in full precision; Accelerate allows the fine-tuning that follows in this
-    # process another precision (--mixed-precision) only on a fresh state.
-    AcceleratorState._reset_state()
-
-
-def _pretrain_fresh(
-    backbone_class: type[Backbone], name: str, settings: TrainSettings, path: Path
-) -> None:
-    """`_pretrain` on a new tiny backbone, seeded as `pretrained_tiny` seeds its own."""
-    torch.manual_seed(settings.seed)
-    _pretrain(backbone_class.build("tiny"), name, settings, path)

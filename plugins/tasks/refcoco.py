@@ -11,9 +11,7 @@ malicious file cannot run code. Region features are `features/<file_name stem>.n
 reads) and `re_coco_det/` (`visual_grounding_det_coco_…`, detected boxes, which the other splits
 read first, as UNITER scores them). Or UNITER's release as it is: `txt_db/re/refcoco+_<split>.db`
 (each sentence's `input_ids`, `image_id` and `bbox`, with `images.json` giving image sizes) and
-those img_dbs. Each sentence is one example. The world's
-split has scenes of 3-5 objects, two referred objects an image and two appearance-only
-expressions each (`world/referring.py`), written as `refs(unc).json`.
+those img_dbs. Each sentence is one example.
 
 The head is UNITER's RE head: every region's state through an MLP to one score, padded regions
 masked out, cross-entropy towards the region that overlaps the referred box most. A prediction
@@ -23,11 +21,10 @@ detector on real data; in the world they are the objects, so the rule gives exac
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,13 +33,9 @@ from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle, write_json
+from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import record_vocabulary
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
-
-if TYPE_CHECKING:
-    from vl_prune_plugins.world.scenes import Scene, Thing, WorldSettings
 
 FOLDER = "refcoco+"
 #: UNITER's txt_db names: txt_db/re/refcoco+_<split>.db
@@ -50,15 +43,6 @@ TXT_DB = "refcoco+"
 INSTANCES = "instances.json"
 REFS_PICKLE = "refs(unc).p"
 REFS_JSON = "refs(unc).json"
-#: images per world split; each gets REFS_PER_IMAGE referred objects, SENTENCES_PER_REF each
-WORLD_SIZES = {"train": 1000, "val": 250}
-REFS_PER_IMAGE = 2
-SENTENCES_PER_REF = 2
-#: objects per world scene: enough that an expression often needs two attributes. Region
-#: features noisier than the other tasks' (2.0, default 0.3): at 0.3 (and at 0.8) uniter-tiny
-#: picks the referred region every time after 1,050 steps; at 2.0 it reaches 0.82 there (0.48 at
-#: the recipe's 150), so tickets can be told apart.
-WORLD_SCENES = {"min_objects": 3, "max_objects": 5, "feature_noise": 2.0}
 #: the overlap with the referred box that makes a predicted region right (the standard rule)
 IOU_THRESHOLD = 0.5
 # UNITER masks the scores of padded regions with this (not -inf: fp16, and the KL term).
@@ -106,7 +90,6 @@ class RefcocoPlus(Task):
     # Regions are what the head chooses between; pixel backbones have none.
     image_inputs = ("regions",)
     splits = ("train", "val", "testA", "testB")
-    world_version = WORLD_VERSION
     # UNITER's train-refcoco+-base-1gpu.json: 10000 steps, lr 6e-5, 1000 warmup, 128 a batch.
     recipe: ClassVar[dict] = {
         "steps": 10000,
@@ -115,7 +98,6 @@ class RefcocoPlus(Task):
         "batch_size": 128,
         "seed": 24,
     }
-    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
     def examples(self, split: str) -> list[RefExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
@@ -150,47 +132,6 @@ class RefcocoPlus(Task):
                 f"{refs_path}: no refs of split {split!r} (it has {sorted(seen_splits)})"
             )
         return out
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.world.images import scene_rng, write_image
-        from vl_prune_plugins.world.referring import expression
-        from vl_prune_plugins.world.scenes import WorldSettings
-
-        settings = WorldSettings(seed=seed, **WORLD_SCENES)
-        side = settings.image_size
-        images, annotations, refs = [], [], []
-        image_id = 0  # COCO ids start at 1, and refer's splits share one id space
-        for split, size in WORLD_SIZES.items():
-            rng = scene_rng(settings, "refcoco+", split)
-            for _ in range(size):
-                image_id += 1
-                scene, describable = _world_scene(settings, split, image_id)
-                name = f"COCO_train2014_{image_id:012d}"
-                write_image(scene, name, out, settings)
-                images.append(
-                    {"file_name": f"{name}.png", "height": side, "width": side, "id": image_id}
-                )
-                # COCO numbers annotations across the release; an image's k-th is id*10+k here.
-                ann_ids = {thing: image_id * 10 + k for k, thing in enumerate(scene.things)}
-                for thing, ann_id in ann_ids.items():
-                    annotations.append(_annotation(ann_id, image_id, thing, settings))
-                for thing in rng.sample(describable, REFS_PER_IMAGE):
-                    texts = [expression(scene, thing, rng) for _ in range(SENTENCES_PER_REF)]
-                    refs.append(
-                        _ref(len(refs), thing, ann_ids[thing], image_id, split, texts, settings)
-                    )
-        folder = out / FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        categories = [
-            {"supercategory": "shape", "id": k, "name": shape}
-            for k, shape in enumerate(settings.shape_names, 1)
-        ]
-        write_json(
-            folder / INSTANCES,
-            {"images": images, "annotations": annotations, "categories": categories},
-        )
-        write_json(folder / REFS_JSON, refs)
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -365,62 +306,3 @@ def _positive(record: dict, name: str, where: str) -> float:
     if value <= 0:
         raise VLPruneError(f"{where}: field {name!r} should be positive, got {value}")
     return value
-
-
-def _world_scene(settings: WorldSettings, split: str, image_id: int) -> tuple[Scene, list[Thing]]:
-    """The image's scene and those of its objects that some expression singles out: the first
-    scene drawn for the image with REFS_PER_IMAGE of them (objects with a twin have none)."""
-    from vl_prune_plugins.world.images import new_scene
-    from vl_prune_plugins.world.referring import distinguishing
-
-    for attempt in itertools.count():
-        scene = new_scene(settings, "refcoco+", split, image_id, attempt)
-        describable = [t for t in scene.things if distinguishing(scene, t)]
-        if len(describable) >= REFS_PER_IMAGE:
-            return scene, describable
-
-
-def _category(thing: Thing, settings: WorldSettings) -> int:
-    """The COCO category id of the world's object: its shape's place, from 1."""
-    return settings.shape_names.index(thing.shape) + 1
-
-
-def _annotation(ann_id: int, image_id: int, thing: Thing, settings: WorldSettings) -> dict:
-    """A COCO instance of the world: its box in pixels, the box as its segmentation polygon."""
-    x1, y1, x2, y2 = (v * settings.image_size for v in thing.box())
-    return {
-        "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
-        "area": (x2 - x1) * (y2 - y1),
-        "iscrowd": 0,
-        "image_id": image_id,
-        "bbox": [x1, y1, x2 - x1, y2 - y1],
-        "category_id": _category(thing, settings),
-        "id": ann_id,
-    }
-
-
-def _ref(
-    ref_id: int,
-    thing: Thing,
-    ann_id: int,
-    image_id: int,
-    split: str,
-    texts: list[str],
-    settings: WorldSettings,
-) -> dict:
-    """A ref in the refer toolkit's field order; sentence ids are ref_id*10+k here."""
-    sent_ids = [ref_id * 10 + k for k in range(len(texts))]
-    return {
-        "sent_ids": sent_ids,
-        # refer names a ref's picture after its image and annotation.
-        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.png",
-        "ann_id": ann_id,
-        "ref_id": ref_id,
-        "image_id": image_id,
-        "split": split,
-        "sentences": [
-            {"tokens": text.split(), "raw": text, "sent_id": sent_id, "sent": text}
-            for text, sent_id in zip(texts, sent_ids, strict=True)
-        ],
-        "category_id": _category(thing, settings),
-    }

@@ -31,9 +31,6 @@ minutes of CPU time; the gathered scores and their targets take 140 MB.
 
 from __future__ import annotations
 
-import itertools
-import random
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,23 +44,15 @@ from vl_prune.data.lazy import LazySequence
 from vl_prune.data.txt_db import TxtDb, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.annotations import write_json
 from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.karpathy import (
     caption_tables,
     db_keys,
-    karpathy_image,
     read_split,
     table_images,
 )
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
-from vl_prune_plugins.world.language import number
-from vl_prune_plugins.world.scenes import Scene, WorldSettings
-from vl_prune_plugins.world.vocabulary import plural
 
-#: images per split of the world; each has five captions
-WORLD_SIZES = {"train": 1000, "val": 50}
 #: the Karpathy splits read for a split name: Karpathy's "restval" images are training images
 READS = {"train": ("train", "restval")}
 #: UNITER's txt_db names (txt_db/itm_flickr30k_<split>.db) and ViLT's tables
@@ -143,7 +132,6 @@ class Retrieval(Task):
     description = "Flickr30k image-text retrieval: mean of IR and TR R@1/5/10 (UNITER's ITM head)"
     metric = "recall_mean"
     splits = ("train", "val")
-    world_version = WORLD_VERSION
     # UNITER's train-itm-flickr-base-8gpu.json: 20,000 steps, lr 5e-5, 2,000 warmup steps,
     # 40 captions per GPU, 4 accumulated batches; run on 8 processes as it ran on 8 GPUs.
     # Pools are scored 400 pairs a batch (its inf_minibatch_size is 40; a GPU holds far more).
@@ -155,13 +143,6 @@ class Retrieval(Task):
         "grad_accumulation": 4,
         "eval_batch_size": 400,
         "seed": 42,
-    }
-    # Batches of 250 pairs score the pool twice as fast as 64 on a CPU.
-    world_recipe: ClassVar[dict] = {
-        "steps": 150,
-        "lr": 1e-3,
-        "batch_size": 32,
-        "eval_batch_size": 250,
     }
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
@@ -190,33 +171,6 @@ class Retrieval(Task):
 
     def _store(self) -> ImageStore:
         return ImageStore(self.data, db_keys)
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
-
-        settings = WorldSettings(seed=seed)
-        out.mkdir(parents=True, exist_ok=True)
-        images, sentence_id = [], 0
-        for split, size in WORLD_SIZES.items():
-            rng = scene_rng(settings, "retrieval", split)
-            seen = set()
-            for i in range(size):
-                # Captions name every object: scenes holding the same objects would share them.
-                for attempt in itertools.count():
-                    scene = new_scene(settings, "retrieval", split, i, attempt)
-                    if _objects(scene) not in seen:
-                        break
-                seen.add(_objects(scene))
-                name = f"world_{split}_{i:06d}"
-                write_image(scene, name, out, settings)
-                pairs = [
-                    (raw, [word for word in raw.split() if word not in (",", ".")])
-                    for raw in _world_captions(scene, rng)
-                ]
-                images.append(karpathy_image(len(images), sentence_id, split, f"{name}.png", pairs))
-                sentence_id += len(pairs)
-        write_json(out / "dataset_world.json", {"images": images, "dataset": "world"})
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -315,39 +269,6 @@ def recalls(
             out[f"{name}_r{k}"] = (ranks < k).float().mean().item()
     out["recall_mean"] = sum(out.values()) / len(out)
     return out
-
-
-def _world_captions(scene: Scene, rng: random.Random) -> list[str]:
-    """Five captions of a world scene, each naming every object by size, colour and shape, in a
-    random order and one of five wordings: true of exactly the scenes holding the same objects."""
-    n = len(scene.things)
-    wordings = (
-        "{} .",
-        "the image contains {} .",
-        f"there {'is' if n == 1 else 'are'} {number(n)} object{'' if n == 1 else 's'} , {{}} .",
-        "a picture of {} .",
-        "a scene with {} .",
-    )
-    return [wording.format(_listing(scene, rng)) for wording in wordings]
-
-
-def _listing(scene: Scene, rng: random.Random) -> str:
-    """ "two small red circles , a large blue star and a small red square", in random order."""
-    phrases = [
-        f"a {size} {colour} {shape}" if k == 1 else f"{number(k)} {size} {colour} {plural(shape)}"
-        for (size, colour, shape), k in Counter(
-            (t.size, t.colour, t.shape) for t in scene.things
-        ).items()
-    ]
-    rng.shuffle(phrases)
-    if len(phrases) == 1:
-        return phrases[0]
-    return f"{' , '.join(phrases[:-1])} and {phrases[-1]}"
-
-
-def _objects(scene: Scene) -> tuple:
-    """What the captions say of a scene: its objects, ignoring where they are."""
-    return tuple(sorted((t.size, t.colour, t.shape) for t in scene.things))
 
 
 def _two_way(scores: torch.Tensor) -> torch.Tensor:

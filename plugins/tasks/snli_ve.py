@@ -11,21 +11,11 @@ features `features/<id>.npz` (the id without ".jpg") or a UNITER img_db (keys
 its unlabelled lines are kept there, and left out of the loss and the accuracy. The head is
 UNITER's VE head (its VQA head with three answers), trained with cross-entropy; the metric is
 accuracy.
-
-The world's premise images are each one of a pair whose other image is never shown, and every
-hypothesis speaks of both: "the image contains a red object and at least one image contains a
-circle ." The visible image settles it (entailment or contradiction) or it does not (neutral:
-the unseen image decides). Each image gets one hypothesis of each label, as in SNLI, so the
-image alone does not tell the label; the words of all three are drawn before the image, and
-images until each has its label, so the words alone do not tell it either.
 """
 
 from __future__ import annotations
 
-import itertools
-import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -35,12 +25,10 @@ from vl_prune.backbone import Backbone
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
+from vl_prune_plugins.tasks.annotations import field, json_lines
 from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 from vl_prune_plugins.tasks.vqa import VqaHead
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
-from vl_prune_plugins.world.scenes import Scene, WorldSettings
 
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
 #: the labels of UNITER's VE txt_db targets (its VE_ENT2IDX), and its db names: ve_<split>.db
@@ -49,10 +37,6 @@ TXT_DB = "ve"
 NO_CONSENSUS = "-"
 IGNORE = -100  # the target of a line without a label: no loss, not scored
 IMAGE_FIELDS = ("Flikr30kID", "Flickr30K_ID")
-#: images per world split; each gets three hypotheses, one of each label
-WORLD_SIZES = {"train": 700, "dev": 200}
-# Flickr30k ids are numbers; the world numbers each split's images from here.
-FIRST_IMAGE = {"train": 1_000_000, "dev": 2_000_000}
 
 
 @dataclass(frozen=True)
@@ -73,7 +57,6 @@ class SnliVe(Task):
 
     description = "SNLI-VE: does the image entail the hypothesis? (UNITER's VE head, 3-way)"
     metric = "accuracy"
-    world_version = WORLD_VERSION
     # UNITER's train-ve-base-2gpu.json: 4000 steps, peak lr 8e-5, 400 warmup steps, seed 42.
     recipe: ClassVar[dict] = {
         "steps": 4000,
@@ -82,9 +65,6 @@ class SnliVe(Task):
         "batch_size": 32,
         "seed": 42,
     }
-    # Every world hypothesis names a shape or colour, which the tiny models learn slowly:
-    # uniter-tiny's dense accuracy is 0.378 after 150 steps, 0.430 after 400 (chance 1/3).
-    world_recipe: ClassVar[dict] = {"steps": 400, "lr": 1e-3, "batch_size": 32}
 
     def examples(self, split: str) -> list[SnliVeExample] | TxtDbExamples:
         dbs = split_dbs(self.data, TXT_DB, split)
@@ -109,33 +89,6 @@ class SnliVe(Task):
         if not out:
             raise VLPruneError(f"{path}: no labelled hypotheses")
         return out
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
-        from vl_prune_plugins.world.language import captions
-
-        settings = WorldSettings(seed=seed)
-        out.mkdir(parents=True, exist_ok=True)
-        for split, size in WORLD_SIZES.items():
-            rng = scene_rng(settings, "snli-ve", split)
-            records = []
-            for i in range(size):
-                # The words of each label's hypothesis are drawn before the image; images are
-                # then drawn until every hypothesis has its label (new words now and then: some
-                # draws ask for a thing both present and absent).
-                for attempt in itertools.count():
-                    if attempt % 50 == 0:
-                        drawn = {label: Hypothesis.draw(rng, settings) for label in LABELS}
-                    scene = new_scene(settings, "snli-ve", split, i, attempt)
-                    if all(h.label(scene) == label for label, h in drawn.items()):
-                        break
-                image = str(FIRST_IMAGE[split] + i)
-                write_image(scene, image, out, settings)
-                caption = " ".join(captions(scene))
-                for label, h in drawn.items():
-                    records.append(_record(image, caption, h.text(), label))
-            write_json_lines(out / f"snli_ve_{split}.jsonl", records)
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -184,81 +137,3 @@ def _image(record: dict, where: str) -> str:
         if name in record:
             return field(record, name, str, where).removesuffix(".jpg")
     raise VLPruneError(f"{where}: field {IMAGE_FIELDS[0]!r} (or {IMAGE_FIELDS[1]!r}) is missing")
-
-
-def _record(image: str, caption: str, hypothesis: str, label: str) -> dict:
-    """A line as the SNLI-VE generator writes it: SNLI's fields plus `Flikr30kID`, keys
-    sorted. The world has no parser: the parses are flat bracketings of the words."""
-    caption_id = f"{image}.jpg#0"
-    return {
-        "Flikr30kID": f"{image}.jpg",
-        "annotator_labels": [label],
-        "captionID": caption_id,
-        "gold_label": label,
-        # SNLI's pair ids: the caption id, the hypothesis round and the label's initial.
-        "pairID": f"{caption_id}r1{label[0]}",
-        "sentence1": caption,
-        "sentence1_binary_parse": _flat(caption),
-        "sentence1_parse": f"(ROOT {_flat(caption)})",
-        "sentence2": hypothesis,
-        "sentence2_binary_parse": _flat(hypothesis),
-        "sentence2_parse": f"(ROOT {_flat(hypothesis)})",
-    }
-
-
-def _flat(sentence: str) -> str:
-    return f"( {sentence} )"
-
-
-# Each template is "the image contains A" joined to a claim about B in both images, the shown
-# one and the unseen one.
-TEMPLATES = (
-    # A ∧ (B here ∨ B there): no A contradicts, A and B entail, A alone leaves it open.
-    "the image contains {a} and at least one image contains {b} .",
-    # A ∨ (B here ∧ B there): A entails, neither contradicts, B alone leaves it open.
-    "the image contains {a} or both images contain {b} .",
-)
-
-
-@dataclass(frozen=True)
-class Mention:
-    """What a hypothesis says an image contains: a shape, or an object of a colour. (No
-    numbers of objects: with them, how many objects an image holds would tell the label.)"""
-
-    shape: str | None = None
-    colour: str | None = None
-
-    def phrase(self) -> str:
-        return f"a {self.shape}" if self.colour is None else f"a {self.colour} object"
-
-    def shown_in(self, scene: Scene) -> bool:
-        return scene.count(self.shape, self.colour) > 0
-
-
-@dataclass(frozen=True)
-class Hypothesis:
-    """A world hypothesis: one of TEMPLATES and its two different things."""
-
-    template: str
-    a: Mention
-    b: Mention
-
-    @classmethod
-    def draw(cls, rng: random.Random, settings: WorldSettings) -> Hypothesis:
-        things = [Mention(shape=s) for s in settings.shape_names]
-        things += [Mention(colour=c) for c in settings.colour_names]
-        return cls(rng.choice(TEMPLATES), *rng.sample(things, 2))
-
-    def text(self) -> str:
-        return self.template.format(a=self.a.phrase(), b=self.b.phrase())
-
-    def label(self, scene: Scene) -> str:
-        """What the shown image makes of the hypothesis, whatever the unseen one holds."""
-        has_a, has_b = self.a.shown_in(scene), self.b.shown_in(scene)
-        if self.template == TEMPLATES[0]:
-            if not has_a:
-                return "contradiction"
-            return "entailment" if has_b else "neutral"
-        if has_a:
-            return "entailment"
-        return "neutral" if has_b else "contradiction"

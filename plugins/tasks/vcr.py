@@ -23,11 +23,9 @@ Q→AR accuracy: the answer and its rationale both right.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,24 +34,16 @@ from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
-from vl_prune_plugins.tasks.annotations import field, json_lines, write_json_lines
+from vl_prune_plugins.tasks.annotations import field, json_lines
 from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
-
-if TYPE_CHECKING:
-    from vl_prune_plugins.world.commonsense import Question
-    from vl_prune_plugins.world.scenes import Scene, WorldSettings
 
 CHOICES = 4
-WORLD_SIZES = {"train": 2000, "val": 500}
 #: UNITER's txt_db names (txt_db/vcr_<split>.db), whose examples are the ids of id2len_qar.json
 TXT_DB, TXT_DB_LENGTHS = "vcr", "id2len_qar.json"
 #: the words UNITER's VCR txt_dbs add after the tokenizer's, person_0 … person_80, listed in
 #: their special_tokens.json
 PERSON_WORDS = 81
-#: the world's stand-in for VCR's movie folders (`lsmdc_1054_Harry_Potter_…`)
-WORLD_MOVIE = "world"
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,6 @@ class Vcr(Task):
     splits = ("train", "val")
     # UNITER's train-vcr-base-4gpu.json: a question, an answer and a rationale fit in 220 tokens.
     max_text_len = 220
-    world_version = WORLD_VERSION
     # UNITER's train-vcr-base-4gpu.json: 8000 steps, lr 6e-5, 800 warmup steps; its batches of
     # 4000 tokens × 5 accumulation × 4 GPUs hold ~80 questions of 8 choices here.
     recipe: ClassVar[dict] = {
@@ -109,10 +98,6 @@ class Vcr(Task):
         "grad_accumulation": 5,
         "seed": 42,
     }
-    # Batches of 16 questions are 128 choice rows. Measured on uniter-tiny's world θ0: at lr 1e-3
-    # the choice logits stayed level; at 3e-4 the counting half is learnt by step 300 for every
-    # seed tried (val Q→AR 0.14-0.18), by step 150 for few (0.09), and batches of 8 were erratic.
-    world_recipe: ClassVar[dict] = {"steps": 300, "lr": 3e-4, "batch_size": 16}
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)
@@ -152,28 +137,6 @@ class Vcr(Task):
         if not out:
             raise VLPruneError(f"{path}: no examples")
         return out
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.world.commonsense import commonsense_question
-        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
-        from vl_prune_plugins.world.scenes import WorldSettings
-
-        settings = WorldSettings(seed=seed)
-        metadata = out / "vcr1images" / WORLD_MOVIE
-        metadata.mkdir(parents=True, exist_ok=True)
-        for split, size in WORLD_SIZES.items():
-            rng = scene_rng(settings, "vcr", split)
-            records = []
-            for i in range(size):
-                scenes = partial(new_scene, settings, "vcr", split, i)
-                scene, question = commonsense_question(rng, settings, scenes)
-                stem = f"{split}-{i}"
-                write_image(scene, stem, out, settings)
-                # Plain writes, as write_image's: the world's folder is renamed once complete.
-                (metadata / f"{stem}.json").write_text(json.dumps(_metadata(scene, settings)))
-                records.append(_record(split, i, stem, scene, question))
-            write_json_lines(out / f"{split}.jsonl", records)
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -325,60 +288,3 @@ def _label(record: dict[str, Any], name: str, where: str) -> int:
     if not 0 <= label < CHOICES:
         raise VLPruneError(f"{where}: field {name!r} is {label}, not a choice in 0..{CHOICES - 1}")
     return label
-
-
-def _original(tokens: list[Any]) -> str:
-    """A text as VCR's `*_orig` fields keep it: references as 1-based object numbers."""
-    return " ".join(
-        token if isinstance(token, str) else " and ".join(str(k + 1) for k in token)
-        for token in tokens
-    )
-
-
-def _metadata(scene: Scene, settings: WorldSettings) -> dict:
-    """VCR's per-image metadata: a box [x1, y1, x2, y2, score] per object in pixels, and its
-    segmentation, here the box's outline, as one polygon per object."""
-    size = settings.image_size
-    boxes, segms = [], []
-    for thing in scene.things:
-        x1, y1, x2, y2 = (round(v * size, 2) for v in thing.box())
-        boxes.append([x1, y1, x2, y2, 1.0])
-        segms.append([[[x1, y1], [x2, y1], [x2, y2], [x1, y2]]])
-    return {
-        "boxes": boxes,
-        "segms": segms,
-        "names": [thing.shape for thing in scene.things],
-        "width": size,
-        "height": size,
-    }
-
-
-def _record(split: str, i: int, stem: str, scene: Scene, question: Question) -> dict:
-    """A line in the release's field order; the world has no movies, likelihoods or sources."""
-    right_answer = question.answers[question.answer_label]
-    right_rationale = question.rationales[question.rationale_label]
-    return {
-        "movie": WORLD_MOVIE,
-        "objects": [thing.shape for thing in scene.things],
-        "interesting_scores": [],
-        "answer_likelihood": "likely",
-        "img_fn": f"{WORLD_MOVIE}/{stem}.png",
-        "metadata_fn": f"{WORLD_MOVIE}/{stem}.json",
-        "answer_orig": _original(right_answer),
-        "question_orig": _original(question.question),
-        "rationale_orig": _original(right_rationale),
-        "question": question.question,
-        "answer_match_iter": list(range(CHOICES)),
-        "answer_sources": [i if j == question.answer_label else -1 for j in range(CHOICES)],
-        "answer_choices": question.answers,
-        "answer_label": question.answer_label,
-        "rationale_choices": question.rationales,
-        "rationale_sources": [i if j == question.rationale_label else -1 for j in range(CHOICES)],
-        "rationale_match_iter": list(range(CHOICES)),
-        "rationale_label": question.rationale_label,
-        "img_id": f"{split}-{i}",
-        "question_number": 0,
-        "annot_id": f"{split}-{i}",
-        "match_fold": f"{split}-0",
-        "match_index": i,
-    }

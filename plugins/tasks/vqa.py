@@ -45,28 +45,11 @@ from vl_prune_plugins.tasks.annotations import (
     json_file,
     json_records,
     load_plain_pickle,
-    write_json,
 )
 from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
-from vl_prune_plugins.world import VERSION as WORLD_VERSION
 
 ANSWERS_PER_QUESTION = 10
-WORLD_SIZES = {"train": 2000, "dev": 500}
-QUESTIONS_PER_IMAGE = 2
-# The world's files carry the official header fields; the license is the project's own.
-INFO = {
-    "description": "The embedded synthetic world of vl_prune, in the layout of VQA v2.0.",
-    "url": "",
-    "version": "2.0",
-    "year": 1970,
-    "contributor": "vl_prune",
-    # Fixed, so that the same seed always writes the same bytes.
-    "date_created": "1970-01-01 00:00:00",
-}
-LICENSE = {"url": "https://opensource.org/licenses/MIT", "name": "MIT License"}
-
-
 #: UNITER's txt_db names (txt_db/vqa_<split>.db), and the ones it trains and scores on
 TXT_DB = "vqa"
 TXT_DB_TRAIN, TXT_DB_EVAL = ("train", "trainval", "vg"), "devval"
@@ -117,10 +100,8 @@ class Vqa(Task):
     description = "VQA v2: answer a question about an image (UNITER's head, soft VQA scores)"
     metric = "vqa_score"
     splits = ("train2014", "val2014")
-    world_version = WORLD_VERSION
     # UNITER's train-vqa-base-4gpu.json: 6000 steps, peak lr 8e-5, 600 warmup steps.
     recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
-    world_recipe: ClassVar[dict] = {"steps": 150, "lr": 1e-3, "batch_size": 32}
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)
@@ -235,51 +216,6 @@ class Vqa(Task):
                 "give the answers with --answer-vocab"
             )
         return answers
-
-    @classmethod
-    def write_world(cls, out: Path, seed: int = 0) -> None:
-        from vl_prune_plugins.world.images import new_scene, scene_rng, write_image
-        from vl_prune_plugins.world.language import human_answers, question
-        from vl_prune_plugins.world.scenes import WorldSettings
-
-        settings = WorldSettings(seed=seed)
-        out.mkdir(parents=True, exist_ok=True)
-        for split, size in WORLD_SIZES.items():
-            rng = scene_rng(settings, "vqa", split)
-            questions, annotations = [], []
-            for i in range(size):
-                # COCO image ids start at 1; VQA v2 numbers an image's questions image_id*1000+k.
-                image_id, k = i // QUESTIONS_PER_IMAGE + 1, i % QUESTIONS_PER_IMAGE
-                scene = new_scene(settings, "vqa", split, image_id)
-                if k == 0:
-                    write_image(scene, f"COCO_{split}_{image_id:012d}", out, settings)
-                text, answer, kind = question(scene, rng, settings)
-                ten = human_answers(answer, kind, rng, settings)
-                question_id = image_id * 1000 + k
-                questions.append(
-                    {"image_id": image_id, "question": text, "question_id": question_id}
-                )
-                annotations.append(_annotation(question_id, image_id, text, ten, kind))
-            write_json(
-                out / f"v2_OpenEnded_mscoco_{split}_questions.json",
-                {
-                    "info": INFO,
-                    "task_type": "Open-Ended",
-                    "data_type": "mscoco",
-                    "license": LICENSE,
-                    "data_subtype": split,
-                    "questions": questions,
-                },
-            )
-            write_json(
-                out / f"v2_mscoco_{split}_annotations.json",
-                {
-                    "info": INFO,
-                    "license": LICENSE,
-                    "data_subtype": split,
-                    "annotations": annotations,
-                },
-            )
 
     def head(self, backbone: Backbone) -> nn.Module:
         self.check_backbone(backbone)
@@ -514,19 +450,3 @@ def _records(content: dict[str, Any], key: str, path: Path) -> list[dict[str, An
         if not isinstance(record, dict):
             raise VLPruneError(f"{path}: {key}[{i}] should be an object, got {record!r}")
     return records
-
-
-def _annotation(question_id: int, image_id: int, text: str, answers: list[str], kind: str) -> dict:
-    """An annotation in the official release's field order."""
-    return {
-        # VQA's question types are leading words: "how many", "is there", "what color", …
-        "question_type": " ".join(text.split()[:2]),
-        "multiple_choice_answer": Counter(answers).most_common(1)[0][0],
-        "answers": [
-            {"answer": answer, "answer_confidence": "yes", "answer_id": j}
-            for j, answer in enumerate(answers, 1)
-        ],
-        "image_id": image_id,
-        "answer_type": kind,
-        "question_id": question_id,
-    }

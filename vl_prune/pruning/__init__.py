@@ -7,14 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vl_prune.pruning.aliases import MethodAlias
 from vl_prune.pruning.methods import (
     BoolMaskPruning,
     GlobalMagnitude,
     GlobalRandom,
     KeepMask,
     LayerwiseMagnitude,
-    OneShotMagnitude,
-    RewindMagnitude,
     ScorePruning,
     alive_mask,
 )
@@ -27,8 +26,7 @@ __all__ = [
     "GlobalRandom",
     "KeepMask",
     "LayerwiseMagnitude",
-    "OneShotMagnitude",
-    "RewindMagnitude",
+    "MethodAlias",
     "ScorePruning",
     "alive_mask",
     "count_pruned",

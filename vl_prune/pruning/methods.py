@@ -10,7 +10,6 @@ API does: a `<name>_orig` parameter, a `<name>_mask` buffer and a forward pre-ho
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -120,15 +119,6 @@ class ScorePruning(BoolMaskPruning):
     decide how a group's amount is shared out among its tensors (`split`).
     """
 
-    #: how `vlprune find` runs the method: reset survivors to the dense run's weights after
-    #: `--rewind-step` steps instead of θ0 (rewinding) ...
-    rewind: ClassVar[bool] = False
-    #: ... and cut every sparsity from the dense-trained weights at once instead of round by
-    #: round (one-shot pruning) ...
-    one_shot: ClassVar[bool] = False
-    #: ... and fine-tune adversarially (VILLA) in every round
-    adversarial: ClassVar[bool] = False
-
     def __init__(self, amount: float | int, threshold: int | None = None):
         check_amount(amount)
         self.amount = amount
@@ -196,24 +186,6 @@ class GlobalMagnitude(ScorePruning):
         masks = [alive_mask(*p) for p in parameters]
         threshold, counts = split_smallest([scores[p] for p in parameters], k, masks)
         return [{"amount": n, "threshold": threshold} for n in counts]
-
-
-class RewindMagnitude(GlobalMagnitude):
-    """IMP with rewinding: survivors restart from the dense run's weights after k steps."""
-
-    rewind = True
-
-
-class AdversarialMagnitude(GlobalMagnitude):
-    """Adversarial IMP: every round fine-tunes with VILLA's adversarial training."""
-
-    adversarial = True
-
-
-class OneShotMagnitude(GlobalMagnitude):
-    """One-shot magnitude pruning: each sparsity cut at once from the dense-trained weights."""
-
-    one_shot = True
 
 
 class LayerwiseMagnitude(ScorePruning):

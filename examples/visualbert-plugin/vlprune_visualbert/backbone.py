@@ -16,12 +16,13 @@ from transformers import VisualBertConfig, VisualBertModel
 from vl_prune.backbone import Backbone, LoadReport, VLBatch, VLOutput, is_local, with_image_types
 from vl_prune.checkpoint import reason
 from vl_prune.errors import VLPruneError
-from vl_prune_plugins.backbones.tiny_tokenizer import tiny_tokenizer
+from vl_prune.world import embedded_world
 
-#: The configuration of each preset. `tiny` uses the tiny tokenizer's vocabulary (filled in by
-#: `_config`); `base` is uclanlp/visualbert-vqa-coco-pre: VisualBertConfig's defaults except the
-#: region feature size, 2048 (Detectron features; transformers' conversion script sets it for the
-#: VQA checkpoints) and the padding id of bert-base-uncased.
+#: The configuration of each preset. `tiny` reads the embedded world: its vocabulary (filled in
+#: by `_config`) and its region features. `base` is uclanlp/visualbert-vqa-coco-pre:
+#: VisualBertConfig's defaults except the region feature size, 2048 (Detectron features;
+#: transformers' conversion script sets it for the VQA checkpoints) and the padding id of
+#: bert-base-uncased.
 PRESETS = {
     "tiny": dict(
         hidden_size=128,
@@ -29,7 +30,7 @@ PRESETS = {
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=64,
-        visual_embedding_dim=64,
+        visual_embedding_dim=embedded_world().img_dim,
     ),
     "base": dict(
         vocab_size=30522,
@@ -59,7 +60,7 @@ TOKENIZER = "google-bert/bert-base-uncased"
 def _config(preset: str) -> VisualBertConfig:
     settings = dict(PRESETS[preset])
     if preset == "tiny":
-        tokenizer = tiny_tokenizer()
+        tokenizer = embedded_world().tokenizer()
         settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     return VisualBertConfig(**settings)
 
@@ -84,7 +85,7 @@ class VisualBert(Backbone):
         self.preset = preset
         self.hidden_size = model.config.hidden_size
         self.img_dim = model.config.visual_embedding_dim
-        self._tokenizer = tiny_tokenizer() if preset == "tiny" else None
+        self._tokenizer = embedded_world().tokenizer() if preset == "tiny" else None
         self._tokenizer_source = tokenizer_source
 
     @property

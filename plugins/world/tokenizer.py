@@ -1,17 +1,18 @@
-"""The word-level tokenizer of the tiny presets, built in memory from the world's vocabulary."""
+"""The world's word-level tokenizer, built in memory from its vocabulary: what the tiny presets
+read, published through `vl_prune.world.World.tokenizer`."""
 
 from __future__ import annotations
 
 from functools import cache
 
+from vl_prune_plugins.world.vocabulary import words
+
 
 @cache
-def tiny_tokenizer():
+def world_tokenizer():
     """A BERT-style fast tokenizer ([CLS] a [SEP] b [SEP]) over the embedded world's words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-
-    from vl_prune_plugins.world.vocabulary import words
 
     vocab = {word: index for index, word in enumerate(words())}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
