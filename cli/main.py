@@ -164,15 +164,24 @@ _training_options = _options(
     ),
 )
 
-# Which backbone, weights and data: find, evaluate and transfer.
+DEFAULT_BACKBONE = "uniter"
+_model_option = click.option(
+    "--model",
+    "backbone",
+    default=DEFAULT_BACKBONE,
+    show_default=True,
+    help="Backbone plugin (see `vlprune list backbones`).",
+)
+# evaluate and transfer train a ticket: on its own backbone unless told otherwise.
+_ticket_model_option = click.option(
+    "--model",
+    "backbone",
+    help=f"Backbone plugin [the ticket's backbone, else {DEFAULT_BACKBONE}]; a ticket found on "
+    "another backbone is refused.",
+)
+
+# Which weights and data: find, evaluate and transfer.
 _model_options = _options(
-    click.option(
-        "--model",
-        "backbone",
-        default="uniter",
-        show_default=True,
-        help="Backbone plugin (see `vlprune list backbones`).",
-    ),
     click.option("--preset", help="Backbone preset; with --checkpoint, the checkpoint's."),
     click.option("--checkpoint", help="Pre-trained weights: a file, folder or hub id."),
     click.option(
@@ -245,7 +254,7 @@ def _settings(
     `implied`: the method fine-tunes adversarially whether --adversarial is given or not."""
     from dataclasses import fields, replace
 
-    from vl_prune.lottery import FindSettings, recipe
+    from vl_prune.experiment import FindSettings, recipe
     from vl_prune.task import DataOptions
 
     training = dict(training)
@@ -263,6 +272,7 @@ def _settings(
 
 
 @cli.command()
+@_model_option
 @_model_options
 @click.option("--task", required=True, help="Task plugin to find the ticket on.")
 @click.option(
@@ -362,12 +372,6 @@ def find(
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     main_process = process_state().is_main_process  # one job: one process writes and prints
     say = _say(quiet)
-    if settings.embedded:
-        say(
-            f"No --checkpoint/--data: running {backbone}-tiny on the embedded world's {task} "
-            "(θ0 pre-trained on the world, built once and cached); for real data pass "
-            "--checkpoint WEIGHTS --data FOLDER."
-        )
     lottery = Lottery(settings, runs=runs, checkpoint_every=checkpoint_every, quiet=quiet, log=say)
     say(f"run folder: {lottery.folder}")
     report = lottery.run(keep=keep)
@@ -402,9 +406,9 @@ def find(
 
 
 @cli.command("evaluate")
-@click.pass_context
 @click.option("--ticket", type=click.Path(path_type=Path), help="Ticket to train and score.")
 @click.option("--task", required=True, help="Task plugin to score on.")
+@_ticket_model_option
 @_model_options
 @_training_options
 @_adversarial_options
@@ -437,7 +441,6 @@ def find(
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate_command(
-    ctx,
     ticket,
     task,
     backbone,
@@ -458,7 +461,7 @@ def evaluate_command(
     """Train a ticket from θ0 on a task and score it (or score fine-tuned weights)."""
     from vl_prune.baselines import NAMED
     from vl_prune.distributed import process_state
-    from vl_prune.lottery import score_finetuned, train_ticket
+    from vl_prune.retrain import Lora, score_finetuned, ticket_backbone, train_ticket
     from vl_prune.ticket import Ticket
 
     if lora is None and (adapters is not None or merge is not None):
@@ -466,8 +469,9 @@ def evaluate_command(
     if lora is not None and ticket is None:
         raise UserError("--lora trains adapters over a ticket: give --ticket")
     loaded = Ticket.load(ticket) if ticket is not None else None
-    if loaded is not None and ctx.get_parameter_source("backbone").name == "DEFAULT":
-        backbone = loaded.metadata.get("backbone", backbone)
+    if loaded is not None:
+        backbone = ticket_backbone(loaded, backbone)
+    backbone = backbone or DEFAULT_BACKBONE
     settings = _settings(
         task,
         backbone,
@@ -490,7 +494,7 @@ def evaluate_command(
     elif loaded is None:
         raise UserError("evaluate needs --ticket (to train) or --finetuned (to score)")
     else:
-        options = _lora(lora, adapters, merge, ticket, task)
+        options = None if lora is None else Lora.beside(lora, ticket, task, adapters, merge)
         result = train_ticket(
             loaded, settings, force=force, quiet=quiet, weights=weights, lora=options, log=say
         )
@@ -526,24 +530,6 @@ def _say(quiet: bool):
     return lambda line: click.echo(line, err=True)
 
 
-def _lora(rank: int | None, adapters: Path | None, merge: Path | None, ticket: Path, task: str):
-    """The LoRA options, checked before any training: the adapters' folder must be new (by
-    default beside the ticket) and the merged weights' folder must exist."""
-    from vl_prune.lottery import Lora
-
-    if rank is None:
-        return None
-    if rank < 1:
-        raise UserError(f"--lora must be a rank of at least 1, not {rank}")
-    if adapters is None:
-        adapters = ticket.with_name(f"{ticket.stem}.lora-r{rank}-{task}")
-    if adapters.exists():
-        raise UserError(f"--adapters {adapters} already exists; remove it or name another folder")
-    if merge is not None and not merge.parent.is_dir():
-        raise UserError(f"--merge {merge}: folder {merge.parent} does not exist")
-    return Lora(rank, adapters, merge)
-
-
 def _start(result: dict) -> str:
     """Where training started, when not from θ0."""
     if result.get("weights", "theta0") == "theta0":
@@ -566,6 +552,7 @@ def _start(result: dict) -> str:
 @click.option(
     "--task", "tasks", multiple=True, required=True, help="Target task; repeat for a table."
 )
+@_ticket_model_option
 @_model_options
 @_training_options
 @_adversarial_options
@@ -581,9 +568,7 @@ def _start(result: dict) -> str:
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.pass_context
 def transfer(
-    ctx,
     sources,
     tasks,
     backbone,
@@ -603,12 +588,11 @@ def transfer(
     from vl_prune import transfer as transfers
     from vl_prune.distributed import process_state
     from vl_prune.plots import transfer_heatmap
+    from vl_prune.retrain import ticket_backbone
     from vl_prune.ticket import Ticket
 
     paths = transfers.ticket_paths(sources)
     tasks = list(dict.fromkeys(tasks))
-    if lora is not None and lora < 1:
-        raise UserError(f"--lora must be a rank of at least 1, not {lora}")
     if data is not None and len(tasks) > 1:
         raise UserError("--data is one task's folder: give a single --task with it")
     main_process = process_state().is_main_process
@@ -617,8 +601,9 @@ def transfer(
             raise UserError(f"--out {out}: not a folder")
         if main_process:
             out.mkdir(parents=True, exist_ok=True)
-    if ctx.get_parameter_source("backbone").name == "DEFAULT":
-        backbone = Ticket.load(paths[0]).metadata.get("backbone", backbone)
+    for path in paths:  # every ticket's backbone must be the one all are trained on
+        backbone = ticket_backbone(Ticket.load(path), backbone)
+    backbone = backbone or DEFAULT_BACKBONE
     say = click.echo if main_process and not quiet and len(paths) * len(tasks) > 1 else None
     results = []
     for task in tasks:

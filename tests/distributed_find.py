@@ -60,9 +60,9 @@ def main(out: Path, find_args: list[str]) -> None:
     import accelerate.utils.other
     import safetensors.torch
 
-    import vl_prune.lottery as lottery
+    import vl_prune.experiment as experiment
     from vl_prune import registry
-    from vl_prune.lottery import Experiment, FindSettings
+    from vl_prune.experiment import Experiment, FindSettings
     from vl_prune_cli.main import cli
 
     record = {"accelerators": [], "rounds": [], "find_writes": [], "setup_writes": []}
@@ -100,7 +100,7 @@ def main(out: Path, find_args: list[str]) -> None:
     )
     safetensors.torch.save_file = writer("save_file", safetensors.torch.save_file)
 
-    make_accelerator = lottery.make_accelerator
+    make_accelerator = experiment.make_accelerator
 
     def recorded_accelerator(*args, **kwargs):
         accelerator = make_accelerator(*args, **kwargs)
@@ -109,7 +109,7 @@ def main(out: Path, find_args: list[str]) -> None:
         )
         return accelerator
 
-    lottery.make_accelerator = recorded_accelerator
+    experiment.make_accelerator = recorded_accelerator
     train = Experiment.train
 
     def recorded_train(self, model, description, *args, **kwargs):

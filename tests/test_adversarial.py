@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
 from vl_prune.errors import VLPruneError
-from vl_prune.lottery import Experiment, FindSettings, Lottery
+from vl_prune.experiment import Experiment, FindSettings
+from vl_prune.lottery import Lottery
 from vl_prune.pruning import GlobalRandom
 from vl_prune.ticket import Ticket
 from vl_prune.train import TrainSettings, fit, make_accelerator

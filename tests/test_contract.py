@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -337,4 +338,24 @@ def test_check_plugin_command(bad_plugins, tmp_path, name):
     )
     assert (done.returncode, done.stdout, done.stderr) == (code, out, err)
     # Nothing is built on the way: no run folder, no cached data or θ0.
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", [name for name, case in CLI_CASES.items() if case[0] == 2])
+def test_find_with_a_broken_plugin_stops_in_one_line_before_anything_is_built(
+    bad_plugins, tmp_path, name
+):
+    code, _, err = CLI_CASES[name]
+    model, task = (name, "nlvr2") if name != "no-metric" else ("uniter", name)
+    started = time.perf_counter()
+    done = subprocess.run(
+        ["vlprune", "find", "--model", model, "--task", task, "--runs", "runs"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "VL_PRUNE_HOME": str(tmp_path / "home")},
+    )
+    assert (done.returncode, done.stderr) == (code, err)
+    # Well before a world split or θ0 could be built; nothing is left behind.
+    assert time.perf_counter() - started < 60
     assert list(tmp_path.iterdir()) == []

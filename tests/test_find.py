@@ -22,8 +22,10 @@ from safetensors.torch import load_file, save_file
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.errors import VLPruneError
-from vl_prune.lottery import Experiment, FindSettings, Lottery, train_ticket
+from vl_prune.experiment import Experiment, FindSettings
+from vl_prune.lottery import Lottery
 from vl_prune.pruning import linear
+from vl_prune.retrain import train_ticket
 from vl_prune.ticket import Ticket, current_weights
 from vl_prune.train import TrainSettings
 from vl_prune_cli.main import cli
@@ -493,3 +495,49 @@ def test_redoing_a_round_redoes_the_rounds_that_derive_from_it(world, theta0, tm
     after = round_tickets(lottery.folder)
     for old, new in zip(before, after, strict=True):
         assert all(torch.equal(old.masks[n], new.masks[n]) for n in old.masks)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "transfer"])
+def test_a_ticket_of_another_backbone_is_refused_before_any_weights(tmp_path, monkeypatch, command):
+    monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
+    path = tmp_path / "t.safetensors"
+    Ticket(
+        {"pooler.dense.weight": torch.ones(2, 2, dtype=torch.bool)}, {"backbone": "uniter"}
+    ).save(path)
+    args = [command, "--ticket", str(path), "--task", "nlvr2", "--model", "lxmert"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "vlprune: error: the ticket was found on uniter, not lxmert: drop --model or pass "
+        "--model uniter"
+    )
+    assert not (tmp_path / "home").exists()  # no world, no θ0
+
+
+def test_one_shot_is_a_setting_any_method_takes(world, theta0, tmp_path):
+    alias = Lottery(settings(world, theta0, method="oneshot", sparsity=0.2), runs=tmp_path)
+    flag = Lottery(settings(world, theta0, one_shot=True, sparsity=0.2), runs=tmp_path)
+    layerwise = settings(world, theta0, method="layerwise", one_shot=True, sparsity=0.2)
+    assert alias.folder.name.startswith("uniter-nlvr2-oneshot-")
+    assert flag.folder.name.startswith("uniter-nlvr2-imp-oneshot-")
+    assert Lottery(layerwise, runs=tmp_path).folder.name.startswith(
+        "uniter-nlvr2-layerwise-oneshot-"
+    )
+    reports = [alias.run(), flag.run()]
+    assert [r["score"] for r in reports[0]["rounds"]] == [r["score"] for r in reports[1]["rounds"]]
+    for mine, theirs in zip(*(round_tickets(lot.folder) for lot in (alias, flag)), strict=True):
+        assert all(torch.equal(mine.masks[n], theirs.masks[n]) for n in mine.masks)
+    assert reports[1]["method"] == "imp-oneshot"
+
+
+def test_random_masks_rewind_too(world, theta0, tmp_path, monkeypatch):
+    seen = _starting_states(monkeypatch)
+    found = settings(world, theta0, method="random", rewind_step=2, sparsity=0.2)
+    lottery = Lottery(found, runs=tmp_path)
+    assert lottery.folder.name.startswith("uniter-nlvr2-random-rewind-")
+    lottery.run()
+    rewound = load_file(lottery.folder / "round_00" / "rewind.safetensors")
+    assert len(seen) == 3
+    for state in seen[1:]:
+        for name, value in _plain(state).items():
+            assert torch.equal(value, rewound[name]), name

@@ -23,10 +23,10 @@ import torch
 import uniter_release as ur
 
 from vl_prune.data.img_db import ImgDb, open_img_db
+from vl_prune.data.inputs import ImageStore, encode
 from vl_prune.data.lmdb_files import environment
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.backbones.uniter import Uniter
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
 
 IMG_DIM = 64
 FORMS = ur.IMG_DB_FORMS  # msgpack, npz, npz-legacy

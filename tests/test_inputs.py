@@ -13,12 +13,12 @@ import torch
 import uniter_release as ur
 from PIL import Image
 
+from vl_prune.data.inputs import ImageStore, encode
 from vl_prune.data.regions import FeatureCache
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
 
 IMG_DIM = 64
 

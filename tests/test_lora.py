@@ -15,6 +15,7 @@ from torch.nn.utils import prune
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.backbone import VLBatch
 from vl_prune.errors import VLPruneError
+from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.lora import (
     METADATA,
     add_lora,
@@ -23,7 +24,6 @@ from vl_prune.lora import (
     merge_lora,
     save_adapters,
 )
-from vl_prune.lottery import Experiment, FindSettings
 from vl_prune.pruning import GlobalMagnitude, KeepMask
 from vl_prune.task import TaskBatch, VLModel
 from vl_prune.ticket import Ticket

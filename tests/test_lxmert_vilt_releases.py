@@ -20,11 +20,11 @@ from lxmert_vilt_folders import (
 from safetensors.torch import save_file
 from uniter_folders import write_folder
 
+from vl_prune.data.inputs import ImageStore, encode
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
-from vl_prune_plugins.tasks.inputs import ImageStore, encode
 from vl_prune_plugins.tasks.nlvr2 import Nlvr2
 
 pytest.importorskip("pyarrow")

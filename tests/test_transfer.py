@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2
 import vl_prune_plugins.world.splits.pretrain as pretrain
 import vl_prune_plugins.world.splits.vqa as vqa
-from vl_prune.lottery import Experiment, FindSettings, Lottery
+from vl_prune.experiment import Experiment, FindSettings
+from vl_prune.lottery import Lottery
 from vl_prune.ticket import Ticket
 from vl_prune.train import TrainSettings
 from vl_prune.transfer import Transfer

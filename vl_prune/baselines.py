@@ -15,7 +15,7 @@ import torch
 
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
-from vl_prune.pruning.methods import current_weight
+from vl_prune.pruning.layout import current_weight, plain_name
 from vl_prune.task import VLModel
 
 #: the named starts; anything else given as --weights is a weights file
@@ -66,7 +66,7 @@ def load_other_weights(model: VLModel, path: str | Path) -> Replaced:
     report = Replaced(str(path))
     with torch.no_grad():
         for name, target in backbone.named_parameters():
-            plain = name.removesuffix("_orig")
+            plain = plain_name(name)
             value = _match(state, plain, path)
             if value is not None and value.shape == target.shape:
                 target.copy_(value)

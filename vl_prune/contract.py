@@ -135,12 +135,12 @@ def check_method(method: Any, plugin: registry.Plugin) -> None:
 
 def _probe_batch(backbone: Backbone) -> VLBatch:
     """Two examples of the backbone's image kind: random words below its vocabulary size
-    (id 0 first, as a [CLS]-like id), valid boxes, or images of the world's size; all unmasked."""
+    (never 0, the padding id of BERT's and the world's vocabularies), valid boxes, or images of
+    the world's size; all unmasked."""
     generator = torch.Generator().manual_seed(SEED)
     words = _vocabulary(backbone)
     tokens = min(TOKENS, backbone.max_positions or TOKENS)
     ids = torch.randint(1, words, (EXAMPLES, tokens), generator=generator)
-    ids[:, 0] = 0
     batch = VLBatch(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

@@ -20,12 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from vl_prune.errors import VLPruneError
 from vl_prune.files import write_folder
-from vl_prune.pruning import alive_mask
-from vl_prune.pruning.methods import current_weight
+from vl_prune.pruning.layout import alive_mask, current_weight, refresh, stored_parameter
 from vl_prune.task import TaskBatch, VLModel
 from vl_prune.ticket import Ticket, fingerprint, named_parameters
 
@@ -38,6 +36,12 @@ METADATA = "vl_prune_lora.json"
 HEAD = "head"
 
 
+def check_rank(rank: int) -> None:
+    """A LoRA rank must be a positive int."""
+    if rank < 1:
+        raise VLPruneError(f"--lora must be a rank of at least 1, not {rank}")
+
+
 def add_lora(
     model: VLModel, rank: int, alpha: int | None = None, dropout: float = 0.0
 ) -> PeftModel:
@@ -45,8 +49,7 @@ def add_lora(
     prunable linear layers and a trainable copy of the head; everything else, the pruned
     weights' `weight_orig` included, is frozen and the masks are untouched. `alpha` defaults
     to `rank` (scaling 1)."""
-    if rank < 1:
-        raise VLPruneError(f"--lora must be a rank of at least 1, not {rank}")
+    check_rank(rank)
     if alpha is not None and alpha <= 0:
         raise VLPruneError(f"LoRA alpha must be positive, not {alpha}")
     if not 0.0 <= dropout < 1.0:
@@ -142,7 +145,7 @@ def merge_lora(model: PeftModel, batch: TaskBatch | None = None) -> tuple[VLMode
         base = layer.get_base_layer()
         mask = alive_mask(base, "weight")
         # Into weight_orig where pruned: the hook then masks the merged weight on every forward.
-        target = base.weight if mask is None else base.weight_orig
+        target = stored_parameter(base, "weight")
         layer_total = layer_dropped = 0.0
         with torch.no_grad():
             for adapter in layer.active_adapters:
@@ -154,7 +157,7 @@ def merge_lora(model: PeftModel, batch: TaskBatch | None = None) -> tuple[VLMode
                 if mask is not None:
                     layer_dropped += float(delta[~mask].double().square().sum())
             if mask is not None:
-                _refresh(base)
+                refresh(base, "weight")
         total += layer_total
         dropped += layer_dropped
         layers[name] = layer_dropped / layer_total if layer_total else 0.0
@@ -265,14 +268,6 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
 
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
-
-
-def _refresh(module: nn.Module) -> None:
-    """Recompute the masked `weight` now rather than at the next forward, so nothing reads a
-    stale one."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
-            module.weight = hook.apply_mask(module)
 
 
 @torch.no_grad()

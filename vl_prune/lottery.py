@@ -9,240 +9,31 @@ unfinished one from its last checkpoint (open_lth's levels and "skip what is don
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import shutil
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vl_prune.adversarial import AdversarialSettings
-from vl_prune.backbone import Backbone, Inputs
-from vl_prune.baselines import load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
-from vl_prune.contract import load_checked
 from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
+from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
-from vl_prune.pruning import SCHEDULES, ScorePruning, geometric, linear, prune_to
-from vl_prune.pruning.aliases import resolve
-from vl_prune.task import DataOptions, VLModel
-from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
-from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
-from vl_prune.world import embedded_world
+from vl_prune.pruning import ScorePruning, geometric, linear, prune_to
+from vl_prune.pruning.aliases import MethodAlias, resolve
+from vl_prune.pruning.layout import load_plain_state
+from vl_prune.task import VLModel
+from vl_prune.ticket import Ticket
+from vl_prune.train import Checkpoints
 
 TICKET = "ticket.safetensors"
 METRICS = "metrics.json"
 REWIND = "rewind.safetensors"
-
-
-@dataclass(frozen=True)
-class FindSettings:
-    """Everything that decides a run's results; hashed into its folder name."""
-
-    backbone: str
-    task: str
-    method: str = "imp"
-    preset: str | None = None
-    checkpoint: str | None = None
-    data: str | None = None
-    schedule: str = "linear"
-    rate: float = 0.2
-    sparsity: float = 0.9
-    #: rewinding: survivors restart from the dense run's weights after this many steps
-    rewind_step: int | None = None
-    #: every sparsity cut at once from the dense-trained weights, not round by round
-    one_shot: bool = False
-    train: TrainSettings = field(default_factory=TrainSettings)
-    #: how the task reads --data (splits, text length, answers)
-    data_options: DataOptions = field(default_factory=DataOptions)
-    #: a local tokenizer for the checkpoint (a folder or vocab.txt)
-    tokenizer: str | None = None
-
-    def __post_init__(self):
-        if not 0.0 < self.sparsity < 1.0:
-            raise VLPruneError(f"--sparsity must be strictly between 0 and 1, not {self.sparsity}")
-        if self.tokenizer is not None and self.checkpoint is None:
-            raise VLPruneError("--tokenizer goes with --checkpoint (the world has its own)")
-        if self.schedule not in SCHEDULES:
-            known = ", ".join(SCHEDULES)
-            raise VLPruneError(f"unknown --schedule {self.schedule!r}; choose from {known}")
-        if self.schedule == "geometric" and not 0.0 < self.rate < 1.0:
-            raise VLPruneError(f"--rate must be strictly between 0 and 1, not {self.rate}")
-        if self.rewind_step is not None and not 1 <= self.rewind_step < self.train.steps:
-            raise VLPruneError(
-                f"--rewind-step must be between 1 and --steps - 1 ({self.train.steps - 1}), "
-                f"not {self.rewind_step}"
-            )
-
-    def identity(self) -> dict[str, Any]:
-        """The settings as hashed into run names (see `TrainSettings.identity`); settings added
-        later are left out while unset, so earlier runs keep their names."""
-        fields = {**asdict(self), "train": self.train.identity()}
-        fields["data_options"] = {k: v for k, v in fields["data_options"].items() if v is not None}
-        for later in ("data_options", "tokenizer", "one_shot"):
-            if not fields[later]:
-                del fields[later]
-        return fields
-
-    @property
-    def label(self) -> str:
-        """The method as typed, with the procedure settings given besides it: `random-rewind`."""
-        extras = [("oneshot", self.one_shot), ("rewind", self.rewind_step is not None)]
-        return "-".join([self.method, *(name for name, given in extras if given)])
-
-    @property
-    def embedded(self) -> bool:
-        """No real weights and no real data: the tiny preset on the embedded world."""
-        return self.checkpoint is None and self.data is None
-
-
-def recipe(task: str, world: bool) -> TrainSettings:
-    """The task's fine-tuning settings for the embedded world or for real data."""
-    if world:
-        return TrainSettings(**embedded_world().recipe(task))
-    return TrainSettings(**load_checked("tasks", task).recipe)
-
-
-class Experiment:
-    """A task's data and the untrained model (θ0 and a seeded φ0) that every round starts from.
-
-    The data is read and the first batch of each split collated before any weights are: a
-    data problem fails in seconds, before θ0 is built or a checkpoint read."""
-
-    def __init__(self, settings: FindSettings, log: Callable[[str], None] = lambda line: None):
-        self.settings = settings
-        backbone_class = load_checked("backbones", settings.backbone)
-        task_class = load_checked("tasks", settings.task)
-        task_class.check_backbone(backbone_class)  # before any data or θ0 is built
-        if settings.checkpoint is None and settings.preset not in (None, "tiny"):
-            raise VLPruneError(
-                f"no pre-trained weights for {settings.backbone}-{settings.preset}: "
-                "pass --checkpoint (without one only the embedded tiny preset exists)"
-            )
-        data = Path(settings.data) if settings.data else embedded_world().data(settings.task)
-        self.task = task_class(data, settings.data_options)
-        train_split, eval_split = self.task.train_split, self.task.eval_split
-        self.train_examples = self.task.examples(train_split)
-        self.eval_examples = self.task.examples(eval_split)
-        inputs = self._inputs(backbone_class)
-        self._check_vocabulary(inputs)
-        self._collate_first_batches(inputs)
-        log(
-            f"data: {settings.task} {train_split} ({len(self.train_examples):,} examples), "
-            f"scored on {eval_split} ({len(self.eval_examples):,}), from {data}"
-        )
-        if settings.checkpoint is None:
-            backbone = embedded_world().theta0(backbone_class, settings.backbone)
-        elif isinstance(inputs, Backbone):  # the plugin built it to tell its inputs
-            backbone = inputs
-        else:
-            backbone = backbone_class.build(settings.preset, settings.checkpoint)
-            if settings.tokenizer is not None:
-                backbone.use_tokenizer(settings.tokenizer)
-        torch.manual_seed(settings.train.seed)  # φ0: the same head for every round
-        # The head may grow the backbone (a second image type): build it before θ0 is read.
-        self.template = VLModel(backbone, self.task.head(backbone))
-        if backbone.load_report is not None:
-            log(str(backbone.load_report))
-        self.names = backbone.prunable_names()
-        weights = current_weights(backbone, self.names)
-        self.total = sum(w.numel() for w in weights.values())
-        self.fingerprint = fingerprint(weights)
-        self.data = data.resolve()
-
-    def _inputs(self, backbone_class: type[Backbone]) -> Inputs | Backbone:
-        """What collation needs of the backbone, before any weights: a checkpoint's shapes, or
-        for the world a fresh tiny backbone (θ0 is built later)."""
-        settings = self.settings
-        if settings.checkpoint is not None:
-            return backbone_class.inputs(settings.preset, settings.checkpoint, settings.tokenizer)
-        if "tiny" not in backbone_class.presets:
-            raise VLPruneError(
-                f"{settings.backbone} has no tiny preset for the embedded world to pre-train: "
-                "pass --checkpoint"
-            )
-        return backbone_class.inputs("tiny")
-
-    def _check_vocabulary(self, inputs: Inputs | Backbone) -> None:
-        """Texts must come as ids of the backbone's words: a txt_db tokenised for another
-        vocabulary, or a tokenizer with more words than the checkpoint, would be read as other
-        words or index past the word embedding."""
-        words, size = self.task.text_vocabulary, inputs.vocab_size
-        if size is None:
-            return
-        if words is not None and not words.size <= size <= words.size + words.added:
-            raise VLPruneError(
-                f"{self.task.data}: the texts were tokenised by {words.tokenizer or 'a tokenizer'} "
-                f"({words.size:,} words, meta.json), {inputs.label} has {size:,} words: give a "
-                "checkpoint of that vocabulary"
-            )
-        if words is None and len(inputs.tokenizer) > size:
-            raise VLPruneError(
-                f"the tokenizer has {len(inputs.tokenizer):,} words, {inputs.label} "
-                f"{size:,}: give the checkpoint's own tokenizer (--tokenizer)"
-            )
-
-    def _collate_first_batches(self, inputs: Inputs | Backbone) -> None:
-        """Collate the first batch of each split: annotation records, features, tokenizer and
-        their fit to the backbone are checked before anything expensive."""
-        train = self.settings.train
-        with torch.random.fork_rng(devices=[]):
-            for split, examples, size in (
-                (self.task.train_split, self.train_examples, train.batch_size),
-                (self.task.eval_split, self.eval_examples, train.eval_batch_size),
-            ):
-                if not len(examples):
-                    raise VLPruneError(f"{self.task.data}: split {split!r} has no examples")
-                self.task.collate(list(examples[:size]), inputs)
-
-    def fresh(self) -> VLModel:
-        """A copy of the untrained model."""
-        return copy.deepcopy(self.template)
-
-    def train(
-        self,
-        model: VLModel,
-        description: str,
-        quiet: bool = False,
-        checkpoints: Checkpoints | None = None,
-        on_step: Callable[[int, VLModel], None] | None = None,
-    ) -> tuple[float, VLModel]:
-        """Fine-tune `model` on the training split; its score on the evaluation split and
-        the trained model."""
-        settings = self.settings.train
-        accelerator = make_accelerator(settings)
-        prepared = accelerator.prepare(model)
-
-        def step_done(step: int) -> None:
-            if on_step is not None:
-                on_step(step, accelerator.unwrap_model(prepared))
-
-        fit(
-            prepared,
-            self.task,
-            self.train_examples,
-            settings,
-            accelerator,
-            description=description,
-            quiet=quiet,
-            checkpoints=checkpoints,
-            on_step=step_done,
-        )
-        score = evaluate(prepared, self.task, self.eval_examples, settings, accelerator)
-        return score, accelerator.unwrap_model(prepared)
-
-    def score(self, model: VLModel) -> float:
-        """`model`'s score on the evaluation split, without training."""
-        accelerator = make_accelerator(self.settings.train)
-        prepared = accelerator.prepare(model)
-        return evaluate(prepared, self.task, self.eval_examples, self.settings.train, accelerator)
 
 
 class Lottery:
@@ -270,8 +61,13 @@ class Lottery:
             settings = replace(settings, train=adversarial)
         self.settings, self.method = settings, method
         #: the procedure: one-shot cuts, and rewinding (to θ_k, k = `rewind_step`)
-        self.one_shot = settings.one_shot or (alias is not None and alias.one_shot)
+        implied = alias or MethodAlias(settings.method, "")
+        self.one_shot = settings.one_shot or implied.one_shot
         self.rewinds = settings.rewind_step is not None
+        #: the method as typed, with the procedure settings given besides it: `random-rewind`
+        extras = [("oneshot", settings.one_shot and not implied.one_shot)]
+        extras.append(("rewind", self.rewinds and not implied.rewind))
+        self.label = "-".join([settings.method, *(name for name, given in extras if given)])
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
         self.experiment = Experiment(settings, log)
         total = self.experiment.total
@@ -286,7 +82,7 @@ class Lottery:
             "weights_fingerprint": self.experiment.fingerprint,
         }
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
-        name = f"{settings.backbone}-{settings.task}-{settings.label}-{digest[:10]}"
+        name = f"{settings.backbone}-{settings.task}-{self.label}-{digest[:10]}"
         self.folder = Path(runs) / name
 
     @property
@@ -332,17 +128,19 @@ class Lottery:
             folder.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
         model = self.experiment.fresh()
-        if r > 0:
+        if r == 0:
+            own = Ticket.from_model(model.backbone, model.backbone.prunable())
+        else:
             ticket_path = folder / TICKET
             if not ticket_path.is_file():
                 raise VLPruneError(
                     f"{ticket_path} is missing: round {r - 1} finished without cutting it; "
                     f"delete {folder.parent / f'round_{r - 1:02d}'} to redo that round"
                 )
-            Ticket.load(ticket_path).apply(model.backbone, strict=True)
+            own = Ticket.load(ticket_path)  # the mask the last round cut, with its metadata
+            own.apply(model.backbone, strict=True)
             if self.rewinds:
-                _load_weights(model, read_state_dict(self.folder / "round_00" / REWIND))
-        own = Ticket.from_model(model.backbone, model.backbone.prunable())
+                load_plain_state(model, read_state_dict(self.folder / "round_00" / REWIND))
         self.log(
             f"round {r}/{self.rounds}: training at sparsity {own.sparsity:.1%}"
             + (" (dense)" if r == 0 else "")
@@ -422,7 +220,7 @@ class Lottery:
             weights_fingerprint=self.experiment.fingerprint,
             task=settings.task,
             metric=self.experiment.task.metric,
-            method=settings.label,
+            method=self.label,
             schedule=settings.schedule,
             round=r,
             score=score,
@@ -443,7 +241,7 @@ class Lottery:
             "preset": self.config["preset"],
             "task": self.settings.task,
             "metric": self.experiment.task.metric,
-            "method": self.settings.label,
+            "method": self.label,
             "dense_score": dense,
             "keep": keep,
             "rounds": rounds,
@@ -457,176 +255,6 @@ class Lottery:
         atomic_write(self.folder / TICKET, chosen.read_bytes())
         atomic_write(self.folder / "report.json", json.dumps(report, indent=2).encode())
         curves([report], self.folder / "curve.png")
-
-
-def train_ticket(
-    ticket: Ticket,
-    settings: FindSettings,
-    force: bool = False,
-    quiet: bool = False,
-    weights: str = "theta0",
-    lora: Lora | None = None,
-    log: Callable[[str], None] = lambda line: None,
-) -> dict[str, Any]:
-    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
-    `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
-    another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
-    frozen masked backbone instead of the backbone itself."""
-    return train_mask(Experiment(settings, log), ticket, force, quiet, weights, lora)
-
-
-@dataclass(frozen=True)
-class Lora:
-    """LoRA adapters on a ticket: their rank, the new folder they are saved in (peft format),
-    and where to write the weights with the adapters merged in, mask kept (None: no merge)."""
-
-    rank: int
-    adapters: Path | None = None
-    merged: Path | None = None
-
-
-def train_mask(
-    experiment: Experiment,
-    ticket: Ticket | None,
-    force: bool = False,
-    quiet: bool = False,
-    weights: str = "theta0",
-    lora: Lora | None = None,
-) -> dict[str, Any]:
-    """`train_ticket` on an experiment already set up; `ticket=None` trains the dense model."""
-    model = experiment.fresh()
-    other = apply_ticket(ticket, model, force) if ticket is not None else False
-    result = {}
-    if weights == "shuffled":
-        shuffle_within_tensors(model, experiment.settings.train.seed)
-    elif weights != "theta0":
-        replaced = load_other_weights(model, weights)
-        result["replaced"] = {"taken": len(replaced.taken), "kept": replaced.kept}
-    if lora is not None:
-        from vl_prune.lora import add_lora
-
-        model = add_lora(model, lora.rank)
-    what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
-    what += f" + LoRA r{lora.rank}" if lora is not None else ""
-    score, trained = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
-    if lora is not None:
-        result["lora"] = _finish_lora(experiment, trained, lora, score)
-    return {
-        **_result(ticket, experiment, score),
-        "other_weights": other,
-        "weights": weights,
-        **result,
-    }
-
-
-def _finish_lora(experiment: Experiment, trained: Any, lora: Lora, score: float) -> dict:
-    """Save the adapters and, if asked, merge them keeping the mask, score the merged model
-    and write its weights (pruned entries zero, torch names)."""
-    from vl_prune.lora import merge_lora, save_adapters
-
-    state = process_state()
-    out: dict[str, Any] = {"rank": lora.rank}
-    if lora.adapters is not None:
-        if state.is_main_process:
-            settings = experiment.settings
-            save_adapters(trained, lora.adapters, task=settings.task, backbone=settings.backbone)
-        state.wait_for_everyone()
-        out["adapters"] = str(lora.adapters)
-    if lora.merged is not None:
-        batch = experiment.task.collate(experiment.eval_examples[:8], trained.backbone)
-        merged, report = merge_lora(trained, batch)
-        merged_score = experiment.score(merged)
-        if state.is_main_process:
-            from safetensors.torch import save as to_bytes
-
-            atomic_write(lora.merged, to_bytes(_baked(merged)))
-        state.wait_for_everyone()
-        out["merge"] = {
-            "path": str(lora.merged),
-            "score": merged_score,
-            "score_before": score,
-            "dropped": report.dropped,
-            "max_change": report.max_change,
-            "report": str(report),
-        }
-    return out
-
-
-def _baked(model: VLModel) -> dict[str, torch.Tensor]:
-    """The model's tensors under their plain names, pruned entries zero: what
-    `prune.remove` would leave, without touching `model`."""
-    tensors = model.state_dict()
-    state = {}
-    for name, value in tensors.items():
-        if name.endswith("_mask"):
-            continue
-        plain = name.removesuffix("_orig")
-        if name.endswith("_orig"):
-            value = torch.where(tensors[plain + "_mask"].bool(), value, 0.0)
-        state[plain] = value.detach().cpu().contiguous()
-    return state
-
-
-def score_finetuned(
-    ticket: Ticket | None,
-    weights: str | Path,
-    settings: FindSettings,
-    log: Callable[[str], None] = lambda line: None,
-) -> dict[str, Any]:
-    """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`), with the
-    ticket's mask applied, on the evaluation split; no training."""
-    experiment = Experiment(settings, log)
-    model = experiment.fresh()
-    if ticket is not None:
-        apply_ticket(ticket, model, force=True)
-    _load_weights(model, read_state_dict(weights))
-    score = experiment.score(model)
-    return _result(Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score)
-
-
-def apply_ticket(ticket: Ticket, model: VLModel, force: bool) -> bool:
-    """Prune `model` to the ticket; whether the ticket came from other weights (only allowed
-    with `force`)."""
-    found = ticket.metadata.get("weights_fingerprint")
-    other = bool(found) and found != fingerprint(current_weights(model.backbone, ticket.masks))
-    if other and not force:
-        raise VLPruneError(
-            "the ticket was found from other weights than this backbone's θ0 "
-            "(fingerprint differs); pass --force to train it anyway"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FingerprintMismatch)  # checked above
-        ticket.apply(model.backbone)
-    return other
-
-
-def _result(ticket: Ticket | None, experiment: Experiment, score: float) -> dict[str, Any]:
-    return {
-        "task": experiment.settings.task,
-        "metric": experiment.task.metric,
-        "score": score,
-        "sparsity": 0.0 if ticket is None else ticket.sparsity,
-    }
-
-
-def _load_weights(model: VLModel, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` (plain parameter names) into `model`, whose pruned weights keep their
-    values under `<name>_orig`; every tensor of the model must be given."""
-    own = model.state_dict()
-    for name, target in own.items():
-        if name.endswith("_mask"):
-            continue
-        plain = name.removesuffix("_orig")
-        value = state.get(plain, state.get(name))
-        if value is None:
-            raise VLPruneError(f"weights file has no tensor {plain!r}")
-        if value.shape != target.shape:
-            raise VLPruneError(
-                f"tensor {plain!r} has shape {tuple(value.shape)}, the model's "
-                f"{tuple(target.shape)}"
-            )
-        with torch.no_grad():
-            target.copy_(value)
 
 
 def _line(metrics: dict[str, Any]) -> str:

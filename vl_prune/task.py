@@ -127,7 +127,8 @@ class Task:
 
     def collate(self, examples: list[Any], backbone: Backbone | Inputs) -> TaskBatch:
         """Examples → a TaskBatch for this backbone. It may read only what `Inputs` offers
-        (`image_input`, `tokenizer`, `image_processor`, `img_dim`, `vocab_size`, `label`): the
+        (`image_input`, `tokenizer`, `image_processor`, `img_dim`, `vocab_size`,
+        `max_positions`, `label`): the
         first batches are collated before the backbone is built, to check the data."""
         raise NotImplementedError
 

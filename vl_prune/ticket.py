@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
-from vl_prune.pruning import KeepMask, alive_mask
+from vl_prune.pruning import KeepMask
+from vl_prune.pruning.layout import alive_mask, is_parameter, pruned_parameters, stored_parameter
 
 FORMAT = "vl_prune.ticket/1"
 # Metadata values stored as JSON text; everything else is a plain string.
@@ -60,13 +60,7 @@ def named_parameters(model: nn.Module, parameters: Iterable[tuple[nn.Module, str
 
 def current_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """The unmasked values of the named weights (`<name>_orig` where a tensor is pruned)."""
-    out = {}
-    for name in names:
-        module, attr = _locate(model, name)
-        out[name] = getattr(module, attr + "_orig", None)
-        if out[name] is None:
-            out[name] = getattr(module, attr)
-    return out
+    return {name: stored_parameter(*_locate(model, name)) for name in names}
 
 
 def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -78,7 +72,7 @@ def _locate(model: nn.Module, name: str) -> tuple[nn.Module, str]:
         module = None
     if module is None or not isinstance(getattr(module, attr, None), torch.Tensor):
         raise VLPruneError(f"ticket tensor {name!r} has no matching parameter in the model")
-    if attr not in module._parameters and attr + "_orig" not in module._parameters:
+    if not is_parameter(module, attr):
         raise VLPruneError(f"ticket tensor {name!r} is not a parameter of the model")
     return module, attr
 
@@ -99,14 +93,7 @@ class Ticket:
     ) -> Ticket:
         """The masks of a pruned model. With `parameters`, every listed tensor is included
         (all-kept where it is not pruned); without, every pruned tensor in the model."""
-        if parameters is None:
-            parameters = [
-                (module, hook._tensor_name)
-                for module in model.modules()
-                for hook in module._forward_pre_hooks.values()
-                if isinstance(hook, prune.BasePruningMethod)
-            ]
-        parameters = list(parameters)
+        parameters = list(pruned_parameters(model) if parameters is None else parameters)
         masks = {}
         for name, (module, attr) in zip(
             named_parameters(model, parameters), parameters, strict=True

@@ -19,12 +19,15 @@ from typing import Any
 from vl_prune import __version__
 from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
+from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
-from vl_prune.lottery import METRICS, TICKET, Experiment, FindSettings, Lora, train_mask
+from vl_prune.lora import check_rank
+from vl_prune.lottery import METRICS, TICKET
+from vl_prune.retrain import Lora, train_mask
 from vl_prune.ticket import Ticket
 
 # The fields of FindSettings that only steer `find`'s rounds, not one fine-tuning.
-_ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step")
+_ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step", "one_shot")
 
 
 def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
@@ -59,8 +62,8 @@ class Transfer:
         lora: int | None = None,
         log: Callable[[str], None] = lambda line: None,
     ):
-        if lora is not None and lora < 1:
-            raise VLPruneError(f"--lora must be a rank of at least 1, not {lora}")
+        if lora is not None:
+            check_rank(lora)
         self.experiment = Experiment(settings, log)
         self.folder = Path(runs) / "transfer"
         self.quiet = quiet

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -67,12 +67,19 @@ class World:
             raise VLPruneError(
                 f"the embedded world has no {task} split; pass --data with the task's files"
             )
+        from vl_prune.train import TrainSettings
+
         split = registry.load("world_splits", task)
+        plugin = registry.find("world_splits", task)
         if not isinstance(split, WorldSplit):
-            plugin = registry.find("world_splits", task)
             raise VLPruneError(
                 f"world split {task!r} (from {plugin.distribution}) is a {type(split).__name__}, "
                 "not a vl_prune.world.WorldSplit"
+            )
+        if unknown := sorted(set(split.recipe) - {f.name for f in fields(TrainSettings)}):
+            raise VLPruneError(
+                f"world split {task!r} (from {plugin.distribution}) has recipe keys "
+                f"{', '.join(map(repr, unknown))}, which are not TrainSettings fields"
             )
         return split
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables, table_splits
+from vl_prune.data.inputs import ImageStore
 from vl_prune.errors import VLPruneError
 from vl_prune_plugins.tasks.annotations import field, json_file
-from vl_prune_plugins.tasks.inputs import ImageStore
 
 
 @dataclass(frozen=True)

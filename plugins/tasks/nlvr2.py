@@ -23,6 +23,7 @@ from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables
+from vl_prune.data.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch
@@ -33,7 +34,6 @@ from vl_prune_plugins.tasks.annotations import (
     json_lines,
     json_records,
 )
-from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 
 LABELS = {"False": 0, "True": 1}

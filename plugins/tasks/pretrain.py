@@ -19,9 +19,9 @@ from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.arrow import table_splits
+from vl_prune.data.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.karpathy import (
     caption_tables,
     db_keys,

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.inputs import ImageStore, TokenIds, encode
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task, TaskBatch, symmetric_kl
 from vl_prune_plugins.tasks.annotations import field, json_file, load_plain_pickle
-from vl_prune_plugins.tasks.inputs import ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import record_vocabulary
 
 FOLDER = "refcoco+"

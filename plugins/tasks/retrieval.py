@@ -40,11 +40,11 @@ import torch
 from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
+from vl_prune.data.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune.data.lazy import LazySequence
 from vl_prune.data.txt_db import TxtDb, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch, symmetric_kl
-from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.karpathy import (
     caption_tables,
     db_keys,

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from vl_prune.data.inputs import ImageStore
 from vl_prune.data.txt_db import TxtDb
 from vl_prune.errors import VLPruneError
 from vl_prune.task import Task
-from vl_prune_plugins.tasks.inputs import ImageStore
 
 
 def use_txt_dbs(task: Task, dbs: list[TxtDb], store: ImageStore) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.data.arrow import ArrowImage, check_column, columns, split_tables, table_splits
+from vl_prune.data.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune.data.txt_db import TxtDb, TxtDbExamples, has_dbs, locate, split_dbs
 from vl_prune.errors import VLPruneError
 from vl_prune.task import DataOptions, Task, TaskBatch
@@ -46,7 +47,6 @@ from vl_prune_plugins.tasks.annotations import (
     json_records,
     load_plain_pickle,
 )
-from vl_prune_plugins.tasks.inputs import ImageName, ImageStore, TokenIds, encode
 from vl_prune_plugins.tasks.uniter_dbs import image_names, use_txt_dbs
 
 ANSWERS_PER_QUESTION = 10

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vl_prune.pruning.aliases import MethodAlias
+from vl_prune.pruning.layout import alive_mask
 from vl_prune.pruning.methods import (
     BoolMaskPruning,
     GlobalMagnitude,
@@ -15,7 +16,6 @@ from vl_prune.pruning.methods import (
     KeepMask,
     LayerwiseMagnitude,
     ScorePruning,
-    alive_mask,
 )
 from vl_prune.pruning.schedules import SCHEDULES, geometric, linear
 

@@ -16,6 +16,14 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from vl_prune.pruning.layout import (
+    MASK,
+    ORIG,
+    alive_mask,
+    current_weight,
+    prune_hook,
+    replace_hook,
+)
 from vl_prune.pruning.select import (
     check_amount,
     count_to_prune,
@@ -26,29 +34,6 @@ from vl_prune.pruning.select import (
 
 Parameters = Sequence[tuple[nn.Module, str]]
 Scores = Mapping[tuple[nn.Module, str], torch.Tensor]
-
-
-def _hook(module: nn.Module, name: str) -> tuple[int | None, prune.BasePruningMethod | None]:
-    for key, hook in module._forward_pre_hooks.items():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return key, hook
-    return None, None
-
-
-def alive_mask(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The bool mask of weights still alive, or None if the tensor is not pruned."""
-    mask = getattr(module, name + "_mask", None)
-    return None if mask is None else mask.bool()
-
-
-def current_weight(module: nn.Module, name: str) -> torch.Tensor:
-    """The weight's values now, pruned entries included (`<name>_orig` where pruned).
-
-    `module.<name>` itself is refreshed only by the forward pre-hook, so after an optimizer step
-    or a rewind it is stale; the masks keep dead weights out of every selection anyway.
-    """
-    orig = getattr(module, name + "_orig", None)
-    return (getattr(module, name) if orig is None else orig).detach()
 
 
 class BoolMaskPruning(prune.BasePruningMethod):
@@ -66,7 +51,7 @@ class BoolMaskPruning(prune.BasePruningMethod):
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
-        key, old = _hook(module, name)
+        key, old = prune_hook(module, name)
         if old is not None and not isinstance(old, BoolMaskPruning):
             return super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
         weight = getattr(module, name)
@@ -80,24 +65,24 @@ class BoolMaskPruning(prune.BasePruningMethod):
         method._tensor_name = name
         if old is None:
             mask = method.compute_mask(scores, default_mask=None)
-            module.register_parameter(name + "_orig", weight)
+            module.register_parameter(name + ORIG, weight)
             del module._parameters[name]
-            module.register_buffer(name + "_mask", mask)
+            module.register_buffer(name + MASK, mask)
             setattr(module, name, method.apply_mask(module))
             module.register_forward_pre_hook(method)
         else:
-            mask = getattr(module, name + "_mask")
+            mask = getattr(module, name + MASK)
             mask.copy_(method.compute_mask(scores, default_mask=mask))
             setattr(module, name, method.apply_mask(module))
-            module._forward_pre_hooks[key] = method
+            replace_hook(module, key, method)
         return method
 
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
         """`<name>_orig` with the pruned entries zeroed, as torch's `mask * orig`, but selected:
         torch widens the mask to the weight's dtype on every forward and keeps that copy alive
         until backward (4 bytes a weight); `where` reads the bool buffer and saves only it."""
-        mask = getattr(module, self._tensor_name + "_mask")
-        orig = getattr(module, self._tensor_name + "_orig")
+        mask = getattr(module, self._tensor_name + MASK)
+        orig = getattr(module, self._tensor_name + ORIG)
         return torch.where(mask.bool(), orig, 0.0)  # bool() is free on a bool mask
 
 

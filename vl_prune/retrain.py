@@ -1,0 +1,189 @@
+"""A ticket trained elsewhere than where it was found: scored on a task, trained from other
+weights (the baselines), with LoRA adapters, or fine-tuned weights scored as they are."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vl_prune.baselines import load_other_weights, shuffle_within_tensors
+from vl_prune.checkpoint import read_state_dict
+from vl_prune.distributed import process_state
+from vl_prune.errors import VLPruneError
+from vl_prune.experiment import Experiment, FindSettings
+from vl_prune.files import atomic_write
+from vl_prune.pruning.layout import baked_state, load_plain_state
+from vl_prune.task import VLModel
+from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
+
+
+def train_ticket(
+    ticket: Ticket,
+    settings: FindSettings,
+    force: bool = False,
+    quiet: bool = False,
+    weights: str = "theta0",
+    lora: Lora | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
+    `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
+    another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
+    frozen masked backbone instead of the backbone itself."""
+    return train_mask(Experiment(settings, log), ticket, force, quiet, weights, lora)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA adapters on a ticket: their rank, the new folder they are saved in (peft format),
+    and where to write the weights with the adapters merged in, mask kept (None: no merge)."""
+
+    rank: int
+    adapters: Path | None = None
+    merged: Path | None = None
+
+    def __post_init__(self):
+        from vl_prune.lora import check_rank
+
+        check_rank(self.rank)
+
+    @classmethod
+    def beside(
+        cls, rank: int, ticket: Path, task: str, adapters: Path | None, merged: Path | None
+    ) -> Lora:
+        """The options checked before any training: the adapters' folder must be new (by default
+        beside the ticket, named by rank and task) and the merged weights' folder must exist."""
+        if adapters is None:
+            adapters = ticket.with_name(f"{ticket.stem}.lora-r{rank}-{task}")
+        if adapters.exists():
+            raise VLPruneError(
+                f"--adapters {adapters} already exists; remove it or name another folder"
+            )
+        if merged is not None and not merged.parent.is_dir():
+            raise VLPruneError(f"--merge {merged}: folder {merged.parent} does not exist")
+        return cls(rank, adapters, merged)
+
+
+def ticket_backbone(ticket: Ticket, model: str | None) -> str | None:
+    """The backbone to train `ticket` on: the one it was found on, which `--model`, if given,
+    must name (a ticket's tensors are that backbone's); None if neither says."""
+    found = ticket.metadata.get("backbone")
+    if model is None:
+        return found
+    if found and found != model:
+        raise VLPruneError(
+            f"the ticket was found on {found}, not {model}: drop --model or pass --model {found}"
+        )
+    return model
+
+
+def train_mask(
+    experiment: Experiment,
+    ticket: Ticket | None,
+    force: bool = False,
+    quiet: bool = False,
+    weights: str = "theta0",
+    lora: Lora | None = None,
+) -> dict[str, Any]:
+    """`train_ticket` on an experiment already set up; `ticket=None` trains the dense model."""
+    model = experiment.fresh()
+    other = apply_ticket(ticket, model, force) if ticket is not None else False
+    result = {}
+    if weights == "shuffled":
+        shuffle_within_tensors(model, experiment.settings.train.seed)
+    elif weights != "theta0":
+        replaced = load_other_weights(model, weights)
+        result["replaced"] = {"taken": len(replaced.taken), "kept": replaced.kept}
+    if lora is not None:
+        from vl_prune.lora import add_lora
+
+        model = add_lora(model, lora.rank)
+    what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
+    what += f" + LoRA r{lora.rank}" if lora is not None else ""
+    score, trained = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
+    if lora is not None:
+        result["lora"] = _finish_lora(experiment, trained, lora, score)
+    return {
+        **_result(ticket, experiment, score),
+        "other_weights": other,
+        "weights": weights,
+        **result,
+    }
+
+
+def _finish_lora(experiment: Experiment, trained: Any, lora: Lora, score: float) -> dict:
+    """Save the adapters and, if asked, merge them keeping the mask, score the merged model
+    and write its weights (pruned entries zero, torch names)."""
+    from vl_prune.lora import merge_lora, save_adapters
+
+    state = process_state()
+    out: dict[str, Any] = {"rank": lora.rank}
+    if lora.adapters is not None:
+        if state.is_main_process:
+            settings = experiment.settings
+            save_adapters(trained, lora.adapters, task=settings.task, backbone=settings.backbone)
+        state.wait_for_everyone()
+        out["adapters"] = str(lora.adapters)
+    if lora.merged is not None:
+        batch = experiment.task.collate(experiment.eval_examples[:8], trained.backbone)
+        merged, report = merge_lora(trained, batch)
+        merged_score = experiment.score(merged)
+        if state.is_main_process:
+            from safetensors.torch import save as to_bytes
+
+            atomic_write(lora.merged, to_bytes(baked_state(merged)))
+        state.wait_for_everyone()
+        out["merge"] = {
+            "path": str(lora.merged),
+            "score": merged_score,
+            "score_before": score,
+            "dropped": report.dropped,
+            "max_change": report.max_change,
+            "report": str(report),
+        }
+    return out
+
+
+def score_finetuned(
+    ticket: Ticket | None,
+    weights: str | Path,
+    settings: FindSettings,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`), with the
+    ticket's mask applied, on the evaluation split; no training."""
+    experiment = Experiment(settings, log)
+    model = experiment.fresh()
+    if ticket is not None:
+        apply_ticket(ticket, model, force=True)
+    load_plain_state(model, read_state_dict(weights))
+    score = experiment.score(model)
+    return _result(Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score)
+
+
+def apply_ticket(ticket: Ticket, model: VLModel, force: bool) -> bool:
+    """Prune `model` to the ticket; whether the ticket came from other weights (only allowed
+    with `force`)."""
+    found = ticket.metadata.get("weights_fingerprint")
+    other = bool(found) and found != fingerprint(current_weights(model.backbone, ticket.masks))
+    if other and not force:
+        raise VLPruneError(
+            "the ticket was found from other weights than this backbone's θ0 "
+            "(fingerprint differs); pass --force to train it anyway"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FingerprintMismatch)  # checked above
+        ticket.apply(model.backbone)
+    return other
+
+
+def _result(ticket: Ticket | None, experiment: Experiment, score: float) -> dict[str, Any]:
+    return {
+        "task": experiment.settings.task,
+        "metric": experiment.task.metric,
+        "score": score,
+        "sparsity": 0.0 if ticket is None else ticket.sparsity,
+    }
