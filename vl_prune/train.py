@@ -172,9 +172,50 @@ def fit(
     if not examples:
         raise VLPruneError(f"{description}: no training examples")
     torch.manual_seed(settings.seed)
+    optimizer = _optimizer(model, settings, accelerator)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+    # The scheduler stays unprepared: Accelerate would step it once per process.
+    optimizer = accelerator.prepare(optimizer)
+    step = _resume(accelerator, checkpoints, scheduler)
+    loader, order = _batches_of(model, task, examples, settings, accelerator, shuffle=True)
+    model.train()
+    losses: list[float] = []
+    bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
+    bar.update(step)
+    try:
+        while step < settings.steps:
+            epoch = _rest_of_epoch(step, loader, order, len(examples), settings, accelerator)
+            for batch in raising(epoch):
+                with accelerator.accumulate(model):
+                    loss = _backward(model, task, batch, settings, accelerator).item()
+                    if not math.isfinite(loss):
+                        raise VLPruneError(
+                            f"{description}: loss became {loss} at step {step + 1}; "
+                            "lower the learning rate"
+                        )
+                    _optimizer_step(model, optimizer, scheduler, settings, accelerator)
+                if not accelerator.sync_gradients:
+                    continue  # an accumulation goes on
+                step += 1
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if on_step is not None:
+                    on_step(step)
+                if checkpoints is not None and step % checkpoints.every == 0:
+                    _save(accelerator, checkpoints, step)
+                if step == settings.steps:
+                    break
+    finally:
+        bar.close()
+    return losses
+
+
+def _optimizer(model: VLModel, settings: TrainSettings, accelerator: Any) -> torch.optim.AdamW:
+    """AdamW with UNITER's betas; weight decay on matrices only, not on biases or LayerNorms."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "LayerNorm" not in n)]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": settings.weight_decay},
             {"params": other, "weight_decay": 0.0},
@@ -187,67 +228,55 @@ def fit(
         fused=accelerator.scaler is None
         and all(p.device.type in FUSED_ADAMW_DEVICES for p in model.parameters()),
     )
+
+
+def _schedule(settings: TrainSettings) -> Callable[[int], float]:
+    """The learning rate's factor at each step: linear warmup, then linear decay to zero."""
     warmup = max(1, int(settings.warmup * settings.steps))
 
-    def schedule(step: int) -> float:
+    def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # The scheduler stays unprepared: Accelerate would step it once per process.
-    optimizer = accelerator.prepare(optimizer)
-    step = 0
-    if checkpoints is not None:
-        accelerator.register_for_checkpointing(scheduler)
-        saved = checkpoints.latest()
-        if saved is not None:
-            accelerator.load_state(str(saved))
-            step = int(saved.name.removeprefix(STEP))
-    loader, order = _batches_of(model, task, examples, settings, accelerator, shuffle=True)
-    model.train()
-    losses: list[float] = []
-    bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
-    bar.update(step)
+    return factor
+
+
+def _resume(accelerator: Any, checkpoints: Checkpoints | None, scheduler: Any) -> int:
+    """The step training starts from: that of the last saved state, loaded, or 0."""
+    if checkpoints is None:
+        return 0
+    accelerator.register_for_checkpointing(scheduler)
+    saved = checkpoints.latest()
+    if saved is None:
+        return 0
+    accelerator.load_state(str(saved))
+    return int(saved.name.removeprefix(STEP))
+
+
+def _rest_of_epoch(
+    step: int, loader: Any, order: Any, examples: int, settings: TrainSettings, accelerator: Any
+) -> Any:
+    """The batches of the epoch `step` falls in, from `step` on. Each epoch has one fixed order,
+    so a resumed run sees the batches the first run would."""
     accumulation = settings.grad_accumulation
-    try:
-        while step < settings.steps:
-            # One fixed order per epoch, so a resumed run sees the batches the first run would.
-            epoch_steps = math.ceil(_batches(len(examples), settings, accelerator) / accumulation)
-            epoch, done = divmod(step, epoch_steps)
-            order.start(epoch)
-            epoch_batches = loader
-            if done:
-                epoch_batches = accelerator.skip_first_batches(loader, done * accumulation)
-            for batch in raising(epoch_batches):
-                with accelerator.accumulate(model):
-                    loss = _backward(model, task, batch, settings, accelerator)
-                    if not math.isfinite(loss.item()):
-                        raise VLPruneError(
-                            f"{description}: loss became {loss.item()} at step {step + 1}; "
-                            "lower the learning rate"
-                        )
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                if on_step is not None:
-                    on_step(step)
-                if checkpoints is not None and step % checkpoints.every == 0:
-                    _save(accelerator, checkpoints, step)
-                if step == settings.steps:
-                    break
-    finally:
-        bar.close()
-    return losses
+    epoch_steps = math.ceil(_batches(examples, settings, accelerator) / accumulation)
+    epoch, done = divmod(step, epoch_steps)
+    order.start(epoch)
+    return accelerator.skip_first_batches(loader, done * accumulation) if done else loader
+
+
+def _optimizer_step(
+    model: VLModel, optimizer: Any, scheduler: Any, settings: TrainSettings, accelerator: Any
+) -> None:
+    """Clip and step at the end of an accumulation (Accelerate makes the steps in between no-ops);
+    the schedule advances only on a step the optimizer took."""
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+    optimizer.zero_grad()
 
 
 def _backward(
