@@ -47,16 +47,22 @@ class Replaced:
         )
 
 
+def check_start(weights: str | Path) -> None:
+    """`weights` names a start (NAMED) or an existing weights file: checked before any data or
+    θ0 is read."""
+    if str(weights) not in NAMED and not Path(weights).is_file():
+        known = ", ".join(NAMED)
+        raise VLPruneError(f"--weights {weights}: no such file (give {known} or a weights file)")
+
+
 def load_other_weights(model: VLModel, path: str | Path) -> Replaced:
     """Replace the backbone's tensors by another pre-trained set's, matched by parameter path:
     a key equal to it or ending in "." + it, so BERT's `bert.encoder.layer.0.…` fills UNITER's
     `encoder.layer.0.…` (old `gamma`/`beta` LayerNorm names are read as `weight`/`bias`).
     Every prunable tensor must be found with its shape; any other tensor is taken where it fits
     and kept from θ0 otherwise (a BERT file has no image embeddings)."""
+    check_start(path)
     path = Path(path)
-    if not path.is_file():
-        known = ", ".join(NAMED)
-        raise VLPruneError(f"--weights {path}: no such file (give {known} or a weights file)")
     state = {
         re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key)): value
         for key, value in read_state_dict(path).items()

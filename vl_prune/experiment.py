@@ -54,6 +54,10 @@ class FindSettings:
             raise VLPruneError(f"--sparsity must be strictly between 0 and 1, not {self.sparsity}")
         if self.tokenizer is not None and self.checkpoint is None:
             raise VLPruneError("--tokenizer goes with --checkpoint (the world has its own)")
+        given = [name for name, value in asdict(self.data_options).items() if value is not None]
+        if given and self.data is None:
+            flag = "--" + given[0].replace("_", "-")
+            raise VLPruneError(f"{flag} describes --data; the world has its own")
         if self.schedule not in SCHEDULES:
             known = ", ".join(SCHEDULES)
             raise VLPruneError(f"unknown --schedule {self.schedule!r}; choose from {known}")

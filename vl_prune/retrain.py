@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vl_prune.baselines import load_other_weights, shuffle_within_tensors
+from vl_prune.baselines import check_start, load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
@@ -33,6 +33,7 @@ def train_ticket(
     `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
     another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
     frozen masked backbone instead of the backbone itself."""
+    check_start(weights)
     return train_mask(Experiment(settings, log), ticket, force, quiet, weights, lora)
 
 

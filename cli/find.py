@@ -1,0 +1,152 @@
+"""`vlprune find`: find a ticket by pruning rounds, and print the run's report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vl_prune_cli.errors import UserError
+from vl_prune_cli.options import (
+    adversarial_options,
+    find_settings,
+    model_option,
+    runs_option,
+    training_options,
+    weights_and_data_options,
+)
+from vl_prune_cli.output import percent, progress, table
+
+
+@click.command()
+@model_option
+@weights_and_data_options
+@click.option("--task", required=True, help="Task plugin to find the ticket on.")
+@click.option(
+    "--method",
+    default="imp",
+    show_default=True,
+    help="Mask rule: imp, random, layerwise, …; or rewind, oneshot, adv-imp: imp run that way "
+    "(see `vlprune list methods`).",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["linear", "geometric"]),
+    default="linear",
+    show_default=True,
+    help="linear: 10%, 20%, … of the weights; geometric: --rate of the survivors each round.",
+)
+@click.option(
+    "--rate", type=float, default=0.2, show_default=True, help="Geometric schedule's rate."
+)
+@click.option("--sparsity", type=float, default=0.9, show_default=True, help="Final sparsity.")
+@click.option(
+    "--rewind-step",
+    type=int,
+    help="Rewind survivors to the dense run's weights after this step (any method; rewind: "
+    "required).",
+)
+@click.option(
+    "--one-shot",
+    is_flag=True,
+    help="Cut every sparsity at once from the dense-trained weights (any method; oneshot: "
+    "implied).",
+)
+@click.option(
+    "--keep",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="The ticket kept is the sparsest round holding this fraction of dense.",
+)
+@training_options
+@adversarial_options
+@runs_option
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Save the training state every N steps (resume point).",
+)
+@click.option("--out", type=click.Path(path_type=Path), help="Also copy the final ticket here.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def find(
+    backbone: str,
+    preset: str | None,
+    checkpoint: str | None,
+    tokenizer: str | None,
+    data: str | None,
+    task: str,
+    method: str,
+    schedule: str,
+    rate: float,
+    sparsity: float,
+    rewind_step: int | None,
+    one_shot: bool,
+    keep: float,
+    runs: Path,
+    checkpoint_every: int,
+    out: Path | None,
+    quiet: bool,
+    as_json: bool,
+    **training: Any,
+) -> None:
+    """Find a ticket: IMP rounds (or a baseline) to --sparsity, resumable, with a report."""
+    from vl_prune.distributed import process_state
+    from vl_prune.lottery import Lottery
+    from vl_prune.pruning.aliases import resolve
+
+    _, alias = resolve(method)
+    settings = find_settings(
+        task,
+        backbone,
+        training,
+        data=data,
+        implied=alias is not None and alias.adversarial,
+        method=method,
+        preset=preset,
+        checkpoint=checkpoint,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        rate=rate,
+        sparsity=sparsity,
+        rewind_step=rewind_step,
+        one_shot=one_shot,
+    )
+    if out is not None and not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    main_process = process_state().is_main_process  # one job: one process writes and prints
+    say = progress(quiet)
+    lottery = Lottery(settings, runs=runs, checkpoint_every=checkpoint_every, quiet=quiet, log=say)
+    say(f"run folder: {lottery.folder}")
+    report = lottery.run(keep=keep)
+    if not main_process:
+        return
+    if out is not None:
+        from vl_prune.files import atomic_write
+
+        atomic_write(out, Path(report["final"]["ticket"]).read_bytes())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    rows = [
+        [
+            str(r["round"]),
+            percent(r["sparsity"]),
+            f"{r['score']:.4f}",
+            percent(r["fraction_of_dense"]),
+        ]
+        for r in report["rounds"]
+    ]
+    click.echo(table(["round", "sparsity", report["metric"], "of dense"], rows, right=(0, 1, 2, 3)))
+    final = report["final"]
+    click.echo(
+        f"ticket: {final['ticket']} (round {final['round']}, {percent(final['sparsity'])} sparse, "
+        f"{percent(final['fraction_of_dense'])} of dense)"
+        + (f", copied to {out}" if out is not None else "")
+    )
+    click.echo(f"report: {lottery.folder / 'report.json'}  curve: {lottery.folder / 'curve.png'}")

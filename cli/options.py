@@ -1,0 +1,150 @@
+"""The flags that find, evaluate and transfer share, and the run settings made from them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from vl_prune_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from vl_prune.adversarial import AdversarialSettings
+    from vl_prune.experiment import FindSettings
+
+
+def option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator applying several click options, listed in the order --help shows them."""
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+# Fine-tuning flags shared by find, evaluate and transfer; unset ones come from the task's recipe.
+training_options = option_group(
+    click.option("--steps", type=int, help="Optimizer steps per fine-tuning."),
+    click.option("--lr", type=float, help="Peak learning rate (linear warmup and decay)."),
+    click.option("--batch-size", type=int, help="Examples per step and process."),
+    click.option("--grad-accumulation", type=int, help="Batches per optimizer step."),
+    click.option(
+        "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
+    ),
+    click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
+    click.option(
+        "--num-workers",
+        type=int,
+        help="Processes that read and collate batches [0 on CPU, up to 4 per GPU]; "
+        "results do not depend on it.",
+    ),
+)
+
+DEFAULT_BACKBONE = "uniter"
+model_option = click.option(
+    "--model",
+    "backbone",
+    default=DEFAULT_BACKBONE,
+    show_default=True,
+    help="Backbone plugin (see `vlprune list backbones`).",
+)
+# evaluate and transfer train a ticket: on its own backbone unless told otherwise.
+ticket_model_option = click.option(
+    "--model",
+    "backbone",
+    help=f"Backbone plugin [the ticket's backbone, else {DEFAULT_BACKBONE}]; a ticket found on "
+    "another backbone is refused.",
+)
+
+# Which weights and data: find, evaluate and transfer.
+weights_and_data_options = option_group(
+    click.option("--preset", help="Backbone preset; with --checkpoint, the checkpoint's."),
+    click.option("--checkpoint", help="Pre-trained weights: a file, folder or hub id."),
+    click.option(
+        "--tokenizer",
+        help="The checkpoint's tokenizer: a local folder or vocab.txt [beside the checkpoint, "
+        "else the hub].",
+    ),
+    click.option(
+        "--data",
+        help="Task data folder: official annotation files, or UNITER's txt_db/ + img_db/ "
+        "(default: the embedded world).",
+    ),
+    click.option("--train-split", help="Split to train on, e.g. train2014 [found in --data]."),
+    click.option("--eval-split", help="Split to score on, e.g. val2014 [found in --data]."),
+    click.option(
+        "--max-text-len", type=int, help="Longest text in tokens [UNITER's: 60, VCR 220]."
+    ),
+    click.option(
+        "--answer-vocab",
+        help="Answers of VQA/GQA heads: UNITER's or LXMERT's ans2label.json [from the data].",
+    ),
+)
+
+# Adversarial fine-tuning (VILLA): find, evaluate and transfer.
+adversarial_options = option_group(
+    click.option(
+        "--adversarial", is_flag=True, help="Fine-tune adversarially (VILLA); adv-imp implies it."
+    ),
+    click.option("--adv-steps", type=int, help="Ascent steps per training step [3]."),
+    click.option("--adv-lr", type=float, help="Size of each ascent step (L2) [1e-3]."),
+    click.option("--adv-max-norm", type=float, help="Bound on each perturbation's L2 norm [none]."),
+    click.option("--adv-kl", type=float, help="Weight of the clean/perturbed KL term [1.5]."),
+    click.option(
+        "--adv-modality",
+        type=click.Choice(["text", "image", "both"]),
+        help="What is perturbed [both].",
+    ),
+)
+
+_ADVERSARIAL_FLAGS = ("adv_steps", "adv_lr", "adv_max_norm", "adv_kl", "adv_modality")
+
+runs_option = click.option(
+    "--runs",
+    type=click.Path(path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Folder of run folders (transfer keeps its results in its transfer/).",
+)
+
+
+def find_settings(
+    task: str,
+    backbone: str,
+    training: dict[str, Any],
+    data: str | None,
+    implied: bool = False,
+    **extra: Any,
+) -> FindSettings:
+    """FindSettings from the flags; training flags left unset come from the task's recipe.
+    `implied`: the method fine-tunes adversarially whether --adversarial is given or not."""
+    from dataclasses import fields, replace
+
+    from vl_prune.experiment import FindSettings, recipe
+    from vl_prune.task import DataOptions
+
+    training = dict(training)
+    options = DataOptions(**{f.name: training.pop(f.name) for f in fields(DataOptions)})
+    adversarial = _adversarial(training, implied)
+    given = {k: v for k, v in training.items() if v is not None}
+    train = replace(recipe(task, world=data is None), **given, adversarial=adversarial)
+    return FindSettings(
+        backbone=backbone, task=task, data=data, train=train, data_options=options, **extra
+    )
+
+
+def _adversarial(training: dict[str, Any], implied: bool) -> AdversarialSettings | None:
+    """Pop the adversarial flags out of `training`; AdversarialSettings if asked for, else None."""
+    from vl_prune.adversarial import AdversarialSettings
+
+    wanted = training.pop("adversarial") or implied
+    given = {k.removeprefix("adv_"): training.pop(k) for k in _ADVERSARIAL_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not wanted:
+        flag = "--adv-" + next(iter(given)).replace("_", "-")
+        raise UserError(f"{flag} needs --adversarial (or an adversarial method such as adv-imp)")
+    return AdversarialSettings(**given) if wanted else None
