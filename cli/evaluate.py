@@ -85,7 +85,7 @@ def evaluate(
         raise UserError("--lora trains adapters over a ticket: give --ticket")
     loaded = Ticket.load(ticket) if ticket is not None else None
     if loaded is not None:
-        backbone = ticket_backbone(loaded, backbone)
+        backbone = ticket_backbone([loaded], backbone)
     settings = find_settings(
         task,
         backbone or DEFAULT_BACKBONE,

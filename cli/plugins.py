@@ -26,7 +26,8 @@ def _detail(row: registry.Listing, attribute: str) -> str:
 @click.argument("kind", required=False, type=click.Choice(registry.KINDS))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_plugins(kind: str | None, as_json: bool) -> None:
-    """List installed backbones, tasks and pruning methods, and who provides them."""
+    """List installed backbones, tasks, pruning methods, worlds and world splits, and who
+    provides them."""
     kinds = [kind] if kind else list(registry.KINDS)
     listings = {k: registry.listing(k) for k in kinds}
     if as_json:

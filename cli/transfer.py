@@ -83,8 +83,7 @@ def transfer(
             raise UserError(f"--out {out}: not a folder")
         if main_process:
             out.mkdir(parents=True, exist_ok=True)
-    for path in paths:  # every ticket's backbone must be the one all are trained on
-        backbone = ticket_backbone(Ticket.load(path), backbone)
+    backbone = ticket_backbone([Ticket.load(path) for path in paths], backbone)
     backbone = backbone or DEFAULT_BACKBONE
     log = progress(quiet)
     say = click.echo if main_process and not quiet and len(paths) * len(targets) > 1 else None

@@ -27,7 +27,7 @@ from vl_prune.contract import (
     locate,
 )
 from vl_prune.errors import VLPruneError
-from vl_prune.pruning import MethodAlias
+from vl_prune.pruning import GlobalMagnitude, MethodAlias
 from vl_prune.task import Task
 from vl_prune.world import embedded_world
 
@@ -359,3 +359,14 @@ def test_find_with_a_broken_plugin_stops_in_one_line_before_anything_is_built(
     # Well before a world split or θ0 could be built; nothing is left behind.
     assert time.perf_counter() - started < 60
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_alias_must_name_an_installed_rule_and_a_rule_must_not_steer_rounds():
+    with pytest.raises(ContractError, match="it stands for method 'nope', which is not installed"):
+        check_method(MethodAlias("nope", "IMP, differently"), plugin("methods"))
+
+    class OldStyle(GlobalMagnitude):
+        one_shot = True  # how vl_prune 0.1 said "one-shot": it would now run iterative IMP
+
+    with pytest.raises(ContractError, match="OldStyle sets one_shot, which no longer steers"):
+        check_method(OldStyle, plugin("methods"))

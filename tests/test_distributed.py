@@ -53,10 +53,13 @@ def job(tmp_path_factory):
         torch.manual_seed(0)
         save_file(Uniter.build("tiny").state_dict(), root / "theta0.safetensors")
         patch.setenv("VL_PRUNE_HOME", str(root / "reference"))
-        # Float sums, hence θ0's bits, depend on the thread count: use the job's (θ0 is built
-        # in a process of its own, which takes its thread count from the environment).
-        patch.setenv("OMP_NUM_THREADS", "1")
-        reference = embedded_world().theta0(Uniter, "uniter")
+        # Float sums, hence θ0's bits, depend on the thread count: use the job's.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            reference = embedded_world().theta0(Uniter, "uniter")
+        finally:
+            torch.set_num_threads(threads)
     # The job's θ0 is built in a process of its own, which sees none of the patches: give it
     # the small pre-training world the reference was built on. No NLVR2 world, no θ0 yet.
     home = root / "home"

@@ -541,3 +541,19 @@ def test_random_masks_rewind_too(world, theta0, tmp_path, monkeypatch):
     for state in seen[1:]:
         for name, value in _plain(state).items():
             assert torch.equal(value, rewound[name]), name
+
+
+def test_transfer_refuses_tickets_of_two_backbones(tmp_path, monkeypatch):
+    monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
+    args = ["transfer", "--task", "nlvr2"]
+    for backbone in ("uniter", "lxmert"):
+        path = tmp_path / f"{backbone}.safetensors"
+        mask = {"pooler.dense.weight": torch.ones(2, 2, dtype=torch.bool)}
+        Ticket(mask, {"backbone": backbone}).save(path)
+        args += ["--ticket", str(path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "vlprune: error: the tickets were found on lxmert and uniter: give tickets of one backbone"
+    )
+    assert not (tmp_path / "home").exists()

@@ -13,6 +13,9 @@ import pytest
 from PIL import Image
 
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
+from vl_prune import registry
+from vl_prune.errors import VLPruneError
+from vl_prune.world import WorldSplit, embedded_world
 from vl_prune_plugins.world import language
 from vl_prune_plugins.world.features import region_features
 from vl_prune_plugins.world.images import new_scene, write_image
@@ -146,3 +149,20 @@ def test_written_image_files(tmp_path):
     with np.load(tmp_path / "features" / "dev-0-0-img0.npz") as npz:
         assert sorted(npz.files) == ["conf", "features", "norm_bb"]
         assert npz["features"].shape == (len(scene.things) + settings.distractors, 16)
+
+
+def test_the_world_names_an_unknown_task_and_a_task_without_a_split():
+    world = embedded_world()
+    with pytest.raises(VLPruneError, match=r"^unknown task 'nlvr3'; did you mean 'nlvr2'"):
+        world.split("nlvr3")
+    assert world.split("nlvr2") is SPLIT and world.recipe("nlvr2") == dict(SPLIT.recipe)
+
+
+def test_a_world_split_whose_recipe_is_no_training_setting_is_refused(monkeypatch):
+    bad = WorldSplit(write=SPLIT.write, recipe={"steps": 5, "learning_rate": 1e-3}, version=1)
+    listed = registry.Plugin("world_splits", "nlvr2", "x:BAD", "bad-dist")
+    monkeypatch.setattr(registry, "plugins", lambda kind: [listed])
+    monkeypatch.setattr(registry, "find", lambda kind, name: listed)
+    monkeypatch.setattr(registry.Plugin, "load", lambda self: bad)
+    with pytest.raises(VLPruneError, match=r"^world split 'nlvr2' \(from bad-dist\) has recipe "):
+        embedded_world().recipe("nlvr2")

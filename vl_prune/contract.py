@@ -31,6 +31,8 @@ from vl_prune.world import embedded_world
 #: the kinds with a contract; other kinds (worlds, world splits) are checked where they are used
 CHECKED = ("backbones", "tasks", "methods")
 IMAGE_INPUTS = ("regions", "pixels")
+#: how vl_prune 0.1's methods told the driver to run their rounds, now lottery settings
+ROUND_SETTINGS = ("rewind", "one_shot", "adversarial")
 #: the task methods every task implements itself (the base class's only raise)
 TASK_METHODS = ("examples", "head", "collate", "loss", "predict", "score")
 #: the probe batch: two examples of this many tokens and (for region backbones) regions
@@ -127,10 +129,26 @@ def check_task(task_class: Any, plugin: registry.Plugin) -> None:
 
 
 def check_method(method: Any, plugin: registry.Plugin) -> None:
-    """A torch BasePruningMethod subclass, or a `MethodAlias` (a mask rule with lottery
-    settings); whether rounds can use it is checked where they run."""
-    if not isinstance(method, MethodAlias):
-        _check_class(method, prune.BasePruningMethod, plugin)
+    """A torch BasePruningMethod subclass, or a `MethodAlias` of an installed one (a mask rule
+    with lottery settings); whether rounds can use it is checked where they run. A method that
+    still says how rounds run (the class attributes of vl_prune 0.1's methods) is refused: it
+    would silently run as plain IMP."""
+    if isinstance(method, MethodAlias):
+        if not any(p.name == method.method for p in registry.plugins("methods")):
+            _fail(plugin, f"it stands for method {method.method!r}, which is not installed")
+        rule = registry.find("methods", method.method).load()
+        if isinstance(rule, MethodAlias):
+            _fail(plugin, f"it stands for {method.method!r}, another alias, not a mask rule")
+        _check_class(rule, prune.BasePruningMethod, plugin)
+        return
+    _check_class(method, prune.BasePruningMethod, plugin)
+    if steering := [name for name in ROUND_SETTINGS if getattr(method, name, False) is True]:
+        _fail(
+            plugin,
+            f"{method.__name__} sets {steering[0]}, which no longer steers rounds: register a "
+            "vl_prune.pruning.MethodAlias for it (or pass --rewind-step, --one-shot, "
+            "--adversarial)",
+        )
 
 
 def _probe_batch(backbone: Backbone) -> VLBatch:

@@ -54,9 +54,16 @@ LAUNCHER_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_")
 def run_alone(function: Callable[..., None], *args: Any) -> None:
     """`function(*args)` in a new Python process that is no part of this job: for work whose
     result must not depend on how many processes a job has (inside the job, Accelerate would
-    split it across every rank). Arguments go by pickle; a failure raises here."""
+    split it across every rank). Arguments go by pickle, so classes among them must be importable
+    by name (not defined in `__main__` or a notebook); a failure raises here."""
     child = multiprocessing.get_context("spawn").Process(target=_alone, args=(function, *args))
-    child.start()
+    try:
+        child.start()
+    except Exception as exc:  # pickling the arguments, or a daemonic caller
+        raise VLPruneError(
+            f"{function.__qualname__} cannot run in a process of its own: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     child.join()
     if child.exitcode != 0:
         raise VLPruneError(

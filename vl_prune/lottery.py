@@ -1,11 +1,12 @@
-"""The lottery-ticket driver: IMP rounds, rewinding, baselines, in a resumable run folder.
+"""The lottery-ticket driver: rounds of any mask rule, iterative or one-shot, from θ0 or rewound,
+in a resumable run folder.
 
 A run lives in `runs/<backbone>-<task>-<method>-<hash>/`, the hash taken over everything that
 decides its results. Round 0 fine-tunes the dense model from (θ0, φ0); round r trains the mask
-that the method cut for it from the reset weights. A round is finished once its
-`metrics.json` exists: the same command again skips finished rounds and continues an
-unfinished one from its last checkpoint (open_lth's levels and "skip what is done").
-"""
+that the method cut for it from the reset weights (θ0 and φ0, or θ_k and φ_k when rewinding).
+A round is finished once its `metrics.json` exists: the same command again skips finished
+rounds and continues an unfinished one from its last checkpoint (open_lth's levels and "skip
+what is done")."""
 
 from __future__ import annotations
 
@@ -52,21 +53,24 @@ class Lottery:
             raise VLPruneError(
                 f"method {settings.method!r} is not a ScorePruning method and cannot run rounds"
             )
-        if alias is not None and alias.rewind and settings.rewind_step is None:
+        implied = alias or MethodAlias(settings.method, "")
+        if implied.rewind and settings.rewind_step is None:
             raise VLPruneError(f"method {settings.method!r} needs --rewind-step")
         if checkpoint_every < 1:
             raise VLPruneError(f"--checkpoint-every must be at least 1, not {checkpoint_every}")
-        if alias is not None and alias.adversarial and settings.train.adversarial is None:
+        # What the alias stands for is said by its name, in the hash as in the folder's name:
+        # `oneshot --one-shot` is the run `oneshot` is.
+        if implied.adversarial and settings.train.adversarial is None:
             adversarial = replace(settings.train, adversarial=AdversarialSettings())
             settings = replace(settings, train=adversarial)
+        if implied.one_shot:
+            settings = replace(settings, one_shot=False)
         self.settings, self.method = settings, method
         #: the procedure: one-shot cuts, and rewinding (to θ_k, k = `rewind_step`)
-        implied = alias or MethodAlias(settings.method, "")
         self.one_shot = settings.one_shot or implied.one_shot
         self.rewinds = settings.rewind_step is not None
         #: the method as typed, with the procedure settings given besides it: `random-rewind`
-        extras = [("oneshot", settings.one_shot and not implied.one_shot)]
-        extras.append(("rewind", self.rewinds and not implied.rewind))
+        extras = [("oneshot", settings.one_shot), ("rewind", self.rewinds and not implied.rewind)]
         self.label = "-".join([settings.method, *(name for name, given in extras if given)])
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
         self.experiment = Experiment(settings, log)
@@ -138,6 +142,7 @@ class Lottery:
                     f"delete {folder.parent / f'round_{r - 1:02d}'} to redo that round"
                 )
             own = Ticket.load(ticket_path)  # the mask the last round cut, with its metadata
+            own.metadata.pop("created", None)  # a round's ticket is made when it finishes
             own.apply(model.backbone, strict=True)
             if self.rewinds:
                 load_plain_state(model, read_state_dict(self.folder / "round_00" / REWIND))

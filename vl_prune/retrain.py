@@ -4,7 +4,7 @@ weights (the baselines), with LoRA adapters, or fine-tuned weights scored as the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,15 +68,20 @@ class Lora:
         return cls(rank, adapters, merged)
 
 
-def ticket_backbone(ticket: Ticket, model: str | None) -> str | None:
-    """The backbone to train `ticket` on: the one it was found on, which `--model`, if given,
-    must name (a ticket's tensors are that backbone's); None if neither says."""
-    found = ticket.metadata.get("backbone")
+def ticket_backbone(tickets: Sequence[Ticket], model: str | None) -> str | None:
+    """The backbone to train `tickets` on: the one they were found on, which `--model`, if
+    given, must name (a ticket's tensors are that backbone's); None if neither says."""
+    found = sorted({t.metadata["backbone"] for t in tickets if t.metadata.get("backbone")})
     if model is None:
-        return found
-    if found and found != model:
+        if len(found) > 1:
+            raise VLPruneError(
+                f"the tickets were found on {' and '.join(found)}: give tickets of one backbone"
+            )
+        return found[0] if found else None
+    if other := [backbone for backbone in found if backbone != model]:
         raise VLPruneError(
-            f"the ticket was found on {found}, not {model}: drop --model or pass --model {found}"
+            f"the ticket was found on {other[0]}, not {model}: drop --model or pass "
+            f"--model {other[0]}"
         )
     return model
 

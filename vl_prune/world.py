@@ -63,14 +63,15 @@ class World:
 
     def split(self, task: str) -> WorldSplit:
         """The world's split of `task`."""
+        from vl_prune.train import TrainSettings
+
         if not any(p.name == task for p in registry.plugins("world_splits")):
+            registry.find("tasks", task)  # an unknown task is named with its closest matches
             raise VLPruneError(
                 f"the embedded world has no {task} split; pass --data with the task's files"
             )
-        from vl_prune.train import TrainSettings
-
-        split = registry.load("world_splits", task)
         plugin = registry.find("world_splits", task)
+        split = plugin.load()
         if not isinstance(split, WorldSplit):
             raise VLPruneError(
                 f"world split {task!r} (from {plugin.distribution}) is a {type(split).__name__}, "
@@ -88,15 +89,12 @@ class World:
         from vl_prune.home import cached_folder
 
         split = self.split(task)
-        return cached_folder(f"world/{task}-v{split.version}-seed{seed}", _writer(split, seed))
+        name = f"world/{task}-v{split.version}-seed{seed}"
+        return cached_folder(name, lambda out: split.write(out, seed))
 
     def recipe(self, task: str) -> dict[str, Any]:
         """How to fine-tune on `task`'s split."""
         return dict(self.split(task).recipe)
-
-
-def _writer(split: WorldSplit, seed: int) -> Callable[[Path], None]:
-    return lambda out: split.write(out, seed)
 
 
 @cache

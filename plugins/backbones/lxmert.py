@@ -8,6 +8,7 @@ The model sits under `lxmert`, so parameter paths (and ticket tensor names) are 
 from __future__ import annotations
 
 import os
+from functools import cache
 
 import torch
 from torch import nn
@@ -28,35 +29,42 @@ from vl_prune_plugins.backbones.hf_checkpoint import (
 )
 from vl_prune_plugins.backbones.lxmert_original import convert, is_original, load_original
 
-PRESETS = {
-    # For the embedded world and the tests: trains on 2 CPU cores in seconds. Its region features
-    # have uniter-tiny's img_dim, so one synthetic world serves both.
-    "tiny": dict(
-        vocab_size=embedded_world().vocab_size,
-        hidden_size=128,
-        num_attention_heads=4,
-        intermediate_size=256,
-        l_layers=2,
-        x_layers=1,
-        r_layers=1,
-        visual_feat_dim=embedded_world().img_dim,
-        visual_pos_dim=4,
-        max_position_embeddings=64,
-    ),
-    # unc-nlp/lxmert-base-uncased (bert-base-uncased vocabulary, Faster R-CNN 2048-d features).
-    "base": dict(
-        vocab_size=30522,
-        hidden_size=768,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        l_layers=9,
-        x_layers=5,
-        r_layers=5,
-        visual_feat_dim=2048,
-        visual_pos_dim=4,
-        max_position_embeddings=512,
-    ),
-}
+
+@cache
+def presets() -> dict[str, dict[str, int]]:
+    """Each preset's architecture. `tiny` reads the embedded world's words and inputs, asked when
+    a preset is first needed, not when the plugin is imported."""
+    return {
+        # For the embedded world and the tests: trains on 2 CPU cores in seconds. Its region
+        # features have uniter-tiny's img_dim, so one synthetic world serves both.
+        "tiny": dict(
+            vocab_size=embedded_world().vocab_size,
+            hidden_size=128,
+            num_attention_heads=4,
+            intermediate_size=256,
+            l_layers=2,
+            x_layers=1,
+            r_layers=1,
+            visual_feat_dim=embedded_world().img_dim,
+            visual_pos_dim=4,
+            max_position_embeddings=64,
+        ),
+        # unc-nlp/lxmert-base-uncased (bert-base-uncased vocabulary, Faster R-CNN 2048-d features).
+        "base": dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            l_layers=9,
+            x_layers=5,
+            r_layers=5,
+            visual_feat_dim=2048,
+            visual_pos_dim=4,
+            max_position_embeddings=512,
+        ),
+    }
+
+
 HUB_ID = "unc-nlp/lxmert-base-uncased"
 # The tensors whose shapes give a weights file's vocabulary, hidden size and feature width.
 WORDS, FEATURES = "embeddings.word_embeddings.weight", "encoder.visn_fc.visn_fc.weight"
@@ -114,12 +122,12 @@ class Lxmert(Backbone):
         """The architecture's input needs, from its config (a save_pretrained folder, a hub id)
         or a weights file's tensor shapes, without the weights."""
         if checkpoint is None:
-            settings = PRESETS[cls.check_preset(preset)]
+            settings = presets()[cls.check_preset(preset)]
             names = ("vocab_size", "visual_feat_dim", "hidden_size", "max_position_embeddings")
             vocab, img_dim, hidden, positions = (settings[k] for k in names)
         else:
             vocab, img_dim, hidden, positions = _input_sizes(checkpoint)
-        label = f"lxmert-{preset or preset_of_width(PRESETS, hidden)}"
+        label = f"lxmert-{preset or preset_of_width(presets(), hidden)}"
         load = tokenizer_loader(tokenizer, vocab, checkpoint, LxmertTokenizerFast, HUB_ID)
         return Inputs(label, "regions", load, img_dim, vocab, max_positions=positions)
 
@@ -136,17 +144,17 @@ class Lxmert(Backbone):
 
         def file_config(state: dict[str, torch.Tensor]) -> LxmertConfig:
             return preset_config(
-                preset or preset_of_width(PRESETS, embedding_width(state, checkpoint))
+                preset or preset_of_width(presets(), embedding_width(state, checkpoint))
             )
 
         if is_original(checkpoint):
-            model, report = load_original(checkpoint, PRESETS, preset)
+            model, report = load_original(checkpoint, presets(), preset)
         else:
             model, report = load_pretrained(LxmertModel, checkpoint, file_config)
         if preset is None:
-            preset = preset_of_width(PRESETS, model.config.hidden_size)
+            preset = preset_of_width(presets(), model.config.hidden_size)
         else:
-            check_architecture(model.config, PRESETS[preset], f"lxmert-{preset}", report.source)
+            check_architecture(model.config, presets()[preset], f"lxmert-{preset}", report.source)
         source = files_source(checkpoint, "tokenizer_config.json", HUB_ID)
         backbone = cls(preset, model, source)
         backbone.load_report = report
@@ -212,4 +220,4 @@ def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
 
 
 def preset_config(preset: str) -> LxmertConfig:
-    return LxmertConfig(**PRESETS[preset])
+    return LxmertConfig(**presets()[preset])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -33,41 +33,49 @@ from vl_prune.tokenizers import beside, local_tokenizer
 from vl_prune.world import embedded_world
 
 _BERT = dict(hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-PRESETS = {
-    # For the embedded world and the tests: trains on 2 CPU cores in seconds; reads the world's
-    # words and region features.
-    "tiny": dict(
-        vocab_size=embedded_world().vocab_size,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        img_dim=embedded_world().img_dim,
-    ),
-    # config/uniter-base.json and uniter-large.json of the original release (bert-base-cased).
-    "base": dict(
-        vocab_size=28996,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        max_position_embeddings=512,
-        type_vocab_size=2,
-        img_dim=2048,
-    ),
-    "large": dict(
-        vocab_size=28996,
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        max_position_embeddings=512,
-        type_vocab_size=2,
-        img_dim=2048,
-    ),
-}
+
+
+@cache
+def presets() -> dict[str, dict[str, int]]:
+    """Each preset's architecture. `tiny` reads the embedded world's words and inputs, asked when
+    a preset is first needed, not when the plugin is imported."""
+    return {
+        # For the embedded world and the tests: trains on 2 CPU cores in seconds; reads the world's
+        # words and region features.
+        "tiny": dict(
+            vocab_size=embedded_world().vocab_size,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+            type_vocab_size=2,
+            img_dim=embedded_world().img_dim,
+        ),
+        # config/uniter-base.json and uniter-large.json of the original release (bert-base-cased).
+        "base": dict(
+            vocab_size=28996,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            img_dim=2048,
+        ),
+        "large": dict(
+            vocab_size=28996,
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            img_dim=2048,
+        ),
+    }
+
+
 TOKENIZER = "bert-base-cased"
 _PREFIX = "uniter."
 #: buffers that some conversions of UNITER's checkpoints carry (transformers' BERT keeps its
@@ -154,7 +162,7 @@ class Uniter(Backbone):
 
     def __init__(self, preset: str = "tiny", **overrides: int):
         super().__init__()
-        settings = {**PRESETS[self.check_preset(preset)], **overrides}
+        settings = {**presets()[self.check_preset(preset)], **overrides}
         self.preset = preset
         self.img_dim = settings.pop("img_dim")
         self.vocab_size = settings["vocab_size"]
@@ -194,11 +202,11 @@ class Uniter(Backbone):
         """The architecture's input needs, from the checkpoint's tensor shapes alone."""
         if checkpoint is None:
             preset = cls.check_preset(preset)
-            settings = PRESETS[preset]
+            settings = presets()[preset]
         else:
             state, _ = read_checkpoint(checkpoint, shapes_only=True)
             preset, overrides = _architecture(state, preset, str(checkpoint))
-            settings = {**PRESETS[preset], **overrides}
+            settings = {**presets()[preset], **overrides}
         vocab = settings["vocab_size"]
         if tokenizer is not None:
             load = partial(local_tokenizer, tokenizer, cls.lowercase)
@@ -400,7 +408,7 @@ def _architecture(
         types = _shape(state, "embeddings.token_type_embeddings", source)[0]
         return preset, {"type_vocab_size": types}
     preset, overrides = _closest_preset(state, source), _settings_from_state(state, source)
-    if PRESETS[preset]["hidden_size"] != overrides["hidden_size"]:
+    if presets()[preset]["hidden_size"] != overrides["hidden_size"]:
         overrides["num_attention_heads"] = max(1, overrides["hidden_size"] // 64)
     return preset, overrides
 
@@ -432,4 +440,4 @@ def _settings_from_state(state: dict[str, torch.Tensor], source: str) -> dict[st
 
 def _closest_preset(state: dict[str, torch.Tensor], source: str) -> str:
     hidden = _shape(state, "embeddings.word_embeddings", source)[1]
-    return next((p for p, s in PRESETS.items() if s["hidden_size"] == hidden), "base")
+    return next((p for p, s in presets().items() if s["hidden_size"] == hidden), "base")

@@ -8,7 +8,7 @@ The model sits under `vilt`, so parameter paths (and ticket tensor names) are th
 from __future__ import annotations
 
 import os
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -30,31 +30,38 @@ from vl_prune_plugins.backbones.hf_checkpoint import (
 )
 from vl_prune_plugins.backbones.vilt_original import convert, is_original, load_original
 
-PRESETS = {
-    # For the embedded world and the tests: 64-pixel images in 16-pixel patches (4 × 4 for a
-    # square image), trains on 2 CPU cores in seconds.
-    "tiny": dict(
-        vocab_size=embedded_world().vocab_size,
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=256,
-        image_size=embedded_world().image_size,
-        patch_size=16,
-        max_position_embeddings=64,
-    ),
-    # dandelin/vilt-b32-mlm: ViT-B/32 on 384-pixel images, bert-base-uncased vocabulary.
-    "b32": dict(
-        vocab_size=30522,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=384,
-        patch_size=32,
-        max_position_embeddings=40,
-    ),
-}
+
+@cache
+def presets() -> dict[str, dict[str, int]]:
+    """Each preset's architecture. `tiny` reads the embedded world's words and inputs, asked when
+    a preset is first needed, not when the plugin is imported."""
+    return {
+        # For the embedded world and the tests: 64-pixel images in 16-pixel patches (4 × 4 for a
+        # square image), trains on 2 CPU cores in seconds.
+        "tiny": dict(
+            vocab_size=embedded_world().vocab_size,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            image_size=embedded_world().image_size,
+            patch_size=16,
+            max_position_embeddings=64,
+        ),
+        # dandelin/vilt-b32-mlm: ViT-B/32 on 384-pixel images, bert-base-uncased vocabulary.
+        "b32": dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            image_size=384,
+            patch_size=32,
+            max_position_embeddings=40,
+        ),
+    }
+
+
 # Not checked against a checkpoint: ensure_image_types grows it. The tiny preset is pre-trained
 # here, so it is born with a second image type (NLVR2); the b32 checkpoint has text + one image.
 IMAGE_TYPES = {"tiny": 3, "b32": 2}
@@ -124,7 +131,7 @@ class Vilt(Backbone):
         """The architecture's input needs, from its config (a save_pretrained folder, a hub id)
         or a weights file's tensor shapes, without the weights."""
         if checkpoint is None:
-            settings = PRESETS[cls.check_preset(preset)]
+            settings = presets()[cls.check_preset(preset)]
             names = ("vocab_size", "hidden_size", "image_size", "max_position_embeddings")
             vocab, hidden, size, positions = (settings[k] for k in names)
             source = HUB_ID
@@ -132,7 +139,7 @@ class Vilt(Backbone):
             vocab, hidden, size, positions = _input_sizes(checkpoint)
             source = files_source(checkpoint, "preprocessor_config.json", HUB_ID)
         load = tokenizer_loader(tokenizer, vocab, checkpoint, BertTokenizerFast, HUB_ID)
-        label = f"vilt-{preset or preset_of_width(PRESETS, hidden)}"
+        label = f"vilt-{preset or preset_of_width(presets(), hidden)}"
         processor = partial(image_processor, source, size)
         return Inputs(
             label,
@@ -155,7 +162,7 @@ class Vilt(Backbone):
             cls.check_preset(preset)
 
         def file_config(state: dict[str, torch.Tensor]) -> ViltConfig:
-            chosen = preset or preset_of_width(PRESETS, embedding_width(state, checkpoint))
+            chosen = preset or preset_of_width(presets(), embedding_width(state, checkpoint))
             # A fine-tuned NLVR2 checkpoint has a third modality type.
             types = next(
                 (v.shape[0] for k, v in state.items() if k.removeprefix("vilt.") == _TYPES),
@@ -164,13 +171,13 @@ class Vilt(Backbone):
             return preset_config(chosen, image_types=types)
 
         if is_original(checkpoint):
-            model, report = load_original(checkpoint, PRESETS, preset)
+            model, report = load_original(checkpoint, presets(), preset)
         else:
             model, report = load_pretrained(ViltModel, checkpoint, file_config)
         if preset is None:
-            preset = preset_of_width(PRESETS, model.config.hidden_size)
+            preset = preset_of_width(presets(), model.config.hidden_size)
         else:
-            check_architecture(model.config, PRESETS[preset], f"vilt-{preset}", report.source)
+            check_architecture(model.config, presets()[preset], f"vilt-{preset}", report.source)
         source = files_source(checkpoint, "preprocessor_config.json", HUB_ID)
         backbone = cls(preset, model, source)
         backbone.load_report = report
@@ -236,7 +243,7 @@ class Vilt(Backbone):
 
 def preset_config(preset: str, image_types: int | None = None) -> ViltConfig:
     return ViltConfig(
-        **PRESETS[preset], modality_type_vocab_size=image_types or IMAGE_TYPES[preset]
+        **presets()[preset], modality_type_vocab_size=image_types or IMAGE_TYPES[preset]
     )
 
 
@@ -265,5 +272,5 @@ def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
     vocab, hidden = words.shape
     # The position grid (cls first) times the patch size: the image size trained on.
     grid = round((state[GRID].shape[1] - 1) ** 0.5) if GRID in state else 0
-    size = grid * patches.shape[-1] or PRESETS["b32"]["image_size"]
+    size = grid * patches.shape[-1] or presets()["b32"]["image_size"]
     return vocab, hidden, size, positions.shape[0]

@@ -1,1 +1,1 @@
-"""Built-in tasks: readers of the official annotation formats, world writers, heads, metrics."""
+"""Built-in tasks: readers of the official annotation formats, heads, losses, metrics."""

@@ -1,6 +1,7 @@
 """Karpathy's split json (`dataset_<name>.json`: `images[*]` with `filename`, `split`,
 `sentences[*].raw`), the caption file of Flickr30k and COCO that NeuralTalk and UNITER read:
-one split's images with their captions, checked, and the entries the world writes; and ViLT's
+one split's images with their captions, checked, and an entry as the file holds it (for
+writers of that format); and ViLT's
 tables of the same splits (`f30k_caption_karpathy_<split>.arrow`, `coco_caption_karpathy_…`:
 a row per image, its `image` bytes and its `caption` list)."""
 

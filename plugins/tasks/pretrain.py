@@ -6,7 +6,7 @@ Captions come in the Karpathy split json (`dataset_<name>.json`: `images[*].file
 UNITER's pre-training txt_dbs (`txt_db/pretrain_coco_train.db`, `…_restval.db`, `…_val.db`,
 `pretrain_vg_train.db`: split names `coco_train+coco_restval+vg_train` and `coco_val`) with
 `img_db/coco_train2014/`, `coco_val2014/`, `vg/`. Used to pre-train each backbone's tiny preset
-on the embedded world (`vl_prune_plugins.world.theta0`) and to find task-agnostic tickets.
+on the embedded world (the world's θ0) and to find task-agnostic tickets.
 """
 
 from __future__ import annotations

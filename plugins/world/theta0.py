@@ -60,22 +60,29 @@ def pretrained_tiny(
             # In a process of its own: inside a multi-process job Accelerate would split the
             # batches across the ranks and give another θ0 under the same name, and in this
             # process it would fix the precision of the fine-tuning that follows to θ0's.
-            run_alone(_pretrain, backbone_class, name, settings, captions, path)
+            threads = torch.get_num_threads()  # float sums, hence θ0's bits, depend on it
+            run_alone(_pretrain, backbone_class, name, settings, captions, path, threads)
     backbone.load_state_dict(load_file(path))
     return backbone
 
 
 def _pretrain(
-    backbone_class: type[Backbone], name: str, settings: TrainSettings, captions: Path, path: Path
+    backbone_class: type[Backbone],
+    name: str,
+    settings: TrainSettings,
+    captions: Path,
+    path: Path,
+    threads: int,
 ) -> None:
     """Pre-train a new tiny backbone (seeded as `pretrained_tiny` seeds its own) on the world's
-    `captions` folder and write it to `path`."""
+    `captions` folder with the caller's thread count, and write it to `path`."""
     from safetensors.torch import save
 
     from vl_prune.files import atomic_write
     from vl_prune.train import fit, make_accelerator
     from vl_prune_plugins.tasks.pretrain import Pretrain
 
+    torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     backbone = backbone_class.build("tiny")
     task = Pretrain(captions)

@@ -11,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vl_prune import registry
-from vl_prune.errors import VLPruneError
-
 
 @dataclass(frozen=True)
 class MethodAlias:
@@ -45,11 +42,11 @@ ADVERSARIAL = MethodAlias(
 
 
 def resolve(name: str) -> tuple[Any, MethodAlias | None]:
-    """The mask rule registered as `name` (or that the alias `name` stands for) and the alias."""
-    found = registry.load("methods", name)
+    """The mask rule registered as `name` (or that the alias `name` stands for) and the alias,
+    each checked against its contract."""
+    from vl_prune.contract import load_checked
+
+    found = load_checked("methods", name)
     if not isinstance(found, MethodAlias):
         return found, None
-    rule = registry.load("methods", found.method)
-    if isinstance(rule, MethodAlias):
-        raise VLPruneError(f"method alias {name!r} names another alias, {found.method!r}")
-    return rule, found
+    return load_checked("methods", found.method), found

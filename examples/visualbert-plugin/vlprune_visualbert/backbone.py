@@ -18,8 +18,8 @@ from vl_prune.checkpoint import reason
 from vl_prune.errors import VLPruneError
 from vl_prune.world import embedded_world
 
-#: The configuration of each preset. `tiny` reads the embedded world: its vocabulary (filled in
-#: by `_config`) and its region features. `base` is uclanlp/visualbert-vqa-coco-pre:
+#: The configuration of each preset. `tiny` reads the embedded world: its vocabulary and its
+#: region features' width (filled in by `_config`). `base` is uclanlp/visualbert-vqa-coco-pre:
 #: VisualBertConfig's defaults except the region feature size, 2048 (Detectron features;
 #: transformers' conversion script sets it for the VQA checkpoints) and the padding id of
 #: bert-base-uncased.
@@ -30,7 +30,6 @@ PRESETS = {
         num_attention_heads=4,
         intermediate_size=256,
         max_position_embeddings=64,
-        visual_embedding_dim=embedded_world().img_dim,
     ),
     "base": dict(
         vocab_size=30522,
@@ -60,8 +59,13 @@ TOKENIZER = "google-bert/bert-base-uncased"
 def _config(preset: str) -> VisualBertConfig:
     settings = dict(PRESETS[preset])
     if preset == "tiny":
-        tokenizer = embedded_world().tokenizer()
-        settings.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        world = embedded_world()
+        tokenizer = world.tokenizer()
+        settings.update(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            visual_embedding_dim=world.img_dim,
+        )
     return VisualBertConfig(**settings)
 
 
