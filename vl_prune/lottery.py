@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,40 @@ from vl_prune.train import Checkpoints
 TICKET = "ticket.safetensors"
 METRICS = "metrics.json"
 REWIND = "rewind.safetensors"
+
+
+@dataclass(frozen=True)
+class Round:
+    """A finished round as its `metrics.json` and the report hold it."""
+
+    round: int
+    sparsity: float
+    score: float
+    fraction_of_dense: float
+    seconds: float
+    #: finished by an earlier run of the same command (not written: a property of this run)
+    skipped: bool = False
+
+    @classmethod
+    def read(cls, path: Path) -> Round:
+        """A round an earlier run finished, from its `metrics.json`."""
+        record = json.loads(path.read_text())
+        return cls(
+            **{f.name: record[f.name] for f in fields(cls) if f.name != "skipped"}, skipped=True
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "skipped"}
+
+    def record(self) -> dict[str, Any]:
+        """What a ticket's `history` says of the round."""
+        return {"round": self.round, "sparsity": self.sparsity, "score": self.score}
+
+    def line(self) -> str:
+        return (
+            f"sparsity {self.sparsity:.1%}, score {self.score:.4f} "
+            f"({self.fraction_of_dense:.1%} of dense)"
+        )
 
 
 class Lottery:
@@ -108,8 +142,8 @@ class Lottery:
         started, history, ran = time.perf_counter(), [], []
         for r in range(self.rounds + 1):
             history.append(self._round(r, history))
-            if not history[-1].get("skipped"):
-                ran.append(history[-1]["seconds"])
+            if not history[-1].skipped:
+                ran.append(history[-1].seconds)
                 if r < self.rounds:
                     left = (self.rounds - r) * sum(ran) / len(ran)
                     self.log(f"  about {_duration(left)} left")
@@ -120,13 +154,13 @@ class Lottery:
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
 
-    def _round(self, r: int, history: list[dict]) -> dict[str, Any]:
+    def _round(self, r: int, history: list[Round]) -> Round:
         folder = self.folder / f"round_{r:02d}"
         done = folder / METRICS
         if done.is_file():
-            metrics = json.loads(done.read_text())
-            self.log(f"round {r}/{self.rounds}: finished earlier, skipped ({_line(metrics)})")
-            return {**metrics, "skipped": True}
+            finished = Round.read(done)
+            self.log(f"round {r}/{self.rounds}: finished earlier, skipped ({finished.line()})")
+            return finished
         state = process_state()
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
@@ -158,23 +192,23 @@ class Lottery:
             checkpoints=Checkpoints(folder / "checkpoint", self.checkpoint_every),
             on_step=self._rewind_saver() if r == 0 and self.rewinds else None,
         )
-        dense = score if r == 0 else history[0]["score"]
-        metrics = {
-            "round": r,
-            "sparsity": own.sparsity,
-            "score": score,
-            "fraction_of_dense": score / dense if dense else 0.0,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        records = [{k: h[k] for k in ("round", "sparsity", "score")} for h in [*history, metrics]]
+        dense = score if r == 0 else history[0].score
+        finished = Round(
+            round=r,
+            sparsity=own.sparsity,
+            score=score,
+            fraction_of_dense=score / dense if dense else 0.0,
+            seconds=round(time.perf_counter() - started, 1),
+        )
+        records = [h.record() for h in [*history, finished]]
         self._cut(r, trained, dense, records)
         if state.is_main_process:
             self._ticket(own, r, dense, records, score=score).save(folder / TICKET)
-            atomic_write(done, json.dumps(metrics, indent=2).encode())
+            atomic_write(done, json.dumps(finished.as_json(), indent=2).encode())
             shutil.rmtree(folder / "checkpoint", ignore_errors=True)
         state.wait_for_everyone()
-        self.log(f"round {r}/{self.rounds}: {_line(metrics)}")
-        return metrics
+        self.log(f"round {r}/{self.rounds}: {finished.line()}")
+        return finished
 
     def _cut(self, r: int, trained: VLModel, dense: float, records: list[dict]) -> None:
         """Write the masks that round r's trained weights give the rounds after it: the next
@@ -235,11 +269,12 @@ class Lottery:
         )
         return ticket
 
-    def _report(self, history: list[dict], keep: float) -> dict[str, Any]:
-        dense = history[0]["score"]
-        rounds = [{k: v for k, v in h.items() if k != "skipped"} for h in history]
-        holding = [h for h in rounds if h["score"] >= keep * dense]
-        final = max(holding, key=lambda h: h["sparsity"])
+    def _report(self, history: list[Round], keep: float) -> dict[str, Any]:
+        """The report users read (report.json, `--json`): plain JSON."""
+        dense = history[0].score
+        holding = [h for h in history if h.score >= keep * dense]
+        final = max(holding, key=lambda h: h.sparsity).as_json()
+        rounds = [h.as_json() for h in history]
         return {
             "run": self.folder.name,
             "backbone": self.settings.backbone,
@@ -260,13 +295,6 @@ class Lottery:
         atomic_write(self.folder / TICKET, chosen.read_bytes())
         atomic_write(self.folder / "report.json", json.dumps(report, indent=2).encode())
         curves([report], self.folder / "curve.png")
-
-
-def _line(metrics: dict[str, Any]) -> str:
-    return (
-        f"sparsity {metrics['sparsity']:.1%}, score {metrics['score']:.4f} "
-        f"({metrics['fraction_of_dense']:.1%} of dense)"
-    )
 
 
 def _duration(seconds: float) -> str:
