@@ -50,8 +50,9 @@ def pretrained_tiny(
     )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"
-    # Every rank asks for the captions: `data` holds a barrier of its own, which must not
-    # meet the one below.
+    # Every rank asks for the captions, θ0 cached or not: `data` holds a barrier of its own,
+    # which must not meet the one below, and the machines of a job may have cached different
+    # things.
     captions = embedded_world().data("pretrain", seed=settings.seed)
     # In a multi-process job one process per machine builds it, the others wait; every rank
     # passes the barrier, built or not (see `cached_folder`).
