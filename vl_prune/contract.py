@@ -7,11 +7,9 @@ distribution and the fault (`vlprune check-plugin NAME` runs the same check for 
 
 from __future__ import annotations
 
-import difflib
 import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import fields
 from functools import cache
 from typing import Any, NoReturn
 
@@ -69,10 +67,9 @@ def locate(name: str, kind: str | None = None) -> registry.Plugin:
     if found:
         return registry.find(found.pop(), name)
     names = sorted({p.name for k in CHECKED for p in registry.plugins(k)})
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise VLPruneError(
-        f"unknown plugin {name!r}{hint} (`vlprune list` shows the backbones, tasks and methods)"
+        f"unknown plugin {name!r}{registry.did_you_mean(name, names)} (`vlprune list` shows the "
+        "backbones, tasks and methods)"
     )
 
 
@@ -121,8 +118,7 @@ def check_task(task_class: Any, plugin: registry.Plugin) -> None:
     recipe = getattr(task_class, "recipe", None)
     if not isinstance(recipe, Mapping):
         _fail(plugin, f"recipe is {_a(recipe)}, not a dict of TrainSettings fields")
-    known = {f.name for f in fields(TrainSettings)}
-    if unknown := sorted(set(recipe) - known):
+    if unknown := TrainSettings.unknown(recipe):
         _fail(plugin, f"recipe has {', '.join(map(repr, unknown))}, not TrainSettings fields")
     if missing := [m for m in TASK_METHODS if getattr(task_class, m, None) is getattr(Task, m)]:
         _fail(plugin, f"{task_class.__name__} does not implement {', '.join(missing)}")

@@ -81,11 +81,18 @@ def find(kind: str, name: str) -> Plugin:
         raise VLPruneError(f"{kind[:-1]} {name!r} is registered more than once: {sources}")
     if not matches:
         names = [p.name for p in candidates]
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         known = ", ".join(names) or "none installed"
-        raise VLPruneError(f"unknown {kind[:-1]} {name!r}{hint} (known: {known})")
+        raise VLPruneError(
+            f"unknown {kind[:-1]} {name!r}{did_you_mean(name, names)} (known: {known})"
+        )
     return matches[0]
+
+
+def did_you_mean(name: str, names: list[str]) -> str:
+    """The hint after an unknown name: `; did you mean 'a' or 'b'?` for the closest of `names`,
+    or nothing."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
 def load(kind: str, name: str) -> Any:

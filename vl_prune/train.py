@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,11 @@ class TrainSettings:
     #: DataLoader worker processes (None: `vl_prune.data.loader.default_workers`); results do
     #: not depend on it, so it is no part of a run's identity
     num_workers: int | None = None
+
+    @classmethod
+    def unknown(cls, recipe: Mapping[str, Any]) -> list[str]:
+        """The keys of a recipe (a task's or a world split's) that are no setting, sorted."""
+        return sorted(set(recipe) - {f.name for f in fields(cls)})
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -77,7 +77,7 @@ class World:
                 f"world split {task!r} (from {plugin.distribution}) is a {type(split).__name__}, "
                 "not a vl_prune.world.WorldSplit"
             )
-        if unknown := sorted(set(split.recipe) - {f.name for f in fields(TrainSettings)}):
+        if unknown := TrainSettings.unknown(split.recipe):
             raise VLPruneError(
                 f"world split {task!r} (from {plugin.distribution}) has recipe keys "
                 f"{', '.join(map(repr, unknown))}, which are not TrainSettings fields"
