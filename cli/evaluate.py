@@ -100,6 +100,8 @@ def evaluate(
         raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
     if finetuned is not None and lora is not None:
         raise UserError("--lora chooses how to train; --finetuned trains nothing")
+    if finetuned is not None and settings.seeds > 1:
+        raise UserError("--seeds repeats training; --finetuned trains nothing")
     say = progress(quiet)
     if finetuned is not None:
         result = score_finetuned(loaded, finetuned, settings, log=say)
@@ -116,7 +118,7 @@ def evaluate(
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(
-        f"{result['task']} {result['metric']}: {result['score']:.4f} at "
+        f"{result['task']} {result['metric']}: {result['score']:.4f}{_spread(result)} at "
         f"{percent(result['sparsity'])} sparsity"
         + _start(result)
         + (" (adversarial)" if settings.train.adversarial else "")
@@ -141,3 +143,12 @@ def _start(result: dict[str, Any]) -> str:
         return " from shuffled θ0"
     kept = result["replaced"]["kept"]
     return f" from {result['weights']}" + (f" ({len(kept)} tensors kept from θ0)" if kept else "")
+
+
+def _spread(result: dict[str, Any]) -> str:
+    """± the std over seeds, with each seed's score, when there were several."""
+    scores = result.get("scores", [])
+    if len(scores) < 2:
+        return ""
+    each = ", ".join(f"{score:.4f}" for score in scores)
+    return f" ± {result['std']:.4f} (mean of {len(scores)} seeds: {each})"

@@ -133,16 +133,18 @@ def find(
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    several = len(report["seeds"]) > 1
     rows = [
         [
             str(r["round"]),
             percent(r["sparsity"]),
-            f"{r['score']:.4f}",
+            f"{r['score']:.4f}" + (f" ± {r['std']:.4f}" if several else ""),
             percent(r["fraction_of_dense"]),
         ]
         for r in report["rounds"]
     ]
-    click.echo(table(["round", "sparsity", report["metric"], "of dense"], rows, right=(0, 1, 2, 3)))
+    metric = report["metric"] + (f" (mean ± std, {len(report['seeds'])} seeds)" if several else "")
+    click.echo(table(["round", "sparsity", metric, "of dense"], rows, right=(0, 1, 2, 3)))
     final = report["final"]
     click.echo(
         f"ticket: {final['ticket']} (round {final['round']}, {percent(final['sparsity'])} sparse, "

@@ -37,6 +37,13 @@ training_options = option_group(
     ),
     click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
     click.option(
+        "--seeds",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Independent runs, seeded --seed, --seed + 1, …: scores are their mean and std.",
+    ),
+    click.option(
         "--num-workers",
         type=int,
         help="Processes that read and collate batches [0 on CPU, up to 4 per GPU]; "
@@ -128,12 +135,19 @@ def find_settings(
     from vl_prune.task import DataOptions
 
     training = dict(training)
+    seeds = training.pop("seeds")
     options = DataOptions(**{f.name: training.pop(f.name) for f in fields(DataOptions)})
     adversarial = _adversarial(training, implied)
     given = {k: v for k, v in training.items() if v is not None}
     train = replace(recipe(task, world=data is None), **given, adversarial=adversarial)
     return FindSettings(
-        backbone=backbone, task=task, data=data, train=train, data_options=options, **extra
+        backbone=backbone,
+        task=task,
+        data=data,
+        train=train,
+        data_options=options,
+        seeds=seeds,
+        **extra,
     )
 
 

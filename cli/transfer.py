@@ -125,8 +125,11 @@ def transfer(
 def _line(result: dict[str, Any]) -> str:
     """One transfer's result in a line: its score and the fraction of dense it holds."""
     fraction = result["fraction_of_dense"]
+    several = len(result.get("scores", [])) > 1
     return (
-        f"{result['task']} {result['metric']}: {result['score']:.4f} at "
+        f"{result['task']} {result['metric']}: {result['score']:.4f}"
+        + (f" ± {result['std']:.4f} ({len(result['scores'])} seeds)" if several else "")
+        + " at "
         f"{percent(result['sparsity'])} sparsity, "
         f"{'n/a' if fraction is None else percent(fraction)} of dense "
         f"({result['dense_score']:.4f})"

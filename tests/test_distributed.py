@@ -30,9 +30,9 @@ SCRIPT = Path(distributed_find.__file__)
 #: what Accelerate's `save_state` writes on every rank, rank 1 included: the save's folder
 #: (`os.makedirs`, so its parent too) and that rank's random generator states
 RANK1_SAVE_STATE = [
-    ("os.mkdir", r"round_\d\d/checkpoint"),
-    ("os.mkdir", r"round_\d\d/checkpoint/step_\d{7}"),
-    ("torch.save", r"round_\d\d/checkpoint/step_\d{7}/random_states_1\.pkl"),
+    ("os.mkdir", r"seed_\d+/round_\d\d/checkpoint"),
+    ("os.mkdir", r"seed_\d+/round_\d\d/checkpoint/step_\d{7}"),
+    ("torch.save", r"seed_\d+/round_\d\d/checkpoint/step_\d{7}/random_states_1\.pkl"),
 ]
 
 
@@ -124,9 +124,10 @@ def test_only_rank0_writes_run_files_except_its_own_save_state_files(job):
     rank0, rank1 = (record["find_writes"] for record in job["ranks"])
     written = {relative(path, run) for _, path in rank0}
     # The recorder sees rank 0's writes: the run's outputs and its save_state files.
-    assert {"round_02/metrics.json", "report.json", "ticket.safetensors"} <= written
+    assert {"report.json", "ticket.safetensors"} <= written
+    assert any(re.fullmatch(r"seed_\d+/round_02/metrics\.json", p or "") for p in written)
     assert any(
-        re.fullmatch(r"round_\d\d/checkpoint/step_\d{7}/model\.safetensors", p or "")
+        re.fullmatch(r"seed_\d+/round_\d\d/checkpoint/step_\d{7}/model\.safetensors", p or "")
         for p in written
     )
     saves = {path for event, path in rank1 if event == "torch.save"}

@@ -74,7 +74,7 @@ def cli_args(world, theta0, runs, *extra) -> list[str]:
 
 
 def round_tickets(folder: Path) -> list[Ticket]:
-    return [Ticket.load(p / "ticket.safetensors") for p in sorted(folder.glob("round_*"))]
+    return [Ticket.load(p / "ticket.safetensors") for p in sorted(folder.glob("seed_*/round_*"))]
 
 
 def test_imp_rounds_land_on_the_schedule_and_leave_report_curve_and_ticket(world, theta0, tmp_path):
@@ -163,7 +163,7 @@ def test_imp_resets_survivors_to_theta0_and_head_to_phi0(world, theta0, tmp_path
     # The rounds really did train: the dense run moved the weights.
     assert (
         lottery.experiment.fingerprint
-        == Ticket.load(lottery.folder / "round_01" / "ticket.safetensors").metadata[
+        == Ticket.load(lottery.round_folder(1) / "ticket.safetensors").metadata[
             "weights_fingerprint"
         ]
     )
@@ -174,7 +174,7 @@ def test_rewind_resets_to_the_dense_run_after_k_steps(world, theta0, tmp_path, m
     found = settings(world, theta0, method="rewind", rewind_step=2, sparsity=0.2)
     lottery = Lottery(found, runs=tmp_path)
     lottery.run()
-    rewound = load_file(lottery.folder / "round_00" / "rewind.safetensors")
+    rewound = load_file(lottery.round_folder(0) / "rewind.safetensors")
     untrained = lottery.experiment.template.state_dict()
     head = [k for k in rewound if k.startswith("head.")]
     assert any(not torch.equal(rewound[k], untrained[k]) for k in head)  # φ_k is not φ0
@@ -219,21 +219,22 @@ def test_resume_after_sigkill_skips_finished_rounds_and_matches(world, theta0, t
 
     killed = subprocess.Popen([*runner, *cli_args(world, theta0, tmp_path / "b", *common)], env=env)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "b").glob("*/round_01/checkpoint/latest")):
+    while not list((tmp_path / "b").glob("*/seed_*/round_01/checkpoint/latest")):
         assert killed.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     (run,) = (tmp_path / "b").iterdir()
-    assert not (run / "round_01" / "metrics.json").exists()
-    finished = (run / "round_00" / "metrics.json").stat().st_mtime_ns
+    (seed,) = run.glob("seed_*")  # the task recipe's seed
+    assert not (seed / "round_01" / "metrics.json").exists()
+    finished = (seed / "round_00" / "metrics.json").stat().st_mtime_ns
 
     resumed = subprocess.run(
         [*runner, *cli_args(world, theta0, tmp_path / "b", *common)], env=env, capture_output=True
     )
     assert resumed.returncode == 0, resumed.stderr.decode()
-    assert (run / "round_00" / "metrics.json").stat().st_mtime_ns == finished
+    assert (seed / "round_00" / "metrics.json").stat().st_mtime_ns == finished
     (reference,) = (tmp_path / "a").iterdir()
     assert reference.name == run.name
     for mine, theirs in zip(round_tickets(run), round_tickets(reference), strict=True):
@@ -257,10 +258,10 @@ def test_nan_loss_stops_with_a_message_and_keeps_finished_rounds(
     monkeypatch.setattr(nlvr2.Nlvr2, "loss", poisoned)
     with pytest.raises(VLPruneError, match="loss became nan"):
         lottery.run()
-    done = lottery.folder / "round_00" / "metrics.json"
+    done = lottery.round_folder(0) / "metrics.json"
     assert done.is_file()
-    assert (lottery.folder / "round_01" / "ticket.safetensors").is_file()
-    assert not (lottery.folder / "round_01" / "metrics.json").exists()
+    assert (lottery.round_folder(1) / "ticket.safetensors").is_file()
+    assert not (lottery.round_folder(1) / "metrics.json").exists()
     stamp = done.stat().st_mtime_ns
     monkeypatch.setattr(nlvr2.Nlvr2, "loss", loss)
     report = lottery.run()
@@ -320,7 +321,8 @@ def test_find_cli_then_evaluate_and_plot(world, theta0, tmp_path):
     baseline = runner.invoke(cli, [*args, "--method", "random"])
     assert baseline.exit_code == 0, baseline.output
 
-    round_2 = Path(report["final"]["ticket"]).parent / "round_02" / "ticket.safetensors"
+    seed = Path(report["final"]["ticket"]).parent / f"seed_{report['final']['seed']}"
+    round_2 = seed / "round_02" / "ticket.safetensors"
     evaluated = runner.invoke(
         cli,
         [
@@ -351,7 +353,7 @@ def test_evaluate_refuses_a_ticket_from_other_weights(world, theta0, tmp_path):
     save_file(Uniter.build("tiny").state_dict(), other)
     lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
     lottery.run()
-    ticket = lottery.folder / "round_01" / "ticket.safetensors"
+    ticket = lottery.round_folder(1) / "ticket.safetensors"
     base = ["evaluate", "--ticket", str(ticket), "--task", "nlvr2", "--data", str(world)]
     base += ["--checkpoint", str(other), "--steps", "2"]
     refused = CliRunner().invoke(cli, base)
@@ -366,7 +368,7 @@ def test_shuffled_weights_baseline_permutes_theta0_within_each_tensor(
 ):
     lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
     lottery.run()
-    ticket = Ticket.load(lottery.folder / "round_01" / "ticket.safetensors")
+    ticket = Ticket.load(lottery.round_folder(1) / "ticket.safetensors")
     template = lottery.experiment.template.backbone
     started = {}
 
@@ -387,7 +389,7 @@ def test_shuffled_weights_baseline_permutes_theta0_within_each_tensor(
     cli_result = CliRunner().invoke(
         cli,
         [
-            *("evaluate", "--ticket", str(lottery.folder / "round_01" / "ticket.safetensors")),
+            *("evaluate", "--ticket", str(lottery.round_folder(1) / "ticket.safetensors")),
             *("--task", "nlvr2", "--data", str(world), "--checkpoint", str(theta0)),
             *("--weights", "shuffled", "--finetuned", str(theta0)),
         ],
@@ -420,7 +422,7 @@ def test_another_pretrained_set_replaces_theta0_where_names_match(
 ):
     lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
     lottery.run()
-    path = lottery.folder / "round_01" / "ticket.safetensors"
+    path = lottery.round_folder(1) / "ticket.safetensors"
     ticket = Ticket.load(path)
     bert = load_file(bert_weights(tmp_path / "bert.safetensors"))
     started = {}
@@ -484,12 +486,12 @@ def test_redoing_a_round_redoes_the_rounds_that_derive_from_it(world, theta0, tm
     lottery = Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path)
     lottery.run()
     before = round_tickets(lottery.folder)
-    last = lottery.folder / "round_02" / "metrics.json"
+    last = lottery.round_folder(2) / "metrics.json"
     stamp = last.stat().st_mtime_ns
-    shutil.rmtree(lottery.folder / "round_01")  # its mask came from round 0: gone with it
+    shutil.rmtree(lottery.round_folder(1))  # its mask came from round 0: gone with it
     with pytest.raises(VLPruneError, match=r"delete .*round_00"):
         Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path).run()
-    shutil.rmtree(lottery.folder / "round_00")
+    shutil.rmtree(lottery.round_folder(0))
     Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path).run()
     assert last.stat().st_mtime_ns != stamp  # round 2 was trained again, not taken as done
     after = round_tickets(lottery.folder)
@@ -536,7 +538,7 @@ def test_random_masks_rewind_too(world, theta0, tmp_path, monkeypatch):
     lottery = Lottery(found, runs=tmp_path)
     assert lottery.folder.name.startswith("uniter-nlvr2-random-rewind-")
     lottery.run()
-    rewound = load_file(lottery.folder / "round_00" / "rewind.safetensors")
+    rewound = load_file(lottery.round_folder(0) / "rewind.safetensors")
     assert len(seen) == 3
     for state in seen[1:]:
         for name, value in _plain(state).items():

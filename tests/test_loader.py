@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.utils.data import DataLoader
 
 import vl_prune_plugins.world.splits.pretrain as pretrain
 from vl_prune.data.loader import EpochOrder, batches
@@ -47,21 +46,19 @@ def draws(
 # (a) the order ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("seed", "epoch"), [(0, 0), (0, 1), (3, 2), (11, 0)])
-def test_epoch_order_is_the_dataloader_shuffle_of_seed_plus_epoch(seed, epoch):
-    # What `DataLoader(shuffle=True, generator=seed + epoch)` gives is what fit trained on
-    # before batches were collated in workers: the same seed must keep giving the same order.
-    order = EpochOrder(10, seed)
-    order.start(epoch)
-    got = [position for _, position in order]
-    assert all(e == epoch for e, _ in order)
-    reference = DataLoader(
-        list(range(10)),
-        batch_size=1,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed + epoch),
-    )
-    assert got == [int(x) for x in reference]
+@pytest.mark.parametrize(("seed", "epoch"), [(0, 1), (3, 2), (11, 1)])
+def test_epoch_order_is_fixed_by_seed_and_epoch_and_shared_with_no_other(seed, epoch):
+    # A resumed run, a worker or another process must see the same order for (seed, epoch);
+    # `seed + epoch` gave epoch e of seed s the order of epoch e-1 of seed s+1.
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = EpochOrder(40, seed)
+        sampler.start(epoch)
+        assert all(e == epoch for e, _ in sampler)
+        return [position for _, position in sampler]
+
+    assert order(seed, epoch) == order(seed, epoch)
+    assert order(seed, epoch) != order(seed + 1, epoch - 1)
+    assert order(seed, epoch) != order(seed, epoch - 1)
 
 
 def test_epoch_order_is_a_permutation_per_epoch_and_in_order_without_seed():

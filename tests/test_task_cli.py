@@ -120,14 +120,18 @@ def test_find_writes_a_run_folder_with_a_ticket_and_report(find, runs, backbone,
     assert report["metric"] == METRICS[task]
     assert [r["round"] for r in report["rounds"]] == [0, 1]
     assert all(finite(r["score"]) for r in report["rounds"])
-    ticket = Ticket.load(folder / "round_01" / "ticket.safetensors")
+    seed = folder / f"seed_{report['final']['seed']}"
+    ticket = Ticket.load(seed / "round_01" / "ticket.safetensors")
     assert ticket.sparsity == pytest.approx(0.1, abs=0.005)
     assert report["rounds"][1]["sparsity"] == pytest.approx(ticket.sparsity)
     assert (ticket.metadata["backbone"], ticket.metadata["task"]) == (backbone, task)
     assert ticket.metadata["metric"] == METRICS[task]
-    # The run's final ticket is one of its rounds', copied to the top of the folder.
-    final = folder / f"round_{report['final']['round']:02d}" / "ticket.safetensors"
-    assert (folder / "ticket.safetensors").read_bytes() == final.read_bytes()
+    # The run's final ticket is one of its rounds', at the top of the folder with the scores.
+    final = Ticket.load(seed / f"round_{report['final']['round']:02d}" / "ticket.safetensors")
+    kept = Ticket.load(folder / "ticket.safetensors")
+    assert all(torch.equal(kept.masks[n], final.masks[n]) for n in final.masks)
+    assert kept.metadata["round"] == final.metadata["round"] == report["final"]["round"]
+    assert kept.metadata["scores"] == report["final"]["scores"]
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -149,7 +153,8 @@ def test_transfer_fills_a_cell_for_every_task(find, checkpoints, runs, tmp_path,
     assert list(row["cells"]) == targets
     for task, cell in row["cells"].items():
         assert (cell["task"], cell["metric"]) == (task, METRICS[task])
-        assert cell["source"] == {"task": source, "method": "imp", "round": 1, "backbone": backbone}
+        found_on = {"task": source, "method": "imp", "round": 1, "backbone": backbone}
+        assert cell["source"] == {**found_on, "seed": json.loads(found.stdout)["seeds"][0]}
         assert cell["sparsity"] == pytest.approx(0.1, abs=0.005)
         assert finite(cell["score"]) and finite(cell["dense_score"])
         assert cell["dense_score"] == table["dense"][task]

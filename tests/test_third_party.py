@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_split
 import vl_prune_plugins.world.splits.pretrain as pretrain_split
 from vl_prune import Ticket, registry
+from vl_prune.data.fingerprint import data_fingerprint
 from vl_prune.errors import VLPruneError
 from vl_prune.ticket import current_weights, fingerprint
 from vl_prune.train import TrainSettings
@@ -115,7 +116,8 @@ def find(runs: Path, model: str, task: str) -> tuple[Result, dict]:
 
 def round_ticket(report: dict, r: int) -> Ticket:
     """Round r's ticket in the report's run folder (the final ticket may be any round's)."""
-    return Ticket.load(Path(report["final"]["ticket"]).parent / f"round_{r:02d}" / TICKET)
+    seed = Path(report["final"]["ticket"]).parent / f"seed_{report['final']['seed']}"
+    return Ticket.load(seed / f"round_{r:02d}" / TICKET)
 
 
 @pytest.mark.parametrize("folder", DISTRIBUTIONS)
@@ -174,7 +176,7 @@ def test_find_runs_a_builtin_backbone_on_the_world_split_of_the_example_task(
     # The data is the world split, cached by task, version and seed, read by Count's reader.
     config = json.loads((Path(report["final"]["ticket"]).parent / "config.json").read_text())
     split = home / "world" / "count-v1-seed0"
-    assert config["data"] == str(split.resolve())
+    assert config["data"] == data_fingerprint(split)
     assert len(json.loads((split / "count_train.json").read_text())["questions"]) == 64
     # Flags left unset come from the world split's recipe, not the task's one for real data.
     assert config["train"]["lr"] == 2e-3

@@ -86,7 +86,8 @@ def cli_args(run: Path, *tasks: str) -> list[str]:
 
 def test_a_ticket_is_scored_against_the_dense_score_trained_once(run, monkeypatch):
     started = trainings(monkeypatch)
-    path = run / "round_02" / "ticket.safetensors"
+    (seed,) = run.glob("seed_*")
+    path = seed / "round_02" / "ticket.safetensors"
     ticket = Ticket.load(path)
     weights = run.parent.parent / "theta0.safetensors"
     target = Transfer(settings(weights, "vqa"), runs=run.parent)
@@ -153,7 +154,8 @@ def test_a_pretraining_ticket_transfers_to_every_task(home, tmp_path):
 
 def test_a_ticket_from_other_weights_is_refused_unless_forced(run, tmp_path):
     other = theta0(tmp_path / "other.safetensors", seed=1)
-    ticket = run / "round_01" / "ticket.safetensors"
+    (seed,) = run.glob("seed_*")
+    ticket = seed / "round_01" / "ticket.safetensors"
     args = ["transfer", "--ticket", str(ticket), "--task", "vqa", "--checkpoint", str(other)]
     args += ["--steps", "2", "--batch-size", "8", "--runs", str(run.parent), "--quiet"]
     refused = CliRunner().invoke(cli, args)

@@ -2,15 +2,15 @@
 
 `FindSettings` is everything that decides a run's results (hashed into its folder name);
 `Experiment` reads the task's data (checked before any weights), builds θ0 (the checkpoint's,
-or the embedded world's when there is none) and a seeded head φ0, and fine-tunes and scores
-copies of that model.
+or the embedded world's when there is none) and, for each seed, a head φ0, and fine-tunes and
+scores copies of that model.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ import torch
 
 from vl_prune.backbone import Backbone, Inputs
 from vl_prune.contract import load_checked
+from vl_prune.data.fingerprint import data_fingerprint
 from vl_prune.errors import VLPruneError
 from vl_prune.pruning import SCHEDULES
+from vl_prune.seeds import Stream, seed_of
 from vl_prune.task import DataOptions, VLModel
 from vl_prune.ticket import current_weights, fingerprint
 from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
@@ -48,8 +50,13 @@ class FindSettings:
     data_options: DataOptions = field(default_factory=DataOptions)
     #: a local tokenizer for the checkpoint (a folder or vocab.txt)
     tokenizer: str | None = None
+    #: independent runs, seeds `train.seed`, `train.seed + 1`, …: each its own head φ0, data
+    #: order and dropout (no part of the identity: each seed's results are kept by seed)
+    seeds: int = 1
 
     def __post_init__(self):
+        if self.seeds < 1:
+            raise VLPruneError(f"--seeds must be at least 1, not {self.seeds}")
         if not 0.0 < self.sparsity < 1.0:
             raise VLPruneError(f"--sparsity must be strictly between 0 and 1, not {self.sparsity}")
         if self.tokenizer is not None and self.checkpoint is None:
@@ -73,6 +80,7 @@ class FindSettings:
         """The settings as hashed into run names (see `TrainSettings.identity`); settings added
         later are left out while unset, so earlier runs keep their names."""
         fields = {**asdict(self), "train": self.train.identity()}
+        del fields["seeds"]
         fields["data_options"] = {k: v for k, v in fields["data_options"].items() if v is not None}
         for later in ("data_options", "tokenizer", "one_shot"):
             if not fields[later]:
@@ -129,16 +137,19 @@ class Experiment:
             backbone = backbone_class.build(settings.preset, settings.checkpoint)
             if settings.tokenizer is not None:
                 backbone.use_tokenizer(settings.tokenizer)
-        torch.manual_seed(settings.train.seed)  # φ0: the same head for every round
-        # The head may grow the backbone (a second image type): build it before θ0 is read.
-        self.template = VLModel(backbone, self.task.head(backbone))
-        if backbone.load_report is not None:
-            log(str(backbone.load_report))
+        #: θ0 as built, before a head grows it (a second image type)
+        self.theta0 = backbone
+        self.template = self.fresh()
+        report = self.template.backbone.load_report  # with what the head grew
+        if report is not None:
+            log(str(report))
         self.names = backbone.prunable_names()
         weights = current_weights(backbone, self.names)
         self.total = sum(w.numel() for w in weights.values())
         self.fingerprint = fingerprint(weights)
         self.data = data.resolve()
+        #: what runs and caches are keyed by: the data's contents, not its path
+        self.data_fingerprint = data_fingerprint(self.data)
 
     def _inputs(self, backbone_class: type[Backbone]) -> Inputs | Backbone:
         """What collation needs of the backbone, before any weights: a checkpoint's shapes, or
@@ -180,21 +191,31 @@ class Experiment:
                     raise VLPruneError(f"{self.task.data}: split {split!r} has no examples")
                 self.task.collate(list(examples[:size]), inputs)
 
-    def fresh(self) -> VLModel:
-        """A copy of the untrained model."""
-        return copy.deepcopy(self.template)
+    def fresh(self, seed: int | None = None) -> VLModel:
+        """A copy of θ0 with the head φ0 of `seed` (default: the settings' seed): every round
+        of a seed starts from the same head."""
+        backbone = copy.deepcopy(self.theta0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(self._seed(seed), Stream.HEAD))
+            # The head may grow the backbone (a second image type).
+            return VLModel(backbone, self.task.head(backbone))
+
+    def _seed(self, seed: int | None) -> int:
+        return self.settings.train.seed if seed is None else seed
 
     def train(
         self,
         model: VLModel,
         description: str,
+        seed: int | None = None,
         quiet: bool = False,
         checkpoints: Checkpoints | None = None,
         on_step: Callable[[int, VLModel], None] | None = None,
+        start: int = 0,
     ) -> tuple[float, VLModel]:
-        """Fine-tune `model` on the training split; its score on the evaluation split and
-        the trained model."""
-        settings = self.settings.train
+        """Fine-tune `model` on the training split with `seed`'s data order and dropout (from
+        step `start` on: see `fit`); its score on the evaluation split and the trained model."""
+        settings = replace(self.settings.train, seed=self._seed(seed))
         accelerator = make_accelerator(settings)
         prepared = accelerator.prepare(model)
 
@@ -212,6 +233,7 @@ class Experiment:
             quiet=quiet,
             checkpoints=checkpoints,
             on_step=step_done,
+            start=start,
         )
         score = evaluate(prepared, self.task, self.eval_examples, settings, accelerator)
         return score, accelerator.unwrap_model(prepared)

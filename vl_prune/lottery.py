@@ -2,11 +2,14 @@
 in a resumable run folder.
 
 A run lives in `runs/<backbone>-<task>-<method>-<hash>/`, the hash taken over everything that
-decides its results. Round 0 fine-tunes the dense model from (θ0, φ0); round r trains the mask
-that the method cut for it from the reset weights (θ0 and φ0, or θ_k and φ_k when rewinding).
-A round is finished once its `metrics.json` exists: the same command again skips finished
-rounds and continues an unfinished one from its last checkpoint (open_lth's levels and "skip
-what is done")."""
+decides its results but the seed; each seed's rounds in its `seed_<s>/`. Round 0 fine-tunes the
+dense model from (θ0, φ0); round r trains the mask that the method cut for it from the reset
+weights (θ0 and φ0, or θ_k and φ_k when rewinding, trained from step k to the end). Seeds
+differ in the head φ0, the data order and dropout; θ0 is the same for all. A round is finished
+once its `metrics.json` exists: the same command again skips finished rounds and continues an
+unfinished one from its last checkpoint (open_lth's levels and "skip what is done"); more
+seeds later add to the same folder. The report averages the seeds, and the ticket kept is the
+sparsest round whose mean score holds `keep` of the mean dense score."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from vl_prune.files import atomic_write
 from vl_prune.pruning import ScorePruning, geometric, linear, prune_to
 from vl_prune.pruning.aliases import MethodAlias, resolve
 from vl_prune.pruning.layout import load_plain_state
+from vl_prune.seeds import Stream, over_seeds, seed_list, seed_of
 from vl_prune.task import VLModel
 from vl_prune.ticket import Ticket
 from vl_prune.train import Checkpoints
@@ -72,7 +76,7 @@ class Round:
 
 
 class Lottery:
-    """Finds tickets: one run folder, its rounds, its report."""
+    """Finds tickets: one run folder, each seed's rounds, the report over the seeds."""
 
     def __init__(
         self,
@@ -100,6 +104,7 @@ class Lottery:
         if implied.one_shot:
             settings = replace(settings, one_shot=False)
         self.settings, self.method = settings, method
+        self.seeds = seed_list(settings.train.seed, settings.seeds)
         #: the procedure: one-shot cuts, and rewinding (to θ_k, k = `rewind_step`)
         self.one_shot = settings.one_shot or implied.one_shot
         self.rewinds = settings.rewind_step is not None
@@ -113,10 +118,12 @@ class Lottery:
             self.targets = geometric(total, settings.rate, settings.sparsity)
         else:
             self.targets = linear(total, settings.sparsity)
+        identity = settings.identity()
+        del identity["train"]["seed"]  # each seed has its folder in the run's
         self.config = {
-            **settings.identity(),
+            **identity,
             "preset": self.experiment.template.backbone.preset,
-            "data": str(self.experiment.data),
+            "data": self.experiment.data_fingerprint,
             "weights_fingerprint": self.experiment.fingerprint,
         }
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
@@ -128,8 +135,12 @@ class Lottery:
         """Rounds after the dense one."""
         return len(self.targets)
 
+    def round_folder(self, r: int, seed: int | None = None) -> Path:
+        """Where round `r` of `seed` (default: the first seed) keeps its ticket and metrics."""
+        return self.folder / f"seed_{self.seeds[0] if seed is None else seed}" / f"round_{r:02d}"
+
     def run(self, keep: float = 0.99) -> dict[str, Any]:
-        """Run (or finish) every round and write the report, curve and final ticket."""
+        """Run (or finish) every round of every seed and write the report, curve and ticket."""
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
         state = process_state()
@@ -139,33 +150,40 @@ class Lottery:
             if not config.is_file():
                 atomic_write(config, json.dumps(self.config, indent=2).encode())
         state.wait_for_everyone()
-        started, history, ran = time.perf_counter(), [], []
-        for r in range(self.rounds + 1):
-            history.append(self._round(r, history))
-            if not history[-1].skipped:
-                ran.append(history[-1].seconds)
-                if r < self.rounds:
-                    left = (self.rounds - r) * sum(ran) / len(ran)
-                    self.log(f"  about {_duration(left)} left")
-        report = self._report(history, keep)
+        started, histories, ran = time.perf_counter(), {}, []
+        left = len(self.seeds) * (self.rounds + 1)
+        for seed in self.seeds:
+            history: list[Round] = []
+            for r in range(self.rounds + 1):
+                history.append(self._round(seed, r, history))
+                left -= 1
+                if not history[-1].skipped:
+                    ran.append(history[-1].seconds)
+                    if left:
+                        self.log(f"  about {_duration(left * sum(ran) / len(ran))} left")
+            histories[seed] = history
+        report = self._report(histories, keep)
         if state.is_main_process:
             self._write_outputs(report)
         state.wait_for_everyone()
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
 
-    def _round(self, r: int, history: list[Round]) -> Round:
-        folder = self.folder / f"round_{r:02d}"
+    def _round(self, seed: int, r: int, history: list[Round]) -> Round:
+        folder = self.round_folder(r, seed)
+        named = f"seed {seed}, round {r}" if len(self.seeds) > 1 else f"round {r}"
+        named += f"/{self.rounds}"
         done = folder / METRICS
         if done.is_file():
             finished = Round.read(done)
-            self.log(f"round {r}/{self.rounds}: finished earlier, skipped ({finished.line()})")
+            self.log(f"{named}: finished earlier, skipped ({finished.line()})")
             return finished
         state = process_state()
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
-        model = self.experiment.fresh()
+        model = self.experiment.fresh(seed)
+        rewound = r > 0 and self.rewinds
         if r == 0:
             own = Ticket.from_model(model.backbone, model.backbone.prunable())
         else:
@@ -173,24 +191,27 @@ class Lottery:
             if not ticket_path.is_file():
                 raise VLPruneError(
                     f"{ticket_path} is missing: round {r - 1} finished without cutting it; "
-                    f"delete {folder.parent / f'round_{r - 1:02d}'} to redo that round"
+                    f"delete {self.round_folder(r - 1, seed)} to redo that round"
                 )
             own = Ticket.load(ticket_path)  # the mask the last round cut, with its metadata
             own.metadata.pop("created", None)  # a round's ticket is made when it finishes
             own.apply(model.backbone, strict=True)
-            if self.rewinds:
-                load_plain_state(model, read_state_dict(self.folder / "round_00" / REWIND))
+            if rewound:
+                load_plain_state(model, read_state_dict(self.round_folder(0, seed) / REWIND))
         self.log(
-            f"round {r}/{self.rounds}: training at sparsity {own.sparsity:.1%}"
+            f"{named}: training at sparsity {own.sparsity:.1%}"
             + (" (dense)" if r == 0 else "")
+            + (f" from step {self.settings.rewind_step}" if rewound else "")
         )
         started = time.perf_counter()
         score, trained = self.experiment.train(
             model,
-            description=f"round {r}/{self.rounds}",
+            description=named,
+            seed=seed,
             quiet=self.quiet,
             checkpoints=Checkpoints(folder / "checkpoint", self.checkpoint_every),
-            on_step=self._rewind_saver() if r == 0 and self.rewinds else None,
+            on_step=self._rewind_saver(seed) if r == 0 and self.rewinds else None,
+            start=self.settings.rewind_step if rewound else 0,
         )
         dense = score if r == 0 else history[0].score
         finished = Round(
@@ -201,16 +222,16 @@ class Lottery:
             seconds=round(time.perf_counter() - started, 1),
         )
         records = [h.record() for h in [*history, finished]]
-        self._cut(r, trained, dense, records)
+        self._cut(seed, r, trained, dense, records)
         if state.is_main_process:
-            self._ticket(own, r, dense, records, score=score).save(folder / TICKET)
+            self._ticket(own, seed, r, dense, records, score=score).save(folder / TICKET)
             atomic_write(done, json.dumps(finished.as_json(), indent=2).encode())
             shutil.rmtree(folder / "checkpoint", ignore_errors=True)
         state.wait_for_everyone()
-        self.log(f"round {r}/{self.rounds}: {finished.line()}")
+        self.log(f"{named}: {finished.line()}")
         return finished
 
-    def _cut(self, r: int, trained: VLModel, dense: float, records: list[dict]) -> None:
+    def _cut(self, seed: int, r: int, trained: VLModel, dense: float, records: list[dict]) -> None:
         """Write the masks that round r's trained weights give the rounds after it: the next
         round's, or (one-shot, after the dense round) every round's."""
         if self.one_shot:
@@ -220,24 +241,21 @@ class Lottery:
         if levels and process_state().is_main_process:
             # Later rounds derive from this cut: anything left of them (a redone round) is stale.
             for later in range(r + 1, self.rounds + 1):
-                shutil.rmtree(self.folder / f"round_{later:02d}", ignore_errors=True)
+                shutil.rmtree(self.round_folder(later, seed), ignore_errors=True)
         process_state().wait_for_everyone()
         parameters = trained.backbone.prunable()
         for level in levels:
             # The trained model itself is cut: its masks are the next round's ticket.
-            prune_to(parameters, self.method, self.targets[level - 1], seed=self._seed(level))
+            choices = seed_of(seed, Stream.PRUNE, level)  # random pruning's
+            prune_to(parameters, self.method, self.targets[level - 1], seed=choices)
             if process_state().is_main_process:
                 cut = Ticket.from_model(trained.backbone, parameters)
-                (self.folder / f"round_{level:02d}").mkdir(exist_ok=True)
-                self._ticket(cut, level, dense, records).save(
-                    self.folder / f"round_{level:02d}" / TICKET
+                self.round_folder(level, seed).mkdir(exist_ok=True)
+                self._ticket(cut, seed, level, dense, records).save(
+                    self.round_folder(level, seed) / TICKET
                 )
 
-    def _seed(self, level: int) -> int:
-        """The seed of a round's random choices (random pruning), fixed by the run's seed."""
-        return self.settings.train.seed * 1000 + level
-
-    def _rewind_saver(self) -> Callable[[int, VLModel], None]:
+    def _rewind_saver(self, seed: int) -> Callable[[int, VLModel], None]:
         """Saves θ_k and φ_k, the dense run's weights after `rewind_step` steps."""
 
         def save(step: int, model: VLModel) -> None:
@@ -245,12 +263,18 @@ class Lottery:
                 from safetensors.torch import save as to_bytes
 
                 state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                atomic_write(self.folder / "round_00" / REWIND, to_bytes(state))
+                atomic_write(self.round_folder(0, seed) / REWIND, to_bytes(state))
 
         return save
 
     def _ticket(
-        self, ticket: Ticket, r: int, dense: float, history: list[dict], score: float | None = None
+        self,
+        ticket: Ticket,
+        seed: int,
+        r: int,
+        dense: float,
+        history: list[dict],
+        score: float | None = None,
     ) -> Ticket:
         settings = self.settings
         ticket.metadata.update(
@@ -261,6 +285,7 @@ class Lottery:
             metric=self.experiment.task.metric,
             method=self.label,
             schedule=settings.schedule,
+            seed=seed,
             round=r,
             score=score,
             dense_score=dense,
@@ -269,12 +294,25 @@ class Lottery:
         )
         return ticket
 
-    def _report(self, history: list[Round], keep: float) -> dict[str, Any]:
-        """The report users read (report.json, `--json`): plain JSON."""
-        dense = history[0].score
-        holding = [h for h in history if h.score >= keep * dense]
-        final = max(holding, key=lambda h: h.sparsity).as_json()
-        rounds = [h.as_json() for h in history]
+    def _report(self, histories: dict[int, list[Round]], keep: float) -> dict[str, Any]:
+        """The report users read (report.json, `--json`): plain JSON, each round's score the
+        mean over the seeds, with their spread (sample std; 0 for one seed) and each seed's."""
+        rounds = []
+        for r in range(self.rounds + 1):
+            level = [histories[seed][r] for seed in self.seeds]
+            rounds.append(
+                {
+                    "round": r,
+                    "sparsity": level[0].sparsity,
+                    **over_seeds([h.score for h in level]),
+                    "seconds": round(sum(h.seconds for h in level), 1),
+                }
+            )
+        dense = rounds[0]["score"]
+        for row in rounds:
+            row["fraction_of_dense"] = row["score"] / dense if dense else 0.0
+        holding = [row for row in rounds if row["score"] >= keep * dense]
+        final = max(holding, key=lambda row: row["sparsity"])
         return {
             "run": self.folder.name,
             "backbone": self.settings.backbone,
@@ -282,17 +320,25 @@ class Lottery:
             "task": self.settings.task,
             "metric": self.experiment.task.metric,
             "method": self.label,
+            "seeds": self.seeds,
             "dense_score": dense,
+            "dense_std": rounds[0]["std"],
             "keep": keep,
             "rounds": rounds,
-            "final": {**final, "ticket": str(self.folder / TICKET)},
+            "final": {**final, "ticket": str(self.folder / TICKET), "seed": self.seeds[0]},
         }
 
     def _write_outputs(self, report: dict[str, Any]) -> None:
+        """The ticket kept (the first seed's mask at the round chosen on the mean, carrying the
+        seeds' scores), report.json and curve.png."""
         from vl_prune.plots import curves
 
-        chosen = self.folder / f"round_{report['final']['round']:02d}" / TICKET
-        atomic_write(self.folder / TICKET, chosen.read_bytes())
+        final = report["final"]
+        ticket = Ticket.load(self.round_folder(final["round"]) / TICKET)
+        ticket.metadata.update(
+            score=final["score"], std=final["std"], scores=final["scores"], seeds=self.seeds
+        )
+        ticket.save(self.folder / TICKET)
         atomic_write(self.folder / "report.json", json.dumps(report, indent=2).encode())
         curves([report], self.folder / "curve.png")
 

@@ -55,8 +55,9 @@ def _heatmap(matrix, rows, columns, fmt, legend, title, path, limits=(0.0, 1.0))
 
 
 def curves(reports: Sequence[Mapping], path: os.PathLike) -> Path:
-    """Score against sparsity for one or more runs (their `report.json` contents), with each
-    run's dense score as a dashed line and the band within `keep` of it shaded."""
+    """Score against sparsity for one or more runs (their `report.json` contents): the mean
+    over seeds, ± one std shaded where a run has several seeds, each run's dense score as a
+    dashed line and the band within `keep` of it shaded lightly."""
     from matplotlib.figure import Figure
 
     from vl_prune.files import atomic_write
@@ -68,18 +69,24 @@ def curves(reports: Sequence[Mapping], path: os.PathLike) -> Path:
         colour = f"C{index}"
         rounds = sorted(report["rounds"], key=lambda r: r["sparsity"])
         label = f"{report['backbone']}-{report['preset']} {report['method']}"
+        x = [100 * r["sparsity"] for r in rounds]
+        seeds = len(report.get("seeds", [0]))
         ax.plot(
-            [100 * r["sparsity"] for r in rounds],
+            x,
             [r["score"] for r in rounds],
             marker="o",
             color=colour,
-            label=label,
+            label=label + (f" ({seeds} seeds, ± std)" if seeds > 1 else ""),
         )
+        if seeds > 1:
+            low = [r["score"] - r["std"] for r in rounds]
+            high = [r["score"] + r["std"] for r in rounds]
+            ax.fill_between(x, low, high, color=colour, alpha=0.25, linewidth=0)
         dense, keep = report["dense_score"], report["keep"]
         if (dense, keep) not in bands:
             bands.add((dense, keep))
             ax.axhline(dense, color=colour, linestyle="--", linewidth=1)
-            ax.axhspan(keep * dense, dense, color=colour, alpha=0.12, linewidth=0)
+            ax.axhspan(keep * dense, dense, color=colour, alpha=0.08, linewidth=0)
     first = reports[0]
     ax.set_xlabel("sparsity of the prunable weights (%)")
     ax.set_ylabel(f"{first['task']} {first['metric']}")

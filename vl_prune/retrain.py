@@ -16,6 +16,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
 from vl_prune.pruning.layout import baked_state, load_plain_state
+from vl_prune.seeds import Stream, over_seeds, seed_list, seed_of
 from vl_prune.task import VLModel
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
 
@@ -29,12 +30,18 @@ def train_ticket(
     lora: Lora | None = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it;
+    """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it, once
+    per seed (`settings.seeds`; the result's score is their mean, with `std` and `scores`);
     `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
     another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
     frozen masked backbone instead of the backbone itself."""
     check_start(weights)
-    return train_mask(Experiment(settings, log), ticket, force, quiet, weights, lora)
+    if lora is not None and settings.seeds > 1:
+        raise VLPruneError("--lora trains one set of adapters: give one seed (drop --seeds)")
+    experiment = Experiment(settings, log)
+    seeds = seed_list(settings.train.seed, settings.seeds)
+    results = [train_mask(experiment, ticket, force, quiet, weights, lora, seed) for seed in seeds]
+    return {**results[0], **over_seeds([r["score"] for r in results]), "seeds": seeds}
 
 
 @dataclass(frozen=True)
@@ -93,13 +100,16 @@ def train_mask(
     quiet: bool = False,
     weights: str = "theta0",
     lora: Lora | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """`train_ticket` on an experiment already set up; `ticket=None` trains the dense model."""
-    model = experiment.fresh()
+    """`train_ticket` on an experiment already set up, for one seed (default: the settings');
+    `ticket=None` trains the dense model."""
+    seed = experiment.settings.train.seed if seed is None else seed
+    model = experiment.fresh(seed)
     other = apply_ticket(ticket, model, force) if ticket is not None else False
     result = {}
     if weights == "shuffled":
-        shuffle_within_tensors(model, experiment.settings.train.seed)
+        shuffle_within_tensors(model, seed_of(seed, Stream.SHUFFLE))
     elif weights != "theta0":
         replaced = load_other_weights(model, weights)
         result["replaced"] = {"taken": len(replaced.taken), "kept": replaced.kept}
@@ -109,11 +119,14 @@ def train_mask(
         model = add_lora(model, lora.rank)
     what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
     what += f" + LoRA r{lora.rank}" if lora is not None else ""
-    score, trained = experiment.train(model, f"{what} on {experiment.settings.task}", quiet=quiet)
+    score, trained = experiment.train(
+        model, f"{what} on {experiment.settings.task}", seed=seed, quiet=quiet
+    )
     if lora is not None:
         result["lora"] = _finish_lora(experiment, trained, lora, score)
     return {
         **_result(ticket, experiment, score),
+        "seed": seed,
         "other_weights": other,
         "weights": weights,
         **result,

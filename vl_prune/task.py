@@ -148,7 +148,10 @@ class Task:
         """How far the outputs on perturbed input moved from those on clean input (`clean` is
         detached): adversarial training's consistency term. The default is the symmetric KL
         between the softmax distributions over the last dimension of every output tensor;
-        tasks with regression outputs override it."""
+        tasks with regression outputs override it, and so do tasks with per-position outputs
+        over padding (per-token logits): their head's outputs carry the mask of real positions
+        and their `consistency` passes it to `symmetric_kl(..., mask=...)`, so that padded
+        positions, whose outputs mean nothing, neither add to the term nor dilute it."""
         return symmetric_kl(clean, perturbed)
 
     @classmethod
@@ -200,13 +203,27 @@ class _Perturbed:
         return getattr(self._backbone, name)
 
 
-def symmetric_kl(clean: Any, perturbed: Any) -> torch.Tensor:
+def symmetric_kl(clean: Any, perturbed: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p‖q) + KL(q‖p) of the softmax distributions over the last dimension, averaged over
-    the other dimensions and summed over the tensors of a dict or tuple of outputs."""
+    the other dimensions and summed over the tensors of a dict or tuple of outputs.
+
+    `mask`, shaped as each tensor less its last dimension (B × L for B × L × V per-token
+    logits), marks the real positions (true or nonzero): the KL is then averaged over those
+    only, so padded positions neither add to it nor dilute it (0 when none is real)."""
     if isinstance(clean, dict):
-        return sum(symmetric_kl(clean[key], perturbed[key]) for key in clean)
+        return sum(symmetric_kl(clean[key], perturbed[key], mask) for key in clean)
     if isinstance(clean, (tuple, list)):
-        return sum(symmetric_kl(c, p) for c, p in zip(clean, perturbed, strict=True))
+        return sum(symmetric_kl(c, p, mask) for c, p in zip(clean, perturbed, strict=True))
     log_p = torch.log_softmax(clean.float(), dim=-1)
     log_q = torch.log_softmax(perturbed.float(), dim=-1)
-    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()
+    kl = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    if mask.shape != kl.shape:
+        raise VLPruneError(
+            f"symmetric_kl: the mask is {tuple(mask.shape)}, but the outputs' positions are "
+            f"{tuple(kl.shape)} (the outputs' shape less its last dimension)"
+        )
+    real = mask.to(kl.device).bool()
+    # where, not a product: a padded position's value never reaches the sum, finite or not.
+    return torch.where(real, kl, 0.0).sum() / real.sum().clamp_min(1)

@@ -30,7 +30,18 @@ from vl_prune.pruning.layout import alive_mask, is_parameter, pruned_parameters,
 
 FORMAT = "vl_prune.ticket/1"
 # Metadata values stored as JSON text; everything else is a plain string.
-_JSON_KEYS = {"shapes", "history", "sparsity", "round", "score", "dense_score"}
+_JSON_KEYS = {
+    "shapes",
+    "history",
+    "sparsity",
+    "round",
+    "score",
+    "dense_score",
+    "seed",
+    "seeds",
+    "std",
+    "scores",
+}
 
 
 class FingerprintMismatch(UserWarning):

@@ -1,9 +1,10 @@
 """Fine-tuning and evaluation on Hugging Face Accelerate: one plain loop for every task.
 
 AdamW with UNITER's betas and weight decay, linear warmup then decay, gradient clipping and
-accumulation, seeded shuffling; evaluation gathers predictions from every process with
-`gather_for_metrics`. Pruned weights stay zero: they are masked by torch's prune hook on every
-forward, whatever the optimizer does to `weight_orig`.
+accumulation, shuffling and dropout from the seed's streams (`vl_prune.seeds`); evaluation
+gathers predictions from every process with `gather_for_metrics`. Pruned weights stay zero:
+they are masked by torch's prune hook on every forward, whatever the optimizer does to
+`weight_orig`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
-from vl_prune.data.loader import batches, raising
+from vl_prune.data.loader import EVALUATION_SEED, batches, raising
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
+from vl_prune.seeds import Stream, seed_of
 from vl_prune.task import Task, TaskBatch, VLModel
 
 
@@ -166,22 +168,27 @@ def fit(
     quiet: bool = False,
     checkpoints: Checkpoints | None = None,
     on_step: Callable[[int], None] | None = None,
+    start: int = 0,
 ) -> list[float]:
-    """Fine-tune `model` (already through `accelerator.prepare`) for `settings.steps`
-    optimizer steps; the losses of the steps this call ran.
+    """Fine-tune `model` (already through `accelerator.prepare`) up to step `settings.steps`;
+    the losses of the steps this call ran.
 
-    With `checkpoints`, the state is saved every `checkpoints.every` steps and a later call
-    resumes from the last save. `on_step(step)` runs after every optimizer step. A NaN or
-    infinite loss stops with a VLPruneError rather than training on garbage.
+    `start` > 0 trains from that step to the end (rewinding: the model holds the weights of
+    step `start`), with that step's learning rate and data order and a fresh optimizer, as
+    OpenLTH does. With `checkpoints`, the state is saved every `checkpoints.every` steps and a
+    later call resumes from the last save. `on_step(step)` runs after every optimizer step. A
+    NaN or infinite loss stops with a VLPruneError rather than training on garbage.
     """
     if not examples:
         raise VLPruneError(f"{description}: no training examples")
-    torch.manual_seed(settings.seed)
+    if not 0 <= start < settings.steps:
+        raise VLPruneError(f"{description}: cannot start at step {start} of {settings.steps}")
+    torch.manual_seed(seed_of(settings.seed, Stream.DROPOUT))
     optimizer = _optimizer(model, settings, accelerator)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, start))
     # The scheduler stays unprepared: Accelerate would step it once per process.
     optimizer = accelerator.prepare(optimizer)
-    step = _resume(accelerator, checkpoints, scheduler)
+    step = _resume(accelerator, checkpoints, scheduler) or start
     loader, order = _batches_of(model, task, examples, settings, accelerator, shuffle=True)
     model.train()
     losses: list[float] = []
@@ -235,11 +242,13 @@ def _optimizer(model: VLModel, settings: TrainSettings, accelerator: Any) -> tor
     )
 
 
-def _schedule(settings: TrainSettings) -> Callable[[int], float]:
-    """The learning rate's factor at each step: linear warmup, then linear decay to zero."""
+def _schedule(settings: TrainSettings, start: int = 0) -> Callable[[int], float]:
+    """The learning rate's factor at each step: linear warmup, then linear decay to zero; the
+    scheduler's step 0 is the schedule's step `start`."""
     warmup = max(1, int(settings.warmup * settings.steps))
 
-    def factor(step: int) -> float:
+    def factor(taken: int) -> float:
+        step = start + taken
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (settings.steps - step) / max(1, settings.steps - warmup))
@@ -325,11 +334,11 @@ def evaluate(
 ) -> float:
     """The task's primary score over `examples`, gathered from every process; `model` is
     already through `accelerator.prepare`. Collation randomness (pre-training's masks) is
-    seeded, so every model is scored on the same inputs."""
+    seeded, whatever the run's seed, so every model is scored on the same inputs."""
     if not examples:
         raise VLPruneError("nothing to evaluate: the split is empty")
     with torch.random.fork_rng():
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(seed_of(EVALUATION_SEED, Stream.EVALUATE))
         return _evaluate(model, task, examples, settings, accelerator)
 
 

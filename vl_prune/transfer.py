@@ -1,10 +1,12 @@
 """Ticket transfer: a mask found on one task, trained from θ0 on another task (with a new head
 φ0) and scored against that task's dense score — the paper's transfer tables.
 
-Every result is kept in `<runs>/transfer/` (beside `find`'s run folders), keyed by what decides
-it (the ticket's bytes, or the dense model, and the target's settings, data, θ0, process count
-and vl_prune version), so the dense score of a task is trained once per backbone, preset, data
-and seed, and a table that was interrupted goes on from the cells it had finished.
+Every result is kept in `<runs>/transfer/` (beside `find`'s run folders), one per seed, keyed
+by what decides it (the ticket's bytes, or the dense model, the seed, and the target's
+settings, data, θ0, process count and vl_prune version), so the dense score of a task is
+trained once per backbone, preset, data and seed, and a table that was interrupted goes on from
+the cells it had finished. A cell's score is the mean over the seeds (`settings.seeds`), with
+their std and each seed's score.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from vl_prune.files import atomic_write
 from vl_prune.lora import check_rank
 from vl_prune.lottery import METRICS, TICKET
 from vl_prune.retrain import Lora, train_mask
+from vl_prune.seeds import over_seeds, seed_list
 from vl_prune.ticket import Ticket
 
 # The fields of FindSettings that only steer `find`'s rounds, not one fine-tuning.
@@ -31,8 +34,8 @@ _ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step", "one_s
 
 
 def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
-    """Ticket files from files and run folders (each finished round past the dense one), each
-    once."""
+    """Ticket files from files and run folders (each seed's finished rounds past the dense one),
+    each once."""
     paths = []
     for source in map(Path, sources):
         if source.is_file():
@@ -40,7 +43,7 @@ def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
         elif source.is_dir():
             rounds = sorted(
                 folder / TICKET
-                for folder in source.glob("round_*")
+                for folder in source.glob("seed_*/round_*")
                 if (folder / METRICS).is_file() and folder.name != "round_00"
             )
             if not rounds:
@@ -71,22 +74,29 @@ class Transfer:
         #: it is compared with stays fully fine-tuned)
         self.lora = lora
         target = {k: v for k, v in settings.identity().items() if k not in _ROUND_FIELDS}
+        del target["train"]["seed"]  # a result is kept per seed
+        self.seeds = seed_list(settings.train.seed, settings.seeds)
         self.target = {
             **target,
             "preset": self.experiment.template.backbone.preset,
-            "data": str(self.experiment.data),
+            "data": self.experiment.data_fingerprint,
             "weights_fingerprint": self.experiment.fingerprint,
             # --batch-size is per process: another process count is another training
             "processes": process_state().num_processes,
             "vl_prune": __version__,
         }
 
-    def dense_score(self) -> float:
-        """The dense model's score on the target task, trained once and cached."""
-        result = self._cached(
-            {"dense": True}, lambda _: train_mask(self.experiment, None, quiet=self.quiet)
-        )
-        return result["score"]
+    def dense_score(self) -> dict[str, Any]:
+        """The dense model's score on the target task over the seeds (`over_seeds`), each seed
+        trained once and cached."""
+        results = [
+            self._cached(
+                {"dense": True, "seed": seed},
+                lambda _, seed=seed: train_mask(self.experiment, None, quiet=self.quiet, seed=seed),
+            )
+            for seed in self.seeds
+        ]
+        return over_seeds([r["score"] for r in results])
 
     def run(self, path: Path, force: bool = False) -> dict[str, Any]:
         """Train the ticket at `path` on the target task; its score, the dense score and the
@@ -96,20 +106,29 @@ class Transfer:
         if self.lora is not None:
             key["lora"] = self.lora
 
-        def train(cell: Path) -> dict[str, Any]:
+        def train(cell: Path, seed: int) -> dict[str, Any]:
             # The adapters go beside the cell's result, named after it.
             adapters = None if self.lora is None else Lora(self.lora, cell.with_suffix(".lora"))
-            return train_mask(self.experiment, ticket, force, quiet=self.quiet, lora=adapters)
+            return train_mask(
+                self.experiment, ticket, force, quiet=self.quiet, lora=adapters, seed=seed
+            )
 
-        result = self._cached(key, train)
-        dense = self.dense_score()
+        results = [
+            self._cached({**key, "seed": seed}, lambda cell, seed=seed: train(cell, seed))
+            for seed in self.seeds
+        ]
+        scores, dense = over_seeds([r["score"] for r in results]), self.dense_score()
         meta = ticket.metadata
+        source = ("task", "method", "round", "seed", "backbone")
         return {
             "ticket": str(path),
-            "source": {k: meta.get(k) for k in ("task", "method", "round", "backbone")},
-            **result,
-            "dense_score": dense,
-            "fraction_of_dense": result["score"] / dense if dense else None,
+            "source": {k: meta.get(k) for k in source},
+            **results[0],
+            **scores,
+            "seeds": self.seeds,
+            "dense_score": dense["score"],
+            "dense_std": dense["std"],
+            "fraction_of_dense": scores["score"] / dense["score"] if dense["score"] else None,
         }
 
     def _cached(self, key: dict[str, Any], compute: Callable[[Path], dict]) -> dict[str, Any]:
@@ -170,7 +189,8 @@ def label(result: dict[str, Any]) -> str:
 
 
 def markdown(transfer: dict[str, Any]) -> str:
-    """The table as markdown; `*` marks a ticket trained on weights it was not found from."""
+    """The table as markdown; `*` marks a ticket trained on weights it was not found from; over
+    several seeds a cell gives the mean ± the std (both as fractions of the mean dense score)."""
     columns = transfer["columns"]
     lines = [
         "| ticket | " + " | ".join(columns) + " |",
@@ -181,8 +201,12 @@ def markdown(transfer: dict[str, Any]) -> str:
         cells = []
         for task in columns:
             cell = row["cells"].get(task)
-            mark = "*" if cell and cell["other_weights"] else ""
-            fraction = None if cell is None else cell["fraction_of_dense"]
-            cells.append("" if fraction is None else f"{fraction:.1%}{mark}")
+            if cell is None or cell["fraction_of_dense"] is None:
+                cells.append("")
+                continue
+            text = f"{cell['fraction_of_dense']:.1%}"
+            if len(cell.get("scores", [])) > 1:
+                text += f" ± {cell['std'] / cell['dense_score']:.1%}"
+            cells.append(text + ("*" if cell["other_weights"] else ""))
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -49,7 +49,10 @@ class Caption:
 
 
 class PretrainHead(nn.Module):
-    """MLM over text states, ITM over the pooled vector, MRFR over region states."""
+    """MLM over text states, ITM over the pooled vector, MRFR over region states.
+
+    Its outputs also carry `text_mask`, the text's attention mask (B × L: 1 at real tokens, 0
+    at padding), so that `Pretrain.consistency` averages the MLM term over real tokens only."""
 
     def __init__(self, backbone: Backbone):
         super().__init__()
@@ -66,7 +69,11 @@ class PretrainHead(nn.Module):
 
     def forward(self, backbone: Backbone, inputs: list[VLBatch]) -> dict[str, torch.Tensor]:
         out = backbone(inputs[0])
-        outputs = {"mlm": self.mlm(out.text_states), "itm": self.itm(out.pooled)}
+        outputs = {
+            "mlm": self.mlm(out.text_states),
+            "itm": self.itm(out.pooled),
+            "text_mask": inputs[0].attention_mask,
+        }
         if self.mrfr is not None:
             outputs["mrfr"] = self.mrfr(out.image_states)
         return outputs
@@ -175,11 +182,11 @@ class Pretrain(Task):
         return {"mlm": outputs["mlm"].argmax(-1), "itm": outputs["itm"].argmax(-1)}
 
     def consistency(self, clean: dict, perturbed: dict) -> torch.Tensor:
-        """The symmetric KL of the MLM and ITM predictions (MRFR regresses, it has none)."""
-        return symmetric_kl(
-            {key: clean[key] for key in ("mlm", "itm")},
-            {key: perturbed[key] for key in ("mlm", "itm")},
-        )
+        """The symmetric KL of the MLM and ITM predictions (MRFR regresses, it has none); the
+        MLM term is averaged over the real tokens only (`text_mask`), as padding's predictions
+        mean nothing."""
+        mlm = symmetric_kl(clean["mlm"], perturbed["mlm"], mask=clean["text_mask"])
+        return mlm + symmetric_kl(clean["itm"], perturbed["itm"])
 
     def score(self, predictions: dict, targets: dict) -> float:
         """The mean of MLM accuracy (masked tokens) and ITM accuracy."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vl_prune.backbone import Backbone
-from vl_prune.data.loader import COLLATION
+from vl_prune.seeds import SCHEME
 from vl_prune.task import VLModel
 from vl_prune.train import OPTIMIZER, TrainSettings
 from vl_prune_plugins.world import VERSION
@@ -32,24 +32,12 @@ def pretrained_tiny(
     from vl_prune.distributed import run_alone
     from vl_prune.home import home, local_main_first
     from vl_prune.world import embedded_world
-    from vl_prune_plugins.world.splits.pretrain import WORLD_SIZES
 
     torch.manual_seed(settings.seed)
     backbone = backbone_class.build("tiny")
-    # Everything that decides the weights names the file: a change builds a new θ0.
-    recipe = repr(
-        (
-            settings.identity(),
-            sorted(backbone.state_dict()),
-            words(),
-            WORLD_SIZES,
-            VERSION,
-            OPTIMIZER,
-            COLLATION,
-        )
-    )
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    path = home() / "theta0" / f"{name}-tiny-{digest}.safetensors"
+    # Float sums, hence θ0's bits, depend on the thread count: each count has its own θ0.
+    threads = torch.get_num_threads()
+    path = home() / "theta0" / file_name(name, backbone, settings, threads)
     # Every rank asks for the captions, θ0 cached or not: `data` holds a barrier of its own,
     # which must not meet the one below, and the machines of a job may have cached different
     # things.
@@ -61,10 +49,30 @@ def pretrained_tiny(
             # In a process of its own: inside a multi-process job Accelerate would split the
             # batches across the ranks and give another θ0 under the same name, and in this
             # process it would fix the precision of the fine-tuning that follows to θ0's.
-            threads = torch.get_num_threads()  # float sums, hence θ0's bits, depend on it
             run_alone(_pretrain, backbone_class, name, settings, captions, path, threads)
     backbone.load_state_dict(load_file(path))
     return backbone
+
+
+def file_name(name: str, backbone: Backbone, settings: TrainSettings, threads: int) -> str:
+    """The cached θ0's file name: everything that decides its weights is in its digest, so a
+    change of any of them builds a new θ0."""
+    from vl_prune_plugins.world.splits.pretrain import WORLD_SIZES
+
+    recipe = repr(
+        (
+            settings.identity(),
+            sorted(backbone.state_dict()),
+            words(),
+            WORLD_SIZES,
+            VERSION,
+            OPTIMIZER,
+            SCHEME,
+            threads,
+        )
+    )
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return f"{name}-tiny-{threads}t-{digest}.safetensors"
 
 
 def _pretrain(

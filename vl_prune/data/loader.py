@@ -2,7 +2,7 @@
 
 Reading region features (LMDB, npz) and collating run in `num_workers` processes while the
 accelerator trains on the previous batch. Whatever randomness a task's collation draws
-(pre-training's masks, retrieval's negatives) comes from a generator seeded by the run's seed,
+(pre-training's masks, retrieval's negatives) comes from a stream of the run's seed keyed by
 the epoch and the batch's examples, so a batch is the same whichever process collates it:
 results do not depend on the number of workers.
 """
@@ -15,18 +15,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vl_prune.data.regions import FEATURE_FILES
 from vl_prune.errors import VLPruneError
+from vl_prune.seeds import Stream, seed_of
 
-# Tags that keep the collation seeds of training and evaluation batches apart.
-TRAIN, EVALUATE = 0, 1
-#: names this seeding in the keys of cached results trained with it (the world θ0): collation
-#: drew from torch's global generator before
-COLLATION = "seeded-per-batch"
+#: the seed evaluation batches are collated with, whatever the run's seed: every model, of
+#: every seed, is scored on the same inputs (pre-training's masks)
+EVALUATION_SEED = 0
 
 
 def default_workers() -> int:
@@ -41,16 +39,16 @@ def default_workers() -> int:
 
 
 class EpochOrder(Sampler):
-    """(epoch, position) of every example of an epoch: shuffled by `seed + epoch` (the order a
-    shuffling DataLoader with that seed's generator gives), or in order when `seed` is None.
-    `start(epoch)` chooses the epoch; one loader (and its workers) serves every epoch."""
+    """(epoch, position) of every example of an epoch: shuffled by the seed's order stream for
+    that epoch, or in order when `seed` is None. `start(epoch)` chooses the epoch; one loader
+    (and its workers) serves every epoch."""
 
     def __init__(self, size: int, seed: int | None):
         self.size, self.seed, self.epoch = size, seed, 0
         #: what a DataLoader draws its workers' seeds from on each pass, and what Accelerate
         #: keeps in step across processes: never torch's global generator, whose draws would
         #: move the dropout of the steps after (and differ between a run and its resumption)
-        self.generator = torch.Generator().manual_seed(seed or 0)
+        self.generator = torch.Generator().manual_seed(seed_of(seed or 0, Stream.LOADER))
 
     def start(self, epoch: int) -> None:
         self.epoch = epoch
@@ -62,10 +60,7 @@ class EpochOrder(Sampler):
         if self.seed is None:
             order = range(self.size)
         else:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            # A shuffling DataLoader given this generator drew its workers' base seed from it
-            # first: draw it too, so that a seed shuffles as it did before (and as torch does).
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            generator = torch.Generator().manual_seed(seed_of(self.seed, Stream.ORDER, self.epoch))
             order = torch.randperm(self.size, generator=generator).tolist()
         return ((self.epoch, i) for i in order)
 
@@ -97,21 +92,20 @@ class _Indexed(Dataset):
 
 
 class _SeededCollate:
-    """`collate(examples)` with torch's generator seeded from (seed, purpose, epoch, the
-    examples' positions), restored afterwards."""
+    """`collate(examples)` with torch's generator seeded from the seed's `stream` keyed by the
+    epoch and the examples' positions, restored afterwards."""
 
-    def __init__(self, collate: Callable[[list], Any], seed: int, purpose: int):
-        self.collate, self.seed, self.purpose = collate, seed, purpose
+    def __init__(self, collate: Callable[[list], Any], seed: int, stream: Stream):
+        self.collate, self.seed, self.stream = collate, seed, stream
 
     def __call__(self, items: list[tuple[int, int, Any]]) -> Any:
         failed = next((e for _, _, e in items if isinstance(e, DataFailure)), None)
         if failed is not None:
             return failed
         epoch = items[0][0]
-        entropy = [self.seed, self.purpose, epoch, *(position for _, position, _ in items)]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+        positions = (position for _, position, _ in items)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(seed_of(self.seed, self.stream, epoch, *positions))
             try:
                 return self.collate([example for _, _, example in items])
             except VLPruneError as exc:
@@ -141,14 +135,17 @@ def batches(
     workers: int,
 ) -> tuple[DataLoader, EpochOrder]:
     """A DataLoader of collated batches and the order it draws them in (`start(epoch)` before
-    each epoch); iterate it through `raising`. Workers stay alive between epochs; batches are
-    pinned for a fast copy to a GPU."""
+    each epoch); iterate it through `raising`. Training batches (`shuffle`) follow the run's
+    `seed`; evaluation batches come in order, collated with `EVALUATION_SEED`. Workers stay
+    alive between epochs; batches are pinned for a fast copy to a GPU."""
+    if not shuffle:
+        seed = EVALUATION_SEED
     order = EpochOrder(len(examples), seed if shuffle else None)
     loader = DataLoader(
         _Indexed(examples),
         batch_size=batch_size,
         sampler=order,
-        collate_fn=_SeededCollate(collate, seed, TRAIN if shuffle else EVALUATE),
+        collate_fn=_SeededCollate(collate, seed, Stream.COLLATE if shuffle else Stream.EVALUATE),
         num_workers=workers,
         generator=order.generator,
         worker_init_fn=partial(_share_feature_cache, workers),

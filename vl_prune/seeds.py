@@ -1,0 +1,56 @@
+"""The random streams of a run, each derived from (seed, stream, index) by numpy's SeedSequence.
+
+Every use of randomness draws from its own stream: the head's initialisation φ0, each epoch's
+data order, the DataLoader's worker seeds, dropout, a batch's collation, a round's random
+pruning, a baseline's shuffle. SeedSequence hashes the whole key, so no two keys share a stream:
+with `seed + epoch`, epoch e of seed s shuffled as epoch e-1 of seed s+1, and the seeds of a
+study were not independent runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+#: names this derivation in the keys of cached results trained with it (the world θ0)
+SCHEME = "seedsequence-streams-1"
+
+
+class Stream(enum.IntEnum):
+    """What a stream is for; the numbers are part of every key (a change changes results)."""
+
+    HEAD = 1
+    ORDER = 2
+    LOADER = 3
+    DROPOUT = 4
+    COLLATE = 5
+    PRUNE = 6
+    SHUFFLE = 7
+    EVALUATE = 8
+
+
+def seed_of(seed: int, stream: Stream, *index: int) -> int:
+    """The seed (0 ≤ s < 2**63, what torch and numpy take) of one stream of a run's `seed`;
+    `index` tells apart the uses of a stream (an epoch, a round, a batch's examples)."""
+    state = np.random.SeedSequence([seed, int(stream), *index]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def seed_list(first: int, count: int) -> list[int]:
+    """The seeds of `--seed first --seeds count`: first, first + 1, …, each the root of its own
+    streams."""
+    return list(range(first, first + count))
+
+
+def over_seeds(scores: Sequence[float]) -> dict[str, Any]:
+    """A score over seeds as results report it: the mean, the sample std (0 for one seed) and
+    each seed's score."""
+    return {
+        "score": statistics.fmean(scores),
+        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        "scores": list(scores),
+    }
