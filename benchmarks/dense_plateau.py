@@ -21,14 +21,17 @@ from vl_prune.experiment import Experiment, FindSettings, recipe
 from vl_prune.seeds import over_seeds, seed_list
 
 
-def dense_scores(backbone: str, task: str, factor: int, seeds: list[int]) -> tuple[dict, float]:
-    """The dense model's scores over `seeds` at `factor` × the recipe's steps; seconds a run."""
-    train = recipe(task, world=True)
-    settings = FindSettings(backbone, task, train=replace(train, steps=factor * train.steps))
+def dense_scores(
+    backbone: str, task: str, steps: int, seeds: list[int], **changes: float
+) -> tuple[dict, float]:
+    """The dense model's scores over `seeds` after `steps` steps of the world recipe (with
+    `changes`); seconds a run."""
+    train = replace(recipe(task, world=True), steps=steps, **changes)
+    settings = FindSettings(backbone, task, train=train)
     experiment = Experiment(settings)
     started, scores = time.perf_counter(), []
     for seed in seeds:
-        name = f"{task} dense ×{factor}, seed {seed}"
+        name = f"{task} dense, {steps} steps, seed {seed}"
         score, _ = experiment.train(experiment.fresh(seed), name, seed=seed, quiet=True)
         scores.append(score)
     return over_seeds(scores), (time.perf_counter() - started) / len(seeds)
@@ -40,16 +43,19 @@ def main() -> None:
     world_tasks = sorted(p.name for p in registry.plugins("world_splits") if p.name != "pretrain")
     parser.add_argument("--tasks", nargs="+", default=world_tasks)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, help="Steps to test [the world recipe's].")
+    parser.add_argument("--lr", type=float, help="Learning rate to test [the world recipe's].")
     args = parser.parse_args()
+    changes = {} if args.lr is None else {"lr": args.lr}
     seeds = seed_list(0, args.seeds)
 
     print(f"{args.backbone}-tiny, dense on the world, {args.seeds} seeds (mean ± std)")
     print("| task | recipe steps | at the recipe | at twice the steps | change | plateau |")
     print("|---|---|---|---|---|---|")
     for task in args.tasks:
-        steps = recipe(task, world=True).steps
-        once, seconds = dense_scores(args.backbone, task, 1, seeds)
-        twice, _ = dense_scores(args.backbone, task, 2, seeds)
+        steps = args.steps or recipe(task, world=True).steps
+        once, seconds = dense_scores(args.backbone, task, steps, seeds, **changes)
+        twice, _ = dense_scores(args.backbone, task, 2 * steps, seeds, **changes)
         pooled = math.sqrt((once["std"] ** 2 + twice["std"] ** 2) / 2)
         change = twice["score"] - once["score"]
         verdict = "yes" if abs(change) <= pooled else "no"

@@ -214,7 +214,7 @@ def test_sentences_alone_do_not_give_the_label_away(world):
 
 def test_uniter_tiny_learns_the_world_split(world):
     """From a fresh uniter-tiny, 300 steps of batch 32 fit the training pairs and generalise to
-    dev well above chance (0.665 here; the world θ0 reaches about 0.85, see the README)."""
+    dev well above chance (0.665 here; from the world θ0 see docs/RESULTS.md)."""
     torch.manual_seed(0)
     backbone = Uniter.build("tiny")
     task = Nlvr2(world)

@@ -21,7 +21,7 @@ from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.lottery import Lottery
 from vl_prune.ticket import Ticket
 from vl_prune.train import TrainSettings
-from vl_prune.transfer import Transfer
+from vl_prune.transfer import Transfer, markdown, table
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.uniter import Uniter
 
@@ -181,3 +181,33 @@ def test_bad_sources_and_flags_are_one_line_errors(run, tmp_path):
         assert result.exit_code == 2, extra
         assert message in result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def cell(ticket: str, seed: int, scores: list[float], dense: float) -> dict:
+    mean = sum(scores) / len(scores)
+    return {
+        "ticket": ticket,
+        "task": "vqa",
+        "source": {"task": "nlvr2", "method": "imp", "round": 1, "seed": seed},
+        "sparsity": 0.1,
+        "score": mean,
+        "std": 0.01,
+        "scores": scores,
+        "dense_score": dense,
+        "fraction_of_dense": mean / dense,
+        "other_weights": False,
+    }
+
+
+def test_a_table_tells_the_seeds_of_a_run_apart_and_shows_their_spread():
+    results = [
+        cell("runs/r/seed_0/round_01/ticket.safetensors", 0, [0.5, 0.52], 0.5),
+        cell("runs/r/seed_1/round_01/ticket.safetensors", 1, [0.48, 0.5], 0.5),
+    ]
+    transfer = table(results)
+    labels = [row["label"] for row in transfer["rows"]]
+    assert labels == [
+        "nlvr2 imp 10% (seed 0, seed_0/round_01/ticket.safetensors)",
+        "nlvr2 imp 10% (seed 1, seed_1/round_01/ticket.safetensors)",
+    ]
+    assert "| 102.0% ± 2.0% |" in markdown(transfer)

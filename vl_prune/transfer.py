@@ -160,11 +160,14 @@ def table(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = list(dict.fromkeys(r["ticket"] for r in results))
     columns = list(dict.fromkeys(r["task"] for r in results))
     cells = {(r["ticket"], r["task"]): r for r in results}
-    labels = {row: label(next(r for r in results if r["ticket"] == row)) for row in rows}
+    first = {row: next(r for r in results if r["ticket"] == row) for row in rows}
+    labels = {row: label(result) for row, result in first.items()}
     repeated = {name for name in labels.values() if list(labels.values()).count(name) > 1}
     for row, name in labels.items():
-        if name in repeated:  # e.g. two runs of the same task and method
-            labels[row] = f"{name} ({Path(row).parent.name}/{Path(row).name})"
+        if name in repeated:  # the seeds of a run, or two runs of the same task and method
+            seed = first[row]["source"].get("seed")
+            where = ("" if seed is None else f"seed {seed}, ") + "/".join(Path(row).parts[-3:])
+            labels[row] = f"{name} ({where})"
     return {
         "columns": columns,
         "dense": {
