@@ -175,3 +175,18 @@ def test_a_missing_path_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "dangling").symlink_to(missing)
     with pytest.raises(VLPruneError, match="dangling"):
         data_fingerprint(tmp_path / "dangling")
+
+
+def test_per_image_files_count_by_name_and_size(tmp_path: Path) -> None:
+    features = tmp_path / "img_db" / "nlvr2_dev"
+    features.mkdir(parents=True)
+    image = features / "dev-1-img0.npz"
+    image.write_bytes(b"\x01" * 100)
+    before = data_fingerprint(tmp_path)
+    image.write_bytes(b"\x02" * 100)  # same size: read by neither run nor fingerprint
+    assert data_fingerprint(tmp_path) == before
+    image.write_bytes(b"\x02" * 101)
+    grown = data_fingerprint(tmp_path)
+    assert grown != before
+    image.rename(features / "dev-2-img0.npz")
+    assert data_fingerprint(tmp_path) != grown

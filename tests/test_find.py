@@ -155,7 +155,7 @@ def test_imp_resets_survivors_to_theta0_and_head_to_phi0(world, theta0, tmp_path
     seen = _starting_states(monkeypatch)
     lottery = Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path)
     lottery.run()
-    untrained = lottery.experiment.template.state_dict()
+    untrained = lottery.experiment.fresh().state_dict()
     assert len(seen) == 3
     for state in seen:
         for name, value in _plain(state).items():
@@ -175,7 +175,7 @@ def test_rewind_resets_to_the_dense_run_after_k_steps(world, theta0, tmp_path, m
     lottery = Lottery(found, runs=tmp_path)
     lottery.run()
     rewound = load_file(lottery.round_folder(0) / "rewind.safetensors")
-    untrained = lottery.experiment.template.state_dict()
+    untrained = lottery.experiment.fresh().state_dict()
     head = [k for k in rewound if k.startswith("head.")]
     assert any(not torch.equal(rewound[k], untrained[k]) for k in head)  # φ_k is not φ0
     for state in seen[1:]:
@@ -369,7 +369,7 @@ def test_shuffled_weights_baseline_permutes_theta0_within_each_tensor(
     lottery = Lottery(settings(world, theta0, sparsity=0.1), runs=tmp_path / "runs")
     lottery.run()
     ticket = Ticket.load(lottery.round_folder(1) / "ticket.safetensors")
-    template = lottery.experiment.template.backbone
+    template = lottery.experiment.fresh().backbone
     started = {}
 
     def capture(self, model, *args, **kwargs):
@@ -435,7 +435,7 @@ def test_another_pretrained_set_replaces_theta0_where_names_match(
     result = train_ticket(
         ticket, settings(world, theta0), weights=str(tmp_path / "bert.safetensors")
     )
-    template = dict(lottery.experiment.template.backbone.named_parameters())
+    template = dict(lottery.experiment.fresh().backbone.named_parameters())
     for name in ticket.masks:  # every prunable tensor is BERT's
         assert torch.equal(started[name + "_orig"], bert["bert." + name])
     # No image embeddings in BERT, and NLVR2's third token type does not fit BERT's two.

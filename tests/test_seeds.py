@@ -23,7 +23,7 @@ from vl_prune.ticket import Ticket
 from vl_prune.train import TrainSettings
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.uniter import Uniter
-from vl_prune_plugins.world.theta0 import THETA0, file_name
+from vl_prune_plugins.world.theta0 import THETA0, THREADS, file_name, pretrained_tiny
 
 WORLD = {"train": 48, "dev": 24}
 
@@ -190,8 +190,26 @@ def test_runs_follow_the_data_contents_not_its_path(world, theta0, tmp_path):
     assert edited.folder != here.folder
 
 
-def test_theta0_is_cached_per_thread_count():
-    backbone = Uniter.build("tiny")
-    names = {file_name("uniter", backbone, THETA0, threads) for threads in (1, 2, 1)}
-    assert len(names) == 2
-    assert file_name("uniter", backbone, THETA0, 2).startswith("uniter-tiny-2t-")
+def test_theta0_is_pretrained_with_fixed_threads_whatever_the_callers(tmp_path, monkeypatch):
+    import vl_prune.distributed as distributed
+    import vl_prune_plugins.world.splits.pretrain as pretrain_split
+
+    monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path))
+    monkeypatch.setattr(pretrain_split, "WORLD_SIZES", {"train": 16, "dev": 8})
+    asked = []
+
+    def alone(function, *args):
+        asked.append(args[-1])  # the threads
+        raise RuntimeError("stop before pre-training")
+
+    monkeypatch.setattr(distributed, "run_alone", alone)
+    names, before = set(), torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            with pytest.raises(RuntimeError, match="stop before"):
+                pretrained_tiny(Uniter, "uniter", THETA0)
+            names.add(file_name("uniter", Uniter.build("tiny"), THETA0))
+    finally:
+        torch.set_num_threads(before)
+    assert asked == [THREADS, THREADS] and len(names) == 1

@@ -57,6 +57,10 @@ class FindSettings:
     def __post_init__(self):
         if self.seeds < 1:
             raise VLPruneError(f"--seeds must be at least 1, not {self.seeds}")
+        if self.train.seed + self.seeds > 2**32:
+            raise VLPruneError(
+                f"--seed + --seeds must stay below 2**32, not {self.train.seed + self.seeds}"
+            )
         if not 0.0 < self.sparsity < 1.0:
             raise VLPruneError(f"--sparsity must be strictly between 0 and 1, not {self.sparsity}")
         if self.tokenizer is not None and self.checkpoint is None:
@@ -139,12 +143,14 @@ class Experiment:
                 backbone.use_tokenizer(settings.tokenizer)
         #: θ0 as built, before a head grows it (a second image type)
         self.theta0 = backbone
-        self.template = self.fresh()
-        report = self.template.backbone.load_report  # with what the head grew
-        if report is not None:
-            log(str(report))
-        self.names = backbone.prunable_names()
-        weights = current_weights(backbone, self.names)
+        # What every seed's model shares, read off one (its backbone grown by the head) that is
+        # not kept: a second copy of a large backbone would stay in memory for nothing.
+        first = self.fresh().backbone
+        self.preset = first.preset
+        if first.load_report is not None:
+            log(str(first.load_report))
+        self.names = first.prunable_names()
+        weights = current_weights(first, self.names)
         self.total = sum(w.numel() for w in weights.values())
         self.fingerprint = fingerprint(weights)
         self.data = data.resolve()

@@ -122,7 +122,7 @@ class Lottery:
         del identity["train"]["seed"]  # each seed has its folder in the run's
         self.config = {
             **identity,
-            "preset": self.experiment.template.backbone.preset,
+            "preset": self.experiment.preset,
             "data": self.experiment.data_fingerprint,
             "weights_fingerprint": self.experiment.fingerprint,
         }
@@ -330,13 +330,19 @@ class Lottery:
 
     def _write_outputs(self, report: dict[str, Any]) -> None:
         """The ticket kept (the first seed's mask at the round chosen on the mean, carrying the
-        seeds' scores), report.json and curve.png."""
+        seeds' scores and the mean dense score; its `history` is its own seed's), report.json
+        and curve.png."""
         from vl_prune.plots import curves
 
         final = report["final"]
         ticket = Ticket.load(self.round_folder(final["round"]) / TICKET)
         ticket.metadata.update(
-            score=final["score"], std=final["std"], scores=final["scores"], seeds=self.seeds
+            score=final["score"],
+            std=final["std"],
+            scores=final["scores"],
+            seeds=self.seeds,
+            dense_score=report["dense_score"],
+            dense_std=report["dense_std"],
         )
         ticket.save(self.folder / TICKET)
         atomic_write(self.folder / "report.json", json.dumps(report, indent=2).encode())

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vl_prune.baselines import check_start, load_other_weights, shuffle_within_tensors
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.distributed import process_state
@@ -116,7 +118,9 @@ def train_mask(
     if lora is not None:
         from vl_prune.lora import add_lora
 
-        model = add_lora(model, lora.rank)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(seed, Stream.LORA))  # the adapters' initialisation
+            model = add_lora(model, lora.rank)
     what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
     what += f" + LoRA r{lora.rank}" if lora is not None else ""
     score, trained = experiment.train(

@@ -31,12 +31,16 @@ class Stream(enum.IntEnum):
     PRUNE = 6
     SHUFFLE = 7
     EVALUATE = 8
+    LORA = 9
 
 
 def seed_of(seed: int, stream: Stream, *index: int) -> int:
-    """The seed (0 ≤ s < 2**63, what torch and numpy take) of one stream of a run's `seed`;
-    `index` tells apart the uses of a stream (an epoch, a round, a batch's examples)."""
-    state = np.random.SeedSequence([seed, int(stream), *index]).generate_state(1, np.uint64)
+    """The seed (0 ≤ s < 2**63, what torch and numpy take) of one stream of a run's `seed`
+    (0 ≤ seed < 2**32); `index` tells apart the uses of a stream (an epoch, a round, a batch's
+    examples). The key holds the index's length: SeedSequence pads short keys with zeros, so
+    (seed, stream) and (seed, stream, 0) would otherwise share a stream."""
+    key = [seed, int(stream), len(index), *index]
+    state = np.random.SeedSequence(key).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
 
 

@@ -41,6 +41,7 @@ _JSON_KEYS = {
     "seeds",
     "std",
     "scores",
+    "dense_std",
 }
 
 

@@ -57,8 +57,8 @@ class TrainSettings:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
             raise VLPruneError("steps, batch size and gradient accumulation must be at least 1")
-        if self.seed < 0:
-            raise VLPruneError(f"--seed must be 0 or more, not {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise VLPruneError(f"--seed must be between 0 and 2**32 - 1, not {self.seed}")
         if self.num_workers is not None and self.num_workers < 0:
             raise VLPruneError(f"--num-workers must be 0 or more, not {self.num_workers}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):

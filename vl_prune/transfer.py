@@ -78,7 +78,7 @@ class Transfer:
         self.seeds = seed_list(settings.train.seed, settings.seeds)
         self.target = {
             **target,
-            "preset": self.experiment.template.backbone.preset,
+            "preset": self.experiment.preset,
             "data": self.experiment.data_fingerprint,
             "weights_fingerprint": self.experiment.fingerprint,
             # --batch-size is per process: another process count is another training

@@ -20,6 +20,10 @@ from vl_prune_plugins.world.vocabulary import words
 
 # Pre-training of the tiny presets' θ0; changing it changes every cached θ0 (and its name).
 THETA0 = TrainSettings(steps=400, batch_size=32, lr=1e-3, seed=0)
+#: the threads θ0 is always pre-trained with, whatever the caller's: float sums, hence θ0's
+#: bits, depend on the thread count, and every process and machine of a job must find the same
+#: θ0 under one name
+THREADS = 2
 
 
 def pretrained_tiny(
@@ -35,9 +39,7 @@ def pretrained_tiny(
 
     torch.manual_seed(settings.seed)
     backbone = backbone_class.build("tiny")
-    # Float sums, hence θ0's bits, depend on the thread count: each count has its own θ0.
-    threads = torch.get_num_threads()
-    path = home() / "theta0" / file_name(name, backbone, settings, threads)
+    path = home() / "theta0" / file_name(name, backbone, settings)
     # Every rank asks for the captions, θ0 cached or not: `data` holds a barrier of its own,
     # which must not meet the one below, and the machines of a job may have cached different
     # things.
@@ -49,12 +51,12 @@ def pretrained_tiny(
             # In a process of its own: inside a multi-process job Accelerate would split the
             # batches across the ranks and give another θ0 under the same name, and in this
             # process it would fix the precision of the fine-tuning that follows to θ0's.
-            run_alone(_pretrain, backbone_class, name, settings, captions, path, threads)
+            run_alone(_pretrain, backbone_class, name, settings, captions, path, THREADS)
     backbone.load_state_dict(load_file(path))
     return backbone
 
 
-def file_name(name: str, backbone: Backbone, settings: TrainSettings, threads: int) -> str:
+def file_name(name: str, backbone: Backbone, settings: TrainSettings) -> str:
     """The cached θ0's file name: everything that decides its weights is in its digest, so a
     change of any of them builds a new θ0."""
     from vl_prune_plugins.world.splits.pretrain import WORLD_SIZES
@@ -68,11 +70,11 @@ def file_name(name: str, backbone: Backbone, settings: TrainSettings, threads: i
             VERSION,
             OPTIMIZER,
             SCHEME,
-            threads,
+            THREADS,
         )
     )
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    return f"{name}-tiny-{threads}t-{digest}.safetensors"
+    return f"{name}-tiny-{digest}.safetensors"
 
 
 def _pretrain(
@@ -84,7 +86,7 @@ def _pretrain(
     threads: int,
 ) -> None:
     """Pre-train a new tiny backbone (seeded as `pretrained_tiny` seeds its own) on the world's
-    `captions` folder with the caller's thread count, and write it to `path`."""
+    `captions` folder with `threads` threads, and write it to `path`."""
     from safetensors.torch import save
 
     from vl_prune.files import atomic_write

@@ -9,8 +9,14 @@ and last MiB and a few evenly spaced blocks), so an edit in an unsampled stretch
 size goes unseen. Such stores are written once and replaced whole, which the size and samples
 catch; in-place surgery on a feature store is the case given up for a constant cost per file.
 
+Per-image files (feature `.npz`/`.npy`, pictures) count by name and size only: a folder of
+120,000 of them is the feature index, and reading them all would cost what reading a feature
+store whole does. Annotations, txt_db and img_db stores, TSV and Arrow tables are read as above.
+
 Hidden names (editor and atomic-write temp files, `.DS_Store`), `__pycache__` and LMDB's
-`lock.mdb` (rewritten by every reader) are not data, so they are skipped.
+`lock.mdb` (rewritten by every reader) are not data, so they are skipped. The whole folder
+counts, so a file added beside a task's data (another task's download) starts new runs: give
+`--data` a folder of one task's files (links are followed) to keep runs across downloads.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ BLOCK_BYTES = 64 * 1024
 MIDDLE_BLOCKS = 8
 DIGEST_CHARS = 16
 SKIPPED_NAMES = frozenset({"__pycache__", "lock.mdb"})
+#: per-image files, counted by name and size
+INDEXED_SUFFIXES = frozenset({".npz", ".npy", ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
 
 
 def data_fingerprint(path: Path) -> str:
@@ -68,6 +76,8 @@ def _walk(folder: str, prefix: str, ancestors: set[str]) -> list[tuple[str, str]
 
 
 def _file_digest(file: str) -> bytes:
+    if os.path.splitext(file)[1].lower() in INDEXED_SUFFIXES:
+        return hashlib.sha256(os.stat(file).st_size.to_bytes(8, "little")).digest()
     with open(file, "rb", buffering=0) as handle:
         size = os.fstat(handle.fileno()).st_size
         sha = hashlib.sha256(size.to_bytes(8, "little"))
