@@ -202,7 +202,8 @@ class Experiment:
         of a seed starts from the same head."""
         backbone = copy.deepcopy(self.theta0)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(self._seed(seed), Stream.HEAD))
+            # The CPU generator only: torch.manual_seed would also reseed CUDA's, outside the fork.
+            torch.random.default_generator.manual_seed(seed_of(self._seed(seed), Stream.HEAD))
             # The head may grow the backbone (a second image type).
             return VLModel(backbone, self.task.head(backbone))
 

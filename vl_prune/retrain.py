@@ -119,7 +119,8 @@ def train_mask(
         from vl_prune.lora import add_lora
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(seed, Stream.LORA))  # the adapters' initialisation
+            # The adapters' initialisation; the CPU generator only, as the fork restores no other.
+            torch.random.default_generator.manual_seed(seed_of(seed, Stream.LORA))
             model = add_lora(model, lora.rank)
     what = "dense" if ticket is None else f"{ticket.sparsity:.0%} ticket"
     what += f" + LoRA r{lora.rank}" if lora is not None else ""
