@@ -35,6 +35,9 @@ training_options = option_group(
     click.option(
         "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
     ),
+    click.option(
+        "--dropout", type=float, help="Dropout probability while fine-tuning [the model's own]."
+    ),
     click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
     click.option(
         "--seeds",

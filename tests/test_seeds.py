@@ -6,6 +6,7 @@ Runs on a small NLVR2 world split and a freshly initialised tiny UNITER saved as
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 import vl_prune.experiment as experiment_module
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.data.loader import EpochOrder
+from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.lottery import Lottery
 from vl_prune.seeds import Stream, seed_of
@@ -213,3 +215,25 @@ def test_theta0_is_pretrained_with_fixed_threads_whatever_the_callers(tmp_path, 
     finally:
         torch.set_num_threads(before)
     assert asked == [THREADS, THREADS] and len(names) == 1
+
+
+def test_dropout_setting_holds_for_the_whole_fine_tuning(world, theta0):
+    # `--dropout 0` (the world recipes' way to a converged dense model) leaves no randomness in a
+    # training-mode forward; unset, the model keeps its own dropout.
+    def forward_twice(dropout):
+        found = settings(world, theta0, steps=2)
+        found = replace(found, train=replace(found.train, dropout=dropout))
+        experiment = Experiment(found)
+        _, trained = experiment.train(experiment.fresh(), "dropout", quiet=True)
+        batch = experiment.task.collate(list(experiment.eval_examples[:4]), trained.backbone)
+        trained.train()
+        return [trained(batch) for _ in range(2)]
+
+    same = forward_twice(0.0)
+    assert torch.equal(same[0], same[1])
+    differ = forward_twice(None)
+    assert not torch.equal(differ[0], differ[1])
+    assert "dropout" not in TrainSettings().identity()
+    assert TrainSettings(dropout=0.0).identity() != TrainSettings().identity()
+    with pytest.raises(VLPruneError, match=r"--dropout must be in \[0, 1\), not 1.5"):
+        TrainSettings(dropout=1.5)

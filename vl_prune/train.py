@@ -45,6 +45,8 @@ class TrainSettings:
     mixed_precision: str = "no"
     #: fine-tune adversarially (VILLA) with these settings; None: plain fine-tuning
     adversarial: AdversarialSettings | None = None
+    #: the probability of every dropout of the model while fine-tuning; None: each module's own
+    dropout: float | None = None
     #: DataLoader worker processes (None: `vl_prune.data.loader.default_workers`); results do
     #: not depend on it, so it is no part of a run's identity
     num_workers: int | None = None
@@ -61,6 +63,8 @@ class TrainSettings:
             raise VLPruneError(f"--seed must be between 0 and 2**32 - 1, not {self.seed}")
         if self.num_workers is not None and self.num_workers < 0:
             raise VLPruneError(f"--num-workers must be 0 or more, not {self.num_workers}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise VLPruneError(f"--dropout must be in [0, 1), not {self.dropout}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise VLPruneError(
                 f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision}"
@@ -70,8 +74,9 @@ class TrainSettings:
         """The settings as hashed into the names of results: a field added later is left out
         while it is off, so results from before it keep their names."""
         fields = asdict(self)
-        if self.adversarial is None:
-            del fields["adversarial"]
+        for later in ("adversarial", "dropout"):
+            if fields[later] is None:
+                del fields[later]
         del fields["num_workers"]
         return fields
 
@@ -184,6 +189,10 @@ def fit(
     if not 0 <= start < settings.steps:
         raise VLPruneError(f"{description}: cannot start at step {start} of {settings.steps}")
     torch.manual_seed(seed_of(settings.seed, Stream.DROPOUT))
+    if settings.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = settings.dropout  # HF's attention reads it too (`dropout.p`)
     optimizer = _optimizer(model, settings, accelerator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, start))
     # The scheduler stays unprepared: Accelerate would step it once per process.
