@@ -275,8 +275,26 @@ def results(study, reports, plateaus, transferred, args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sparser(first, second, tasks, reports, relaxed, converged) -> list[str]:
+    """A finding's lines: does `first` (backbone, method) give sparser relaxed tickets than
+    `second`, beyond the noise, on every task both ran?"""
+    pairs = [(t, Curve(first[0], t, first[1]), Curve(second[0], t, second[1])) for t in tasks]
+    pairs = [(t, a, b) for t, a, b in pairs if a in reports and b in reports]
+    if not pairs:
+        return ["- Not run in this study."]
+    out = [
+        f"- {task}: {a.backbone} {a.method} {mean_std(relaxed[a])}, "
+        f"{b.backbone} {b.method} {mean_std(relaxed[b])}."
+        for task, a, b in pairs
+    ]
+    holds = all(beyond_noise(relaxed[a], relaxed[b]) for _, a, b in pairs)
+    used = [(c.backbone, c.task) for _, a, b in pairs for c in (a, b)]
+    return [*out, judged(holds, used, converged)]
+
+
 def findings(study, reports, relaxed, converged, transferred) -> list[str]:
     out = []
+    state = {"reports": reports, "relaxed": relaxed, "converged": converged}
 
     def curve(backbone, task, method):
         found = Curve(backbone, task, method)
@@ -337,35 +355,12 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
         "LXMERT).",
         "",
     ]
-    pairs = [
-        (task, curve("vilt", task, "imp"), curve("uniter", task, "imp"))
-        for task in ("vqa", "nlvr2", "retrieval")
-    ]
-    pairs = [(t, v, u) for t, v, u in pairs if v is not None and u is not None]
-    if not pairs:
-        out.append("- Not run in this study.")
-    else:
-        for task, v, u in pairs:
-            out.append(f"- {task}: ViLT {mean_std(relaxed[v])}, UNITER {mean_std(relaxed[u])}.")
-        holds = all(beyond_noise(relaxed[u], relaxed[v]) for _, v, u in pairs)
-        tasks = [(b, t) for t, _, _ in pairs for b in ("vilt", "uniter")]
-        out.append(judged(holds, tasks, converged))
+    out += sparser(("uniter", "imp"), ("vilt", "imp"), ("vqa", "nlvr2", "retrieval"), **state)
     out.append("")
 
     # 4. Adversarial training finds sparser tickets.
     out += ["**4. Adversarial training (VILLA) finds sparser winning tickets.**", ""]
-    pairs = [
-        (task, curve("uniter", task, "adv-imp"), curve("uniter", task, "imp"))
-        for task in UNITER_TASKS
-    ]
-    pairs = [(t, a, i) for t, a, i in pairs if a is not None and i is not None]
-    if not pairs:
-        out.append("- Not run in this study.")
-    else:
-        for task, a, i in pairs:
-            out.append(f"- {task}: adv-imp {mean_std(relaxed[a])}, imp {mean_std(relaxed[i])}.")
-        holds = all(beyond_noise(relaxed[a], relaxed[i]) for _, a, i in pairs)
-        out.append(judged(holds, [("uniter", t) for t, _, _ in pairs], converged))
+    out += sparser(("uniter", "adv-imp"), ("uniter", "imp"), UNITER_TASKS, **state)
     return out
 
 
