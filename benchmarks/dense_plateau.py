@@ -45,8 +45,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, help="Steps to test [the world recipe's].")
     parser.add_argument("--lr", type=float, help="Learning rate to test [the world recipe's].")
+    parser.add_argument("--batch-size", type=int, help="Batch size to test [the recipe's].")
+    parser.add_argument("--dropout", type=float, help="Dropout to test [the recipe's].")
     args = parser.parse_args()
-    changes = {} if args.lr is None else {"lr": args.lr}
+    changes = {
+        name: value
+        for name, value in (
+            ("lr", args.lr),
+            ("batch_size", args.batch_size),
+            ("dropout", args.dropout),
+        )
+        if value is not None
+    }
     seeds = seed_list(0, args.seeds)
 
     print(f"{args.backbone}-tiny, dense on the world, {args.seeds} seeds (mean ± std)")
