@@ -1,7 +1,8 @@
 """`vlprune find` against its anchor, the dense model: step time, peak memory, wall time.
 
 1. One training step (forward, backward, AdamW) of UNITER-base-shaped NLVR2 pairs, pruned to
-   90% by the ticket machinery, against the same dense model and against the same masks applied
+   90% by the ticket machinery and trained as `fit` trains it (zeros held in place), against the
+   same dense model, the same model trained through its prune hooks, and the same masks applied
    by torch's own prune API (`prune.custom_from_mask`); steps interleaved, median of many.
 2. Peak memory of a training step, each variant in a fresh process.
 3. The wall time of the default job, `vlprune find --model uniter --task nlvr2`, in a fresh
@@ -22,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 
 import torch
 from torch.nn.utils import prune
 
 from vl_prune.backbone import VLBatch
 from vl_prune.pruning import GlobalMagnitude
+from vl_prune.pruning.layout import zeros_in_place
 from vl_prune.task import VLModel
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.tasks.nlvr2 import PairedHead
@@ -64,32 +67,44 @@ def batch(size: int, image_type: int) -> VLBatch:
 
 
 class Step:
-    """One optimizer step of a model on fixed pairs."""
+    """One optimizer step of a model on fixed pairs: through its prune hooks, or as `fit` trains
+    a pruned model (`in_place`)."""
 
-    def __init__(self, net: VLModel, size: int):
+    def __init__(self, net: VLModel, size: int, in_place: bool = False):
         self.net = net
         self.inputs = [batch(size, 1), batch(size, 2)]
         self.targets = torch.randint(0, 2, (size,))
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.98))
+        self.layout = ExitStack()  # held for the benchmark's life, as for a whole `fit`
+        self.mask_gradients = (
+            self.layout.enter_context(zeros_in_place(net)) if in_place else lambda: None
+        )
 
     def __call__(self) -> float:
         start = time.perf_counter()
         logits = self.net.head(self.net.backbone, self.inputs)
         torch.nn.functional.cross_entropy(logits, self.targets).backward()
+        self.mask_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad()
         return time.perf_counter() - start
 
 
-VARIANTS = {"dense": (0.0, False), "vl_prune": (None, False), "torch prune": (None, True)}
+#: name: (sparsity, masks applied by torch's own API, trained as `fit` trains)
+VARIANTS = {
+    "dense": (0.0, False, False),
+    "vl_prune": (None, False, True),
+    "prune hooks": (None, False, False),
+    "torch prune": (None, True, False),
+}
 
 
-def _peak(sparsity: float, by_torch: bool, layers: int, size: int) -> int:
+def _peak(sparsity: float, by_torch: bool, in_place: bool, layers: int, size: int) -> int:
     """Peak resident memory of building the model and training two steps, above the
     interpreter's own (weights, masks, AdamW state and activations all count)."""
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    step = Step(model(layers, sparsity, by_torch), size)
+    step = Step(model(layers, sparsity, by_torch), size, in_place)
     step()
     step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
@@ -109,13 +124,16 @@ def main() -> None:
     parser.add_argument("--skip-find", action="store_true")
     args = parser.parse_args()
     settings = {
-        name: (args.sparsity if sparsity is None else sparsity, by_torch)
-        for name, (sparsity, by_torch) in VARIANTS.items()
+        name: (args.sparsity if sparsity is None else sparsity, by_torch, in_place)
+        for name, (sparsity, by_torch, in_place) in VARIANTS.items()
     }
 
     # Memory first: a spawned process inherits its parent's peak resident size.
     peak = {name: _in_fresh_process(*s, args.layers, args.batch) for name, s in settings.items()}
-    steps = {name: Step(model(args.layers, *s), args.batch) for name, s in settings.items()}
+    steps = {
+        name: Step(model(args.layers, sparsity, by_torch), args.batch, in_place)
+        for name, (sparsity, by_torch, in_place) in settings.items()
+    }
     for step in steps.values():  # warm-up: allocator, AdamW state
         step()
     times = {name: [] for name in steps}

@@ -24,6 +24,7 @@ from vl_prune.adversarial import AdversarialSettings, adversarial_backward
 from vl_prune.data.loader import EVALUATION_SEED, batches, raising
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
+from vl_prune.pruning.layout import zeros_in_place
 from vl_prune.seeds import Stream, seed_of
 from vl_prune.task import Task, TaskBatch, VLModel
 
@@ -202,8 +203,10 @@ def fit(
     model.train()
     losses: list[float] = []
     bar = _progress(settings.steps, description, quiet or not accelerator.is_main_process)
-    bar.update(step)
-    try:
+    # The pruned tensors train as plain parameters held at zero (`zeros_in_place`); the
+    # model is back in torch's prune layout when training ends, however it ends.
+    with bar, zeros_in_place(model) as mask_gradients:
+        bar.update(step)
         while step < settings.steps:
             epoch = _rest_of_epoch(step, loader, order, len(examples), settings, accelerator)
             for batch in raising(epoch):
@@ -214,6 +217,8 @@ def fit(
                             f"{description}: loss became {loss} at step {step + 1}; "
                             "lower the learning rate"
                         )
+                    if accelerator.sync_gradients:
+                        mask_gradients()
                     _optimizer_step(model, optimizer, scheduler, settings, accelerator)
                 if not accelerator.sync_gradients:
                     continue  # an accumulation goes on
@@ -227,8 +232,6 @@ def fit(
                     _save(accelerator, checkpoints, step)
                 if step == settings.steps:
                     break
-    finally:
-        bar.close()
     return losses
 
 

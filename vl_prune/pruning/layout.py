@@ -8,7 +8,8 @@ before each forward. Everything else in vl_prune reads and writes pruned modules
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -67,6 +68,50 @@ def pruned_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
         for hook in module._forward_pre_hooks.values()
         if isinstance(hook, prune.BasePruningMethod)
     ]
+
+
+@contextmanager
+def zeros_in_place(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Train `model`'s pruned tensors at the dense model's speed, in torch's layout again after.
+
+    Inside, each pruned `<name>_orig` holds zeros where its mask does and is the tensor its module
+    reads, with no hook: torch's hook would build `orig ⊙ mask` anew on every forward and mask the
+    gradient through autograd. Yields `mask_gradients`, to call before every optimizer step: it
+    zeroes the pruned entries' gradients in place, after any all-reduce, so AdamW (weight decay
+    included) leaves a zero weight at zero. Frozen tensors keep their hooks and values. On
+    leaving, even by an exception, each module has its hooks back in their order and `<name>`
+    recomputed; the pruned entries of `<name>_orig` stay zero, which no masked output can tell.
+    """
+    pruned: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks: dict[nn.Module, dict] = {}
+    changed: list[tuple[nn.Module, str]] = []
+    try:
+        for module, name in pruned_parameters(model):
+            orig, mask = getattr(module, name + ORIG), getattr(module, name + MASK)
+            if not orig.requires_grad:
+                continue  # frozen (under LoRA adapters, say): its hook costs no backward
+            hooks.setdefault(module, dict(module._forward_pre_hooks))
+            key, _ = prune_hook(module, name)
+            del module._forward_pre_hooks[key]
+            with torch.no_grad():
+                orig.mul_(mask)
+            # Where the hook keeps `<name>`: the module's plain attributes, not a parameter.
+            module.__dict__[name] = orig
+            changed.append((module, name))
+            pruned.append((orig, mask))
+
+        def mask_gradients() -> None:
+            for orig, mask in pruned:
+                if orig.grad is not None:
+                    orig.grad.mul_(mask)
+
+        yield mask_gradients
+    finally:
+        for module, saved in hooks.items():
+            module._forward_pre_hooks.clear()
+            module._forward_pre_hooks.update(saved)
+        for module, name in changed:
+            refresh(module, name)
 
 
 def refresh(module: nn.Module, name: str) -> None:
