@@ -7,6 +7,9 @@ over several seeds (each its own head φ0, data order and dropout). The recipe i
 the longer training's mean lies within one pooled std of the recipe's. Run:
 
     python benchmarks/dense_plateau.py --backbone uniter --tasks nlvr2 vqa --seeds 3
+
+`--steps`, `--lr`, `--batch-size` and `--dropout` try another recipe before a world split
+adopts it.
 """
 
 from __future__ import annotations
