@@ -217,9 +217,9 @@ def fit(
                             f"{description}: loss became {loss} at step {step + 1}; "
                             "lower the learning rate"
                         )
-                    if accelerator.sync_gradients:
-                        mask_gradients()
-                    _optimizer_step(model, optimizer, scheduler, settings, accelerator)
+                    _optimizer_step(
+                        model, optimizer, scheduler, settings, accelerator, mask_gradients
+                    )
                 if not accelerator.sync_gradients:
                     continue  # an accumulation goes on
                 step += 1
@@ -293,11 +293,17 @@ def _rest_of_epoch(
 
 
 def _optimizer_step(
-    model: VLModel, optimizer: Any, scheduler: Any, settings: TrainSettings, accelerator: Any
+    model: VLModel,
+    optimizer: Any,
+    scheduler: Any,
+    settings: TrainSettings,
+    accelerator: Any,
+    mask_gradients: Callable[[], None],
 ) -> None:
-    """Clip and step at the end of an accumulation (Accelerate makes the steps in between no-ops);
-    the schedule advances only on a step the optimizer took."""
+    """Mask pruned gradients, clip and step at the end of an accumulation (Accelerate makes the
+    steps in between no-ops); the schedule advances only on a step the optimizer took."""
     if accelerator.sync_gradients:
+        mask_gradients()
         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
