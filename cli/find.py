@@ -8,14 +8,15 @@ from typing import Any
 
 import click
 
-from vl_prune_cli.errors import UserError
 from vl_prune_cli.options import (
     adversarial_options,
     find_settings,
     model_option,
+    new_file,
     runs_option,
     training_options,
     weights_and_data_options,
+    writable_folder,
 )
 from vl_prune_cli.output import percent, progress, table
 
@@ -39,12 +40,22 @@ from vl_prune_cli.output import percent, progress, table
     help="linear: 10%, 20%, … of the weights; geometric: --rate of the survivors each round.",
 )
 @click.option(
-    "--rate", type=float, default=0.2, show_default=True, help="Geometric schedule's rate."
+    "--rate",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Geometric schedule's rate.",
 )
-@click.option("--sparsity", type=float, default=0.9, show_default=True, help="Final sparsity.")
+@click.option(
+    "--sparsity",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="Final sparsity.",
+)
 @click.option(
     "--rewind-step",
-    type=int,
+    type=click.IntRange(min=1),
     help="Rewind survivors to the dense run's weights after this step (any method; rewind: "
     "required).",
 )
@@ -56,7 +67,7 @@ from vl_prune_cli.output import percent, progress, table
 )
 @click.option(
     "--keep",
-    type=float,
+    type=click.FloatRange(0, 1, min_open=True),
     default=0.99,
     show_default=True,
     help="The ticket kept is the sparsest round holding this fraction of dense.",
@@ -66,7 +77,7 @@ from vl_prune_cli.output import percent, progress, table
 @runs_option
 @click.option(
     "--checkpoint-every",
-    type=int,
+    type=click.IntRange(min=1),
     default=50,
     show_default=True,
     help="Save the training state every N steps (resume point).",
@@ -96,6 +107,8 @@ def find(
     **training: Any,
 ) -> None:
     """Find a ticket: IMP rounds (or a baseline) to --sparsity, resumable, with a report."""
+    new_file("--out", out)
+    writable_folder("--runs", runs)
     from vl_prune.distributed import process_state
     from vl_prune.lottery import Lottery
     from vl_prune.pruning.aliases import resolve
@@ -117,8 +130,6 @@ def find(
         rewind_step=rewind_step,
         one_shot=one_shot,
     )
-    if out is not None and not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
     main_process = process_state().is_main_process  # one job: one process writes and prints
     say = progress(quiet)
     lottery = Lottery(settings, runs=runs, checkpoint_every=checkpoint_every, quiet=quiet, log=say)

@@ -15,6 +15,7 @@ from vl_prune_cli.find import find
 from vl_prune_cli.inspect_ticket import inspect_ticket
 from vl_prune_cli.plot import plot
 from vl_prune_cli.plugins import check_plugin, list_plugins
+from vl_prune_cli.runs import runs
 from vl_prune_cli.transfer import transfer
 
 
@@ -37,6 +38,7 @@ for command in (
     plot,
     inspect_ticket,
     compare,
+    runs,
 ):
     cli.add_command(command)
 

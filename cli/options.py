@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,27 +29,39 @@ def option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 # Fine-tuning flags shared by find, evaluate and transfer; unset ones come from the task's recipe.
 training_options = option_group(
-    click.option("--steps", type=int, help="Optimizer steps per fine-tuning."),
-    click.option("--lr", type=float, help="Peak learning rate (linear warmup and decay)."),
-    click.option("--batch-size", type=int, help="Examples per step and process."),
-    click.option("--grad-accumulation", type=int, help="Batches per optimizer step."),
+    click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps per fine-tuning."),
+    click.option(
+        "--lr",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Peak learning rate (linear warmup and decay).",
+    ),
+    click.option("--batch-size", type=click.IntRange(min=1), help="Examples per step and process."),
+    click.option(
+        "--grad-accumulation", type=click.IntRange(min=1), help="Batches per optimizer step."
+    ),
     click.option(
         "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Accelerate's."
     ),
     click.option(
-        "--dropout", type=float, help="Dropout probability while fine-tuning [the model's own]."
+        "--dropout",
+        type=click.FloatRange(0, 1, max_open=True),
+        help="Dropout probability while fine-tuning [the model's own].",
     ),
-    click.option("--seed", type=int, help="Seed of the head, data order and dropout."),
+    click.option(
+        "--seed",
+        type=click.IntRange(0, 2**32 - 1),
+        help="Seed of the head, data order and dropout.",
+    ),
     click.option(
         "--seeds",
-        type=int,
+        type=click.IntRange(min=1),
         default=1,
         show_default=True,
         help="Independent runs, seeded --seed, --seed + 1, …: scores are their mean and std.",
     ),
     click.option(
         "--num-workers",
-        type=int,
+        type=click.IntRange(min=0),
         help="Processes that read and collate batches [0 on CPU, up to 4 per GPU]; "
         "results do not depend on it.",
     ),
@@ -120,6 +133,30 @@ runs_option = click.option(
     show_default=True,
     help="Folder of run folders (transfer keeps its results in its transfer/).",
 )
+
+
+def new_file(flag: str, path: Path | None) -> None:
+    """A file the command writes when it is done, checked before any work: an hour of training
+    must not end in "folder does not exist"."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give the name of a file")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: folder {path.parent} is not writable")
+
+
+def writable_folder(flag: str, path: Path | None) -> None:
+    """A folder the command writes into, made if missing: checked before any work."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing}")
 
 
 def find_settings(

@@ -18,6 +18,7 @@ from vl_prune_cli.options import (
     ticket_model_option,
     training_options,
     weights_and_data_options,
+    writable_folder,
 )
 from vl_prune_cli.output import percent, progress
 
@@ -67,6 +68,8 @@ def transfer(
     **training: Any,
 ) -> None:
     """Train tickets from θ0 on other tasks and score them against each task's dense model."""
+    writable_folder("--out", out)
+    writable_folder("--runs", runs)
     from vl_prune import transfer as transfers
     from vl_prune.distributed import process_state
     from vl_prune.plots import transfer_heatmap
@@ -78,11 +81,6 @@ def transfer(
     if data is not None and len(targets) > 1:
         raise UserError("--data is one task's folder: give a single --task with it")
     main_process = process_state().is_main_process
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out}: not a folder")
-        if main_process:
-            out.mkdir(parents=True, exist_ok=True)
     backbone = ticket_backbone([Ticket.load(path) for path in paths], backbone)
     backbone = backbone or DEFAULT_BACKBONE
     log = progress(quiet)
@@ -109,6 +107,7 @@ def transfer(
     if out is not None:
         from vl_prune.files import atomic_write
 
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "transfer.json", json.dumps(table, indent=2).encode())
         atomic_write(out / "transfer.md", transfers.markdown(table).encode())
         transfer_heatmap(table, out / "transfer.png")

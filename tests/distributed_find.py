@@ -57,10 +57,10 @@ def pruned(model: torch.nn.Module) -> int:
 
 
 def main(out: Path, find_args: list[str]) -> None:
-    import accelerate.utils.other
     import safetensors.torch
 
     import vl_prune.experiment as experiment
+    import vl_prune.train_state as train_state
     from vl_prune import registry
     from vl_prune.experiment import Experiment, FindSettings
     from vl_prune_cli.main import cli
@@ -95,10 +95,8 @@ def main(out: Path, find_args: list[str]) -> None:
         return recorded
 
     torch.save = writer("torch.save", torch.save)
-    accelerate.utils.other.safe_save_file = writer(
-        "save_file", accelerate.utils.other.safe_save_file
-    )
     safetensors.torch.save_file = writer("save_file", safetensors.torch.save_file)
+    train_state.save_file = writer("save_file", train_state.save_file)
 
     make_accelerator = experiment.make_accelerator
 

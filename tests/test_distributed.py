@@ -27,12 +27,10 @@ from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.world.splits import nlvr2 as nlvr2_world
 
 SCRIPT = Path(distributed_find.__file__)
-#: what Accelerate's `save_state` writes on every rank, rank 1 included: the save's folder
-#: (`os.makedirs`, so its parent too) and that rank's random generator states
+#: what a save of the training state writes on every rank, rank 1 included: that rank's
+#: random generator states (rank 0 makes the save's folder)
 RANK1_SAVE_STATE = [
-    ("os.mkdir", r"seed_\d+/round_\d\d/checkpoint"),
-    ("os.mkdir", r"seed_\d+/round_\d\d/checkpoint/step_\d{7}"),
-    ("torch.save", r"seed_\d+/round_\d\d/checkpoint/step_\d{7}/random_states_1\.pkl"),
+    ("save_file", r"seed_\d+/round_\d\d/checkpoint/step_\d{7}/rng_1\.safetensors"),
 ]
 
 
@@ -130,7 +128,7 @@ def test_only_rank0_writes_run_files_except_its_own_save_state_files(job):
         re.fullmatch(r"seed_\d+/round_\d\d/checkpoint/step_\d{7}/model\.safetensors", p or "")
         for p in written
     )
-    saves = {path for event, path in rank1 if event == "torch.save"}
+    saves = {path for event, path in rank1 if event == "save_file"}
     assert saves, "rank 1 saved no random states: no save_state ran with two ranks"
     for event, path in rank1:
         name = relative(path, run)

@@ -224,16 +224,21 @@ def test_resume_after_sigkill_skips_finished_rounds_and_matches(world, theta0, t
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    (run,) = (tmp_path / "b").iterdir()
+    (run,) = (tmp_path / "b").glob("uniter-*")
     (seed,) = run.glob("seed_*")  # the task recipe's seed
     assert not (seed / "round_01" / "metrics.json").exists()
     finished = (seed / "round_00" / "metrics.json").stat().st_mtime_ns
+    # What a kill between a round's metrics.json and the deletion of its training state
+    # leaves, and a kill inside atomic_write: both are gone after the rerun.
+    shutil.copytree(seed / "round_01" / "checkpoint", seed / "round_00" / "checkpoint")
+    (seed / "round_00" / ".ticket.safetensors.a1b2c3d4.tmp").write_bytes(b"partial")
 
     resumed = subprocess.run(
         [*runner, *cli_args(world, theta0, tmp_path / "b", *common)], env=env, capture_output=True
     )
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert (seed / "round_00" / "metrics.json").stat().st_mtime_ns == finished
+    assert not list(run.rglob("checkpoint")) and not list(run.rglob("*.tmp"))
     (reference,) = (tmp_path / "a").iterdir()
     assert reference.name == run.name
     for mine, theirs in zip(round_tickets(run), round_tickets(reference), strict=True):

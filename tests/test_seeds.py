@@ -127,7 +127,7 @@ def test_find_cli_prints_mean_and_std_over_seeds(world, theta0, tmp_path):
     (run,) = tmp_path.iterdir()
     assert sorted(p.name for p in run.glob("seed_*")) == ["seed_3", "seed_4"]
     refused = CliRunner().invoke(cli, [*args, "--seeds", "0"])
-    assert refused.exit_code == 2 and "--seeds must be at least 1" in refused.output
+    assert refused.exit_code == 2 and "'--seeds': 0 is not in the range x>=1" in refused.output
 
 
 def test_evaluate_trains_a_ticket_once_per_seed(world, theta0, tmp_path):

@@ -4,12 +4,16 @@ and pre-trained tiny weights, each built once and then reused."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from vl_prune.errors import VLPruneError
 from vl_prune.files import write_folder
+from vl_prune.locks import locked
 
 
 def home() -> Path:
@@ -20,7 +24,8 @@ def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
     """`home()/name`, made by `build(folder)` on first use (atomically, see `write_folder`).
 
     In a multi-process job one process per machine builds it while the others wait, then
-    read it: N ranks building the same folder would do the work N times and all write."""
+    read it: N ranks building the same folder would do the work N times and all write. Other
+    jobs and commands wait on its lock (`vl_prune.locks`) while one builds it."""
     final = home() / name
     # Every rank passes the barrier, found or not: a rank that skipped it because another had
     # just built the folder would meet the others' barrier at its next collective call.
@@ -54,9 +59,38 @@ def local_main_first() -> Iterator[bool]:
 def _build(final: Path, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
-    try:
-        return write_folder(final, build)
-    except (OSError, VLPruneError):
-        if final.is_dir():  # another process built the same folder first
-            return final
-        raise
+    with build_once(final) as needed:
+        if needed:
+            write_folder(final, build)
+    return final
+
+
+@contextmanager
+def build_once(final: Path) -> Iterator[bool]:
+    """Hold the lock of the cache entry `final` (a file or folder) for the block, which builds
+    it if this yields True: it is still missing (another process may have built it while this
+    one waited), and what interrupted builds left of it is gone."""
+    # A wait of minutes without a word would look like a hang: the waiting line goes to stderr.
+    with locked(final, log=lambda line: print(line, file=sys.stderr)):
+        if final.exists():
+            yield False
+        else:
+            remove_partial(final)
+            yield True
+
+
+#: what an interrupted build of the entry `<entry>` leaves beside it: `write_folder`'s
+#: `.<entry>.<8 random characters>` folders and `atomic_write`'s `… .tmp` files
+PARTIAL = re.compile(r"\.(?P<entry>.+)\.[^./]{8}(\.tmp)?")
+
+
+def remove_partial(final: Path) -> None:
+    """Delete what interrupted builds of `final` left beside it; the caller holds `final`'s
+    lock, so no build of it is running."""
+    for path in final.parent.iterdir() if final.parent.is_dir() else ():
+        found = PARTIAL.fullmatch(path.name)
+        if found and found["entry"] == final.name:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -18,16 +18,19 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from vl_prune.adversarial import AdversarialSettings
-from vl_prune.checkpoint import read_state_dict
+from vl_prune.checkpoint import read_state_dict, reason
+from vl_prune.cleanup import run_leftovers
 from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
+from vl_prune.locks import locked
 from vl_prune.pruning import ScorePruning, geometric, linear, prune_to
 from vl_prune.pruning.aliases import MethodAlias, resolve
 from vl_prune.pruning.layout import load_plain_state
@@ -56,10 +59,16 @@ class Round:
     @classmethod
     def read(cls, path: Path) -> Round:
         """A round an earlier run finished, from its `metrics.json`."""
-        record = json.loads(path.read_text())
-        return cls(
-            **{f.name: record[f.name] for f in fields(cls) if f.name != "skipped"}, skipped=True
-        )
+        try:
+            record = json.loads(path.read_text())
+            return cls(
+                **{f.name: record[f.name] for f in fields(cls) if f.name != "skipped"},
+                skipped=True,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VLPruneError(
+                f"{path}: damaged ({reason(exc)}); delete {path.parent} to train the round again"
+            ) from exc
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "skipped"}
@@ -144,12 +153,28 @@ class Lottery:
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
         state = process_state()
-        if state.is_main_process:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            config = self.folder / "config.json"
-            if not config.is_file():
-                atomic_write(config, json.dumps(self.config, indent=2).encode())
-        state.wait_for_everyone()
+        with ExitStack() as hold:
+            # One job at a time in a run folder: its main process holds the lock for all.
+            if state.is_main_process:
+                hold.enter_context(locked(self.folder, log=self.log))
+                self._open_folder()
+            state.wait_for_everyone()
+            return self._run(keep)
+
+    def _open_folder(self) -> None:
+        """Create the run folder, or clear what a killed run of it left (the lock is held)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "config.json"
+        if not config.is_file():
+            atomic_write(config, json.dumps(self.config, indent=2).encode())
+        if leftovers := run_leftovers(self.folder):
+            size = sum(leftover.size for leftover in leftovers)
+            for leftover in leftovers:
+                leftover.remove()
+            self.log(f"removed {len(leftovers)} leftovers of a killed run ({size / 1e6:.1f} MB)")
+
+    def _run(self, keep: float) -> dict[str, Any]:
+        state = process_state()
         started, histories, ran = time.perf_counter(), {}, []
         left = len(self.seeds) * (self.rounds + 1)
         for seed in self.seeds:

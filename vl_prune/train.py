@@ -3,8 +3,8 @@
 AdamW with UNITER's betas and weight decay, linear warmup then decay, gradient clipping and
 accumulation, shuffling and dropout from the seed's streams (`vl_prune.seeds`); evaluation
 gathers predictions from every process with `gather_for_metrics`. Pruned weights stay zero:
-they are masked by torch's prune hook on every forward, whatever the optimizer does to
-`weight_orig`.
+they are held at zero in place and their gradients masked (`zeros_in_place`). An interrupted
+fine-tuning resumes from its last save (`vl_prune.train_state`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vl_prune import train_state
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
 from vl_prune.data.loader import EVALUATION_SEED, batches, raising
 from vl_prune.errors import VLPruneError
@@ -144,7 +145,7 @@ def _progress(total: int, description: str, quiet: bool):
 
 @dataclass(frozen=True)
 class Checkpoints:
-    """Where and how often `fit` saves its whole state (`accelerator.save_state`: weights,
+    """Where and how often `fit` saves its whole state (`vl_prune.train_state`: weights,
     optimizer, schedule, random generators), so an interrupted fine-tuning continues from
     the last save with the same result as an uninterrupted one."""
 
@@ -152,8 +153,24 @@ class Checkpoints:
     every: int
 
     def latest(self) -> Path | None:
+        """The last complete save, which `latest` names; None before the first."""
         pointer = self.folder / LATEST
-        return self.folder / pointer.read_text().strip() if pointer.is_file() else None
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text(errors="replace").strip()
+        saved = self.folder / name
+        if not (name.startswith(STEP) and name.removeprefix(STEP).isdigit() and saved.is_dir()):
+            raise VLPruneError(
+                f"{pointer} names {name!r}, which is no save in {self.folder}; delete "
+                f"{self.folder.parent} to train the round again from its start"
+            )
+        return saved
+
+    def stale(self) -> list[Path]:
+        """Saves other than the latest: what a kill between a save and the deletion of the
+        ones before it leaves."""
+        latest = self.latest() if (self.folder / LATEST).is_file() else None
+        return [path for path in self.folder.glob(f"{STEP}*") if path != latest]
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -198,7 +215,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, start))
     # The scheduler stays unprepared: Accelerate would step it once per process.
     optimizer = accelerator.prepare(optimizer)
-    step = _resume(accelerator, checkpoints, scheduler) or start
+    step = _resume(model, optimizer, scheduler, accelerator, checkpoints) or start
     loader, order = _batches_of(model, task, examples, settings, accelerator, shuffle=True)
     model.train()
     losses: list[float] = []
@@ -229,7 +246,7 @@ def fit(
                 if on_step is not None:
                     on_step(step)
                 if checkpoints is not None and step % checkpoints.every == 0:
-                    _save(accelerator, checkpoints, step)
+                    _save(model, optimizer, scheduler, accelerator, checkpoints, step)
                 if step == settings.steps:
                     break
     return losses
@@ -268,15 +285,14 @@ def _schedule(settings: TrainSettings, start: int = 0) -> Callable[[int], float]
     return factor
 
 
-def _resume(accelerator: Any, checkpoints: Checkpoints | None, scheduler: Any) -> int:
+def _resume(
+    model: Any, optimizer: Any, scheduler: Any, accelerator: Any, checkpoints: Checkpoints | None
+) -> int:
     """The step training starts from: that of the last saved state, loaded, or 0."""
-    if checkpoints is None:
-        return 0
-    accelerator.register_for_checkpointing(scheduler)
-    saved = checkpoints.latest()
+    saved = None if checkpoints is None else checkpoints.latest()
     if saved is None:
         return 0
-    accelerator.load_state(str(saved))
+    train_state.load(saved, model, optimizer, scheduler, accelerator)
     return int(saved.name.removeprefix(STEP))
 
 
@@ -328,17 +344,27 @@ def _batches(examples: int, settings: TrainSettings, accelerator: Any) -> int:
     return math.ceil(math.ceil(examples / settings.batch_size) / accelerator.num_processes)
 
 
-def _save(accelerator: Any, checkpoints: Checkpoints, step: int) -> None:
+def _save(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    accelerator: Any,
+    checkpoints: Checkpoints,
+    step: int,
+) -> None:
     """Save under a new name, point `latest` at it, then drop older saves: a kill at any
     moment leaves `latest` naming a complete save (or none)."""
     name = f"{STEP}{step:07d}"
-    accelerator.save_state(str(checkpoints.folder / name))
+    folder = checkpoints.folder / name
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)  # a save a kill interrupted
+    accelerator.wait_for_everyone()
+    train_state.save(folder, model, optimizer, scheduler, accelerator)
     accelerator.wait_for_everyone()  # every process's random states are written
     if accelerator.is_main_process:
         atomic_write(checkpoints.folder / LATEST, name.encode())
-        for old in checkpoints.folder.glob(f"{STEP}*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints.stale():
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from vl_prune.distributed import process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
+from vl_prune.locks import locked
 from vl_prune.lora import check_rank
 from vl_prune.lottery import METRICS, TICKET
 from vl_prune.retrain import Lora, train_mask
@@ -69,7 +71,7 @@ class Transfer:
             check_rank(lora)
         self.experiment = Experiment(settings, log)
         self.folder = Path(runs) / "transfer"
-        self.quiet = quiet
+        self.quiet, self.log = quiet, log
         #: train LoRA adapters of this rank over each masked backbone (the dense model
         #: it is compared with stays fully fine-tuned)
         self.lora = lora
@@ -138,20 +140,33 @@ class Transfer:
         settings = self.experiment.settings
         path = self.folder / f"{settings.backbone}-{settings.task}-{digest}.json"
         state = process_state()
-        # Every process looks only once the last result is written, so all of them agree on
-        # whether to train (one process training alone would hang the job).
-        state.wait_for_everyone()
-        if path.is_file():
-            return json.loads(path.read_text())
-        if state.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(path.with_suffix(".lora"), ignore_errors=True)  # a killed run's
-        state.wait_for_everyone()
-        result = compute(path)
-        if state.is_main_process:
-            atomic_write(path, json.dumps(result, indent=2).encode())
-        state.wait_for_everyone()
-        return result
+        with ExitStack() as hold:
+            # One job at a time trains a result: its main process holds the lock for all.
+            if state.is_main_process:
+                hold.enter_context(locked(path, log=self.log))
+            # Every process looks only once the last result is written, so all of them agree
+            # on whether to train (one process training alone would hang the job).
+            state.wait_for_everyone()
+            if path.is_file():
+                return _read_result(path)
+            if state.is_main_process:
+                shutil.rmtree(path.with_suffix(".lora"), ignore_errors=True)  # a killed run's
+            state.wait_for_everyone()
+            result = compute(path)
+            if state.is_main_process:
+                atomic_write(path, json.dumps(result, indent=2).encode())
+            state.wait_for_everyone()
+            return result
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+    except ValueError as exc:
+        raise VLPruneError(f"{path}: damaged ({exc}); delete it to train again") from exc
+    if not isinstance(result, dict) or "score" not in result:
+        raise VLPruneError(f"{path}: not a transfer result; delete it to train again")
+    return result
 
 
 def table(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def pretrained_tiny(
     from safetensors.torch import load_file
 
     from vl_prune.distributed import run_alone
-    from vl_prune.home import home, local_main_first
+    from vl_prune.home import build_once, home, local_main_first
     from vl_prune.world import embedded_world
 
     torch.manual_seed(settings.seed)
@@ -48,10 +48,13 @@ def pretrained_tiny(
     # passes the barrier, built or not (see `cached_folder`).
     with local_main_first() as builder:
         if builder and not path.is_file():
-            # In a process of its own: inside a multi-process job Accelerate would split the
-            # batches across the ranks and give another θ0 under the same name, and in this
-            # process it would fix the precision of the fine-tuning that follows to θ0's.
-            run_alone(_pretrain, backbone_class, name, settings, captions, path, THREADS)
+            with build_once(path) as needed:
+                if needed:
+                    # In a process of its own: inside a multi-process job Accelerate would
+                    # split the batches across the ranks and give another θ0 under the same
+                    # name, and in this process it would fix the precision of the fine-tuning
+                    # that follows to θ0's.
+                    run_alone(_pretrain, backbone_class, name, settings, captions, path, THREADS)
     backbone.load_state_dict(load_file(path))
     return backbone
 
