@@ -14,6 +14,7 @@ from vl_prune_cli.options import (
     DEFAULT_BACKBONE,
     adversarial_options,
     find_settings,
+    new_file,
     ticket_model_option,
     training_options,
     weights_and_data_options,
@@ -75,6 +76,7 @@ def evaluate(
     **training: Any,
 ) -> None:
     """Train a ticket from θ0 on a task and score it (or score fine-tuned weights)."""
+    new_file("--merge", merge)
     from vl_prune.distributed import process_state
     from vl_prune.retrain import Lora, score_finetuned, ticket_backbone, train_ticket
     from vl_prune.ticket import Ticket

@@ -248,7 +248,9 @@ def test_two_identical_finds_started_together_train_once(inputs, tmp_path):
     trained = [log.count("training at sparsity") for log in logs]
     assert min(trained) == 0 and max(trained) == 3  # the dense round and two pruned ones
     waited = logs[trained.index(0)]
-    assert "waiting for pid" in waited and waited.count("finished earlier, skipped") == 3
+    run = runs / json.loads(done[0][0])["run"]
+    assert f"waiting: {run} is in use by pid" in waited
+    assert waited.count("finished earlier, skipped") == 3
     single = CliRunner().invoke(cli, find_args(inputs, tmp_path / "alone", "--quiet", "--json"))
     alone = [r["score"] for r in json.loads(single.stdout)["rounds"]]
     for stdout, _ in done:

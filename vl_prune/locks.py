@@ -35,7 +35,7 @@ def locked(
     `log`) and wait. Ctrl-C stops the wait."""
     path = lock_file(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, log)
+    fd = _acquire(path, Path(target), log)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)
@@ -63,7 +63,7 @@ def owner(target: str | os.PathLike) -> str | None:
     return None
 
 
-def _acquire(path: Path, log: Callable[[str], None]) -> int:
+def _acquire(path: Path, target: Path, log: Callable[[str], None]) -> int:
     said = False
     while True:
         try:
@@ -74,7 +74,7 @@ def _acquire(path: Path, log: Callable[[str], None]) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not said:
-                log(f"waiting for {_describe(path)}, which holds {path}")
+                log(f"waiting: {target} is in use by {_describe(path)}")
                 said = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
