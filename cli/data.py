@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from vl_prune_cli.errors import Group
 
-@click.group()
+
+@click.group(cls=Group)
 def data() -> None:
     """Data sets: write the embedded world's splits to disk."""
 

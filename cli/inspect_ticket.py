@@ -15,16 +15,33 @@ from vl_prune_cli.output import percent, table
 
 @click.command("inspect")
 @click.argument("ticket", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print machine-readable JSON; for a broken ticket {"valid": false, "problems": [...]}.',
+)
 def inspect_ticket(ticket: Path, as_json: bool) -> None:
-    """Show a ticket's metadata and its overall and per-tensor sparsity."""
+    """Show a ticket's metadata and its overall and per-tensor sparsity.
+
+    A broken ticket is refused as applying it would refuse it, in one line on stderr with exit
+    code 2: a tensor whose shape is not the one its `shapes` metadata gives, a tensor missing
+    from `shapes` or listed there but not stored, padding bits set, metadata that is not JSON.
+    (Whether the tensors fit a model is checked when the ticket is applied to one.)"""
+    from vl_prune.errors import VLPruneError
     from vl_prune.ticket import Ticket
 
-    loaded = Ticket.load(ticket)
+    try:
+        loaded = Ticket.load(ticket)
+    except VLPruneError as exc:
+        if as_json:
+            click.echo(json.dumps({"path": str(ticket), "valid": False, "problems": [str(exc)]}))
+        raise
     layers = loaded.layer_sparsity()
     if as_json:
         out = {
             "path": str(ticket),
+            "valid": True,
             "metadata": loaded.metadata,
             "weights": loaded.total,
             "pruned": loaded.pruned,

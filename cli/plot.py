@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -21,16 +20,15 @@ from vl_prune_cli.errors import UserError
 )
 def plot(runs: tuple[Path, ...], out: Path) -> None:
     """Score against sparsity for one or more run folders (e.g. imp against random)."""
-    from vl_prune.plots import curves
+    from vl_prune.data.text import read_json
+    from vl_prune.plots import check_report, curves
 
     reports = []
     for run in runs:
         path = run / "report.json" if run.is_dir() else run
         if not path.is_file():
             raise UserError(f"{run}: no report.json (is it a finished run folder?)")
-        try:
-            reports.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON ({exc.msg})") from exc
+        reports.append(read_json(path))
+        check_report(reports[-1], str(path))
     curves(reports, out)
     click.echo(f"wrote {out}")

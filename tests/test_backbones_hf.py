@@ -239,15 +239,22 @@ def test_checkpoints_that_do_not_fit_are_clear_errors(kind, tmp_path):
     with pytest.raises(VLPruneError, match=re.escape("pooler.dense.weight has shape (3, 3)")):
         kind.cls.build("tiny", tmp_path / "shape.safetensors")
     (tmp_path / "garbled.safetensors").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(VLPruneError, match=r"garbled\.safetensors: cannot read checkpoint"):
+    with pytest.raises(VLPruneError, match=r"garbled\.safetensors: not a safetensors file or"):
         kind.cls.build("tiny", tmp_path / "garbled.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x40" + bytes(7) + b'{"a": ')
+    with pytest.raises(VLPruneError, match=r"cut\.safetensors: cannot read checkpoint"):
+        kind.cls.build("tiny", tmp_path / "cut.safetensors")
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"pooler.dense.weight": Payload()}, f, protocol=2)
-    with pytest.raises(VLPruneError, match=r"evil\.pt: cannot read checkpoint"):
+    with pytest.raises(VLPruneError, match=r"evil\.pt: refused: the pickle names time\.sleep"):
         kind.cls.build("tiny", tmp_path / "evil.pt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VLPruneError, match=r"empty: cannot load"):
+    with pytest.raises(VLPruneError, match=r"empty: a folder without config\.json"):
         kind.cls.build("tiny", tmp_path / "empty")
+    (tmp_path / "config-only").mkdir()
+    inner(tiny(kind), kind).config.save_pretrained(tmp_path / "config-only")
+    with pytest.raises(VLPruneError, match=r"config-only: cannot load"):
+        kind.cls.build("tiny", tmp_path / "config-only")
     with pytest.raises(
         VLPruneError, match=re.escape(f"{tmp_path / 'nowhere'}: no such checkpoint")
     ):

@@ -201,17 +201,18 @@ def test_garbage_values_are_bad_values(value, message):
 
 
 @pytest.mark.parametrize(
-    "value",
+    ("value", "message"),
     [
-        pytest.param(b"<html>503 Service Unavailable</html>", id="html-page"),
-        pytest.param(npy(np.ones((3, 4), np.float16)), id="npy-not-npz"),
-        pytest.param(b"", id="empty"),
+        pytest.param(b"<html>503 Service Unavailable</html>", "not readable npz", id="html-page"),
+        pytest.param(npy(np.ones((3, 4), np.float16)), "an .npy file", id="npy-not-npz"),
+        pytest.param(b"", r"empty \(0 bytes\)", id="empty"),
     ],
 )
-def test_feature_file_bytes_that_are_no_npz_are_bad_values_saying_so(value):
+def test_feature_file_bytes_that_are_no_npz_are_bad_values_saying_so(value, message):
     """What a per-image feature file holds is read with decode_npz whatever its first bytes: a
-    saved error page is not 'an object array', and a plain .npy is no npz either."""
-    with pytest.raises(BadValue, match="not readable npz"):
+    saved error page is not 'an object array', a plain .npy is no npz either, and an empty
+    file is said to be empty."""
+    with pytest.raises(BadValue, match=message):
         decode_npz(value)
 
 

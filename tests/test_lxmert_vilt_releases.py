@@ -115,7 +115,8 @@ def test_a_damaged_tsv_line_names_the_file_and_line(tiny, folders, tmp_path):
     result = find(tmp_path, "lxmert", "vqa", tiny["lxmert"], data)
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1
-    assert f"{tsv}:1: field 'features' is not base64 of 36 rows of float32" in result.output
+    message = "image 'COCO_train2014_000000000001': field 'features' is not base64 of 36 rows"
+    assert f"{tsv}:1: {message} of float32" in result.output
     assert not (tmp_path / "runs").exists()
 
 
@@ -129,10 +130,14 @@ def test_a_table_without_a_column_names_the_file_and_column(tiny, folders, tmp_p
     assert not (tmp_path / "runs").exists()
 
 
-def test_tsv_files_are_indexed_once_and_read_by_line(folders, tmp_path):
+def test_tsv_files_are_indexed_once_and_read_by_line(folders, tmp_path, monkeypatch):
+    import vl_prune.data.tsv as tsv_module
     from vl_prune.data.tsv import TsvFeatures
 
     tsv = folders["lxmert-vqa"] / "mscoco_imgfeat" / "val2014_obj36.tsv"
+    assert len(TsvFeatures(tsv).lines) == 4
+    assert not (tmp_path / "home" / "tsv_index").exists(), "a small file is scanned, not indexed"
+    monkeypatch.setattr(tsv_module, "INDEXED_BYTES", 0)  # as if it were LXMERT's size
     first = TsvFeatures(tsv)
     assert list(first.lines) == [f"COCO_val2014_{500 + i:012d}" for i in range(4)]
     index = list((tmp_path / "home" / "tsv_index").iterdir())

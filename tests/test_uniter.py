@@ -145,8 +145,11 @@ def test_checkpoint_that_does_not_fit_names_the_key(tmp_path, damage, message):
 
 def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "garbled.pt").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(VLPruneError, match=r"garbled\.pt: cannot read checkpoint"):
+    with pytest.raises(VLPruneError, match=r"garbled\.pt: not a safetensors file or torch check"):
         Uniter.build(checkpoint=tmp_path / "garbled.pt")
+    (tmp_path / "cut.pt").write_bytes(pickle.dumps({"a": 1}, protocol=2)[:-3])
+    with pytest.raises(VLPruneError, match=r"cut\.pt: cannot read checkpoint"):
+        Uniter.build(checkpoint=tmp_path / "cut.pt")
     torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}, tmp_path / "b.pt")
     with pytest.raises(VLPruneError, match="not a UNITER checkpoint"):
         Uniter.build(checkpoint=tmp_path / "b.pt")
@@ -164,7 +167,7 @@ class Payload:
 def test_checkpoints_are_never_unpickled_beyond_tensors(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"uniter.x": Payload()}, f, protocol=2)
-    with pytest.raises(VLPruneError, match=r"evil\.pt: cannot read checkpoint"):
+    with pytest.raises(VLPruneError, match=r"evil\.pt: refused: the pickle names time\.sleep"):
         Uniter.build(checkpoint=tmp_path / "evil.pt")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -9,11 +11,35 @@ import torch
 
 from vl_prune.errors import VLPruneError
 
+#: what a weights file must be
+EXPECTED = "expected a .safetensors file or a torch checkpoint (torch.save)"
+#: the sentences of torch's weights-only refusals that are advice, not the reason: its advice
+#: (load with weights_only=False) would run whatever code the file holds
+_ADVICE = ("weights_only", "Weights only load failed", "torch.load", "WeightsUnpickler error")
+
 
 def reason(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of an exception's message that says what went wrong (never torch's advice
+    to load without weights_only), or its type when it has none."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, pickle.UnpicklingError):
+        lines = [line for line in lines if not any(a in line for a in _ADVICE)]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _kind(path: Path) -> str:
+    """The file's format, "safetensors" or "torch", told by its first bytes, not its name."""
+    with path.open("rb") as file:
+        head = file.read(16)
+    if not head:
+        raise VLPruneError(f"{path}: empty file (0 bytes); {EXPECTED}")
+    # torch's zip format, or its pre-1.6 format: a pickle of protocol 2 or later
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "torch"
+    # safetensors: the header's length as 8 bytes, then the header, a JSON object
+    if head[8:9] == b"{":
+        return "safetensors"
+    raise VLPruneError(f"{path}: not a safetensors file or torch checkpoint (it starts {head!r})")
 
 
 def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
@@ -23,8 +49,13 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
     `{"model": ...}` or `{"state_dict": ...}` (a Lightning `.ckpt`) is unwrapped. `shapes_only`
     gives tensors on the meta device, read without loading the values where the format allows."""
     path = Path(path)
+    if path.is_dir():
+        raise VLPruneError(f"{path}: a folder; {EXPECTED}")
+    if not path.exists():
+        raise VLPruneError(f"{path}: no such checkpoint file")
+    kind = _kind(path)
     try:
-        if path.suffix == ".safetensors" and shapes_only:
+        if kind == "safetensors" and shapes_only:
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as file:
@@ -32,7 +63,7 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
                     key: torch.empty(file.get_slice(key).get_shape(), device="meta")
                     for key in file.keys()  # noqa: SIM118 (safe_open is no mapping)
                 }
-        elif path.suffix == ".safetensors":
+        elif kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(path)
@@ -40,6 +71,15 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
             state = _torch_load(path, shapes_only)
     except VLPruneError:
         raise
+    except pickle.UnpicklingError as exc:
+        if named := re.search(r"GLOBAL (\S+)", str(exc)):
+            raise VLPruneError(
+                f"{path}: refused: the pickle names {named[1]}, which is no tensor or container "
+                "(nothing from the file ran)"
+            ) from exc
+        raise VLPruneError(f"{path}: not a torch checkpoint of tensors ({reason(exc)})") from exc
+    except EOFError as exc:
+        raise VLPruneError(f"{path}: cannot read checkpoint (it ends early: truncated?)") from exc
     except Exception as exc:
         raise VLPruneError(f"{path}: cannot read checkpoint ({reason(exc)})") from exc
     for wrapper in ("model", "state_dict"):

@@ -6,6 +6,22 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from vl_prune.errors import VLPruneError
+
+#: what `curves` reads of a run's report.json, and of each of its rounds
+REPORT_KEYS = {
+    "backbone": str,
+    "preset": str,
+    "method": str,
+    "task": str,
+    "metric": str,
+    "dense_score": float,
+    "keep": float,
+    "rounds": list,
+}
+ROUND_KEYS = {"sparsity": float, "score": float}
 
 
 def iou_heatmap(
@@ -52,6 +68,35 @@ def _heatmap(matrix, rows, columns, fmt, legend, title, path, limits=(0.0, 1.0))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return atomic_write(path, buffer.getvalue())
+
+
+def check_report(report: Any, where: str) -> None:
+    """`report` (read from `where`) must be a run's report.json as `curves` reads it; the
+    error names the key that is missing or wrong."""
+    if not isinstance(report, dict):
+        raise VLPruneError(f"{where}: not a run report (a JSON object with 'rounds', 'task', …)")
+    _check_keys(report, REPORT_KEYS, where)
+    if not report["rounds"]:
+        raise VLPruneError(f"{where}: 'rounds' is empty")
+    seeds = report.get("seeds", [0])
+    if not isinstance(seeds, list):
+        raise VLPruneError(f"{where}: 'seeds' should be a list, found {seeds!r:.40}")
+    several = len(seeds) > 1
+    for i, record in enumerate(report["rounds"]):
+        keys = {**ROUND_KEYS, "std": float} if several else ROUND_KEYS
+        if not isinstance(record, dict):
+            raise VLPruneError(f"{where}: rounds[{i}] is not a JSON object")
+        _check_keys(record, keys, f"{where}: rounds[{i}]")
+
+
+def _check_keys(record: dict, keys: Mapping[str, type], where: str) -> None:
+    for key, kind in keys.items():
+        value = record.get(key)
+        number = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number or (kind is not float and isinstance(value, kind))):
+            found = "missing" if key not in record else f"{value!r:.40}"
+            wanted = "a number" if kind is float else f"a {kind.__name__}"
+            raise VLPruneError(f"{where}: {key!r} should be {wanted}, found {found}")
 
 
 def curves(reports: Sequence[Mapping], path: os.PathLike) -> Path:

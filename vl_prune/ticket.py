@@ -204,6 +204,8 @@ class Ticket:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise VLPruneError(f"{path}: a folder; expected a ticket file (.safetensors)")
         if not path.is_file():
             raise VLPruneError(f"{path}: no such ticket file")
         try:
@@ -212,8 +214,10 @@ class Ticket:
                 tensors = {name: bundle.get_tensor(name) for name in bundle.keys()}  # noqa: SIM118
         except Exception as exc:
             raise VLPruneError(f"{path}: not a readable safetensors ticket ({exc})") from exc
-        if header.get("format") != FORMAT:
-            found = header.get("format", "none")
+        if "format" not in header:
+            raise VLPruneError(f"{path}: not a ticket (its metadata lacks format={FORMAT})")
+        if header["format"] != FORMAT:
+            found = header["format"]
             raise VLPruneError(f"{path}: unsupported ticket format {found!r} (expected {FORMAT})")
         metadata = {}
         for key, value in header.items():
@@ -221,6 +225,8 @@ class Ticket:
                 metadata[key] = json.loads(value) if key in _JSON_KEYS else value
             except json.JSONDecodeError as exc:
                 raise VLPruneError(f"{path}: metadata {key!r} is not valid JSON") from exc
+            except RecursionError as exc:
+                raise VLPruneError(f"{path}: metadata {key!r} is nested too deeply") from exc
         shapes = metadata.get("shapes")
         if not isinstance(shapes, dict):
             raise VLPruneError(f"{path}: metadata 'shapes' is missing")
@@ -229,7 +235,7 @@ class Ticket:
             if name not in shapes:
                 raise VLPruneError(f"{path}: tensor {name!r} has no shape in the metadata")
             shape = shapes[name]
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise VLPruneError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
             masks[name] = _unpack(stored, tuple(shapes[name]), f"{path}: tensor {name!r}")
         if missing := sorted(shapes.keys() - tensors.keys()):

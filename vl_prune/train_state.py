@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 TRAINING = "training.json"
 RNG = "rng_{}.safetensors"
+RANK_FILE = re.compile(r"rng_\d+\.safetensors")
 
 
 def save(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: Any) -> None:
@@ -52,20 +54,20 @@ def save(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: 
 def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: Any) -> None:
     """Restore what `save` wrote into `folder`. A file that is not one of its own (an
     Accelerate pickle of an older vl_prune, or planted) is refused before anything is read."""
-    expected = {MODEL, OPTIMIZER, TRAINING, *(RNG.format(k) for k in range(64))}
     restart = f"delete {folder.parent} to train the round again from its start"
     for path in sorted(folder.iterdir()):
-        if path.name not in expected:
+        if path.name not in (MODEL, OPTIMIZER, TRAINING) and not RANK_FILE.fullmatch(path.name):
             raise VLPruneError(
                 f"{path}: not part of a vl_prune training state (vl_prune never unpickles "
                 f"anything from a run folder); {restart}"
             )
     own = folder / RNG.format(accelerator.process_index)
     if not own.is_file():
-        saved = len(list(folder.glob(RNG.format("*"))))
+        ranks = [int(p.name[4:-12]) for p in folder.iterdir() if RANK_FILE.fullmatch(p.name)]
         raise VLPruneError(
-            f"{folder}: saved by a job of {saved} processes, not {accelerator.num_processes}; "
-            f"resume with {saved} or {restart}"
+            f"{folder}: holds no random states of process {accelerator.process_index}: it was "
+            f"saved by a job of {1 + max(ranks, default=-1)} processes; resume with as many, "
+            f"or {restart}"
         )
     try:
         load_model(accelerator.unwrap_model(model), str(folder / MODEL), device="cpu")

@@ -85,6 +85,8 @@ def file_shapes(
     key mapping onto nothing is refused before any weight is read); None for a save_pretrained
     folder or a hub id, whose config tells the sizes instead."""
     path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        check_folder(path)
     if not is_local(checkpoint) or path.is_dir():
         return None
     if not path.is_file():
@@ -93,6 +95,31 @@ def file_shapes(
     if is_original(checkpoint):
         state = convert(state, str(checkpoint))[0]
     return {key.removeprefix(base): value for key, value in state.items()}
+
+
+def check_tensors(
+    state: dict[str, torch.Tensor], dims: dict[str, int], checkpoint: str | os.PathLike, name: str
+) -> None:
+    """The tensors a weights file's sizes are read off must exist, each with `dims[key]`
+    dimensions."""
+    for key, dim in dims.items():
+        if key not in state:
+            raise VLPruneError(f"{checkpoint}: no {key}: not a checkpoint of {name}")
+        if state[key].dim() != dim:
+            raise VLPruneError(
+                f"{checkpoint}: {key} has shape {tuple(state[key].shape)}, expected {dim} "
+                "dimensions"
+            )
+
+
+def check_folder(path: Path) -> None:
+    """A checkpoint folder must be a save_pretrained one: transformers reads a folder without
+    config.json as the default architecture, with random weights."""
+    if not (path / "config.json").is_file():
+        raise VLPruneError(
+            f"{path}: a folder without config.json; expected a save_pretrained folder "
+            "(config.json and the weights) or a weights file"
+        )
 
 
 def tokenizer_loader(
@@ -131,6 +158,7 @@ def load_pretrained(
     else:
         path = Path(checkpoint).expanduser()
         if path.is_dir():
+            check_folder(path)
             args, kwargs = (path,), {}
         elif path.is_file():
             state = read_state_dict(path)

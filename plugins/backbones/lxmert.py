@@ -15,11 +15,11 @@ from torch import nn
 from transformers import LxmertConfig, LxmertModel, LxmertTokenizerFast
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput
-from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
 from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
+    check_tensors,
     embedding_width,
     file_shapes,
     files_source,
@@ -212,9 +212,7 @@ def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
         config = from_source(LxmertConfig.from_pretrained, str(checkpoint))
         sizes = (config.vocab_size, config.visual_feat_dim, config.hidden_size)
         return (*sizes, config.max_position_embeddings)
-    for key in (WORDS, FEATURES, POSITIONS):
-        if key not in state or state[key].dim() != 2:
-            raise VLPruneError(f"{checkpoint}: no {key}: not a checkpoint of LXMERT")
+    check_tensors(state, {WORDS: 2, FEATURES: 2, POSITIONS: 2}, checkpoint, "LXMERT")
     vocab, hidden = state[WORDS].shape
     return vocab, state[FEATURES].shape[1], hidden, state[POSITIONS].shape[0]
 

@@ -367,6 +367,10 @@ def read_checkpoint(
             f"or a .safetensors file (got {checkpoint})"
         )
     path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        raise VLPruneError(
+            f"{path}: a folder; UNITER's weights are one file (uniter-base.pt or a .safetensors)"
+        )
     if not path.is_file():
         raise VLPruneError(f"{path}: no such checkpoint file")
     raw = read_state_dict(path, shapes_only)

@@ -16,11 +16,11 @@ from torch import nn
 from transformers import BertTokenizerFast, ViltConfig, ViltModel
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local, with_image_types
-from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_source
 from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
+    check_tensors,
     embedding_width,
     file_shapes,
     files_source,
@@ -266,9 +266,9 @@ def _input_sizes(checkpoint: str | os.PathLike) -> tuple[int, int, int, int]:
         config = from_source(ViltConfig.from_pretrained, str(checkpoint))
         sizes = (config.vocab_size, config.hidden_size, config.image_size)
         return (*sizes, config.max_position_embeddings)
-    words, patches, positions = state.get(WORDS), state.get(PATCHES), state.get(POSITIONS)
-    if words is None or words.dim() != 2 or patches is None or positions is None:
-        raise VLPruneError(f"{checkpoint}: no {WORDS}: not a checkpoint of ViLT")
+    dims = {WORDS: 2, PATCHES: 4, POSITIONS: 2, **({GRID: 3} if GRID in state else {})}
+    check_tensors(state, dims, checkpoint, "ViLT")
+    words, patches, positions = state[WORDS], state[PATCHES], state[POSITIONS]
     vocab, hidden = words.shape
     # The position grid (cls first) times the patch size: the image size trained on.
     grid = round((state[GRID].shape[1] - 1) ** 0.5) if GRID in state else 0

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vl_prune.data.text import parse_json, read_json, utf8
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write
 
@@ -16,15 +17,13 @@ def json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(`file:line`, record) for every non-blank line; a line that is not a JSON object fails."""
     if not path.is_file():
         raise VLPruneError(f"{path}: annotation file is missing")
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            line = utf8(raw, path, number)
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise VLPruneError(f"{where}: not valid JSON ({exc.msg})") from exc
+            record = parse_json(line.rstrip("\r\n"), path, number)
             if not isinstance(record, dict):
                 raise VLPruneError(f"{where}: expected a JSON object")
             yield where, record
@@ -33,10 +32,7 @@ def json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 def json_file(path: Path) -> Any:
     if not path.is_file():
         raise VLPruneError(f"{path}: annotation file is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise VLPruneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    return read_json(path)
 
 
 def json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -105,6 +101,8 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def load_plain_pickle(file: BinaryIO, path: Path) -> Any:
     """The content of a pickle of plain data (lists, dicts, strings, numbers)."""
+    if path.stat().st_size == 0:
+        raise VLPruneError(f"{path}: empty file (0 bytes)")
     try:
         return _PlainUnpickler(file, path).load()
     except VLPruneError:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 ZIP_MAGIC = b"PK\x03\x04"
+NPY_MAGIC = b"\x93NUMPY"
 # The plain numeric dtypes: bool, signed and unsigned integers, floats, complex.
 NUMERIC_KINDS = "biufc"
 
@@ -25,6 +26,8 @@ class BadValue(ValueError):
 def decode_arrays(value: bytes) -> dict[str, np.ndarray]:
     """The arrays of one img_db value, in either of the forms UNITER writes: npz bytes
     (`--compress`) or msgpack-numpy (the default)."""
+    if not value:
+        raise BadValue("empty (0 bytes)")
     if value.startswith(ZIP_MAGIC):
         return decode_npz(value)
     content = decode_msgpack(value)
@@ -42,6 +45,10 @@ def decode_npz(value: bytes) -> dict[str, np.ndarray]:
     """Every member of npz bytes, read with `allow_pickle=False`. numpy 1.x stored the
     `allow_pickle=True` keyword UNITER passes as one more member, a 0-d bool array: it is a
     plain array and comes back like the others."""
+    if not value:
+        raise BadValue("empty (0 bytes)")
+    if value.startswith(NPY_MAGIC):
+        raise BadValue("an .npy file (one array), not an .npz archive of named arrays")
     if not value.startswith(ZIP_MAGIC):
         raise BadValue("not readable npz (not a zip archive)")
     try:

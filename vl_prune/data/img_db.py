@@ -19,7 +19,6 @@ LMDB folders, the one UNITER's training scripts open by default is read: `feat_t
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +27,7 @@ from pathlib import Path
 from vl_prune.data.codecs import BadValue, decode_arrays
 from vl_prune.data.lmdb_files import read, stored_keys
 from vl_prune.data.regions import UNITER_RULE, RegionRule, Regions, checked, cut
+from vl_prune.data.text import read_json
 from vl_prune.errors import VLPruneError
 
 LAYOUT = re.compile(
@@ -71,10 +71,7 @@ class Database:
         path = self.path.parent / f"nbb_{layout}.json"
         if not path.is_file():
             return None
-        try:
-            counts = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VLPruneError(f"{path}: not valid JSON ({exc})") from exc
+        counts = read_json(path)
         if not isinstance(counts, dict) or not all(
             isinstance(n, int) and n >= 0 for n in counts.values()
         ):

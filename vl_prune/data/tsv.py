@@ -38,6 +38,9 @@ FIELDS = (
     "boxes",
     "features",
 )
+# Files smaller than this are scanned again on each run (in well under a second) rather than
+# leave an index file in $VL_PRUNE_HOME.
+INDEXED_BYTES = 64 * 1024 * 1024
 # A box may reach past the image by LXMERT's tolerance.
 TOLERANCE = 1e-5
 # What separates the words of image ids and file names: COCO_train2014_…, train-10171-0-img0.
@@ -53,16 +56,20 @@ class TsvFeatures:
     @cached_property
     def lines(self) -> dict[str, tuple[int, int]]:
         """img_id → (byte offset, line number) of its line: read from the index cache, else
-        found by one pass over the file (no feature is decoded) and cached."""
+        found by one pass over the file (no feature is decoded) and cached (small files are
+        scanned each time)."""
         stat = self.path.stat()
+        if stat.st_size < INDEXED_BYTES:
+            return self._scan()
         identity = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         cache = _index_folder() / f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.json"
-        if cache.is_file():
-            return {key: tuple(value) for key, value in json.loads(cache.read_text()).items()}
-        lines = self._scan()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache, json.dumps(lines).encode())
-        return lines
+        if not cache.is_file():
+            from vl_prune.home import build_once
+
+            with build_once(cache) as needed:  # one process indexes; the others wait
+                if needed:
+                    atomic_write(cache, json.dumps(self._scan()).encode())
+        return {key: tuple(value) for key, value in json.loads(cache.read_text()).items()}
 
     def _scan(self) -> dict[str, tuple[int, int]]:
         from tqdm.auto import tqdm
@@ -98,7 +105,7 @@ class TsvFeatures:
         with self.path.open("rb") as file:
             file.seek(offset)
             line = file.readline()
-        return parse_line(line, f"{self.path}:{number}")
+        return parse_line(line, f"{self.path}:{number}: image {image!r}")
 
 
 def parse_line(line: bytes, where: str) -> Regions:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,6 +22,7 @@ import numpy as np
 from vl_prune.data.codecs import BadValue, decode_text_example
 from vl_prune.data.lazy import LazySequence
 from vl_prune.data.lmdb_files import read, stored_keys
+from vl_prune.data.text import read_json
 from vl_prune.errors import VLPruneError
 
 META_IDS = ("CLS", "SEP", "MASK", "UNK")
@@ -96,10 +96,7 @@ class TxtDb:
         path = self.path / name
         if not path.is_file():
             raise VLPruneError(f"{path}: missing from the txt_db")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VLPruneError(f"{path}: not valid JSON ({exc})") from exc
+        return read_json(path)
 
     def __getitem__(self, key: str) -> dict[str, Any]:
         """The example stored under `key`, which must be a map holding `input_ids`."""
