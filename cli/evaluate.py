@@ -13,6 +13,7 @@ from vl_prune_cli.errors import UserError
 from vl_prune_cli.options import (
     DEFAULT_BACKBONE,
     adversarial_options,
+    check_names,
     find_settings,
     new_file,
     ticket_model_option,
@@ -76,6 +77,7 @@ def evaluate(
     **training: Any,
 ) -> None:
     """Train a ticket from θ0 on a task and score it (or score fine-tuned weights)."""
+    check_names(backbones=backbone, tasks=task)
     new_file("--merge", merge)
     from vl_prune.distributed import process_state
     from vl_prune.retrain import Lora, score_finetuned, ticket_backbone, train_ticket

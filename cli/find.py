@@ -10,6 +10,7 @@ import click
 
 from vl_prune_cli.options import (
     adversarial_options,
+    check_names,
     find_settings,
     model_option,
     new_file,
@@ -107,6 +108,7 @@ def find(
     **training: Any,
 ) -> None:
     """Find a ticket: IMP rounds (or a baseline) to --sparsity, resumable, with a report."""
+    check_names(backbones=backbone, tasks=task, methods=method)
     new_file("--out", out)
     writable_folder("--runs", runs)
     from vl_prune.distributed import process_state

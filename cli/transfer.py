@@ -13,6 +13,7 @@ from vl_prune_cli.errors import UserError
 from vl_prune_cli.options import (
     DEFAULT_BACKBONE,
     adversarial_options,
+    check_names,
     find_settings,
     runs_option,
     ticket_model_option,
@@ -68,6 +69,8 @@ def transfer(
     **training: Any,
 ) -> None:
     """Train tickets from θ0 on other tasks and score them against each task's dense model."""
+    for task in tasks:
+        check_names(backbones=backbone, tasks=task)
     writable_folder("--out", out)
     writable_folder("--runs", runs)
     from vl_prune import transfer as transfers
