@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from vl_prune_cli.options import (
+    FiniteRange,
     adversarial_options,
     check_names,
     find_settings,
@@ -42,14 +43,14 @@ from vl_prune_cli.output import percent, progress, table
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=FiniteRange(0, 1, min_open=True, max_open=True),
     default=0.2,
     show_default=True,
     help="Geometric schedule's rate.",
 )
 @click.option(
     "--sparsity",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    type=FiniteRange(0, 1, min_open=True, max_open=True),
     default=0.9,
     show_default=True,
     help="Final sparsity.",
@@ -68,7 +69,7 @@ from vl_prune_cli.output import percent, progress, table
 )
 @click.option(
     "--keep",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteRange(0, 1, min_open=True),
     default=0.99,
     show_default=True,
     help="The ticket kept is the sparsest round holding this fraction of dense.",

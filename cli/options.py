@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,18 @@ from vl_prune_cli.errors import UserError
 if TYPE_CHECKING:
     from vl_prune.adversarial import AdversarialSettings
     from vl_prune.experiment import FindSettings
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities too (its comparisons let NaN through)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return number
 
 
 def option_group(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -32,7 +45,7 @@ training_options = option_group(
     click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps per fine-tuning."),
     click.option(
         "--lr",
-        type=click.FloatRange(min=0, min_open=True),
+        type=FiniteRange(min=0, min_open=True),
         help="Peak learning rate (linear warmup and decay).",
     ),
     click.option("--batch-size", type=click.IntRange(min=1), help="Examples per step and process."),
@@ -44,7 +57,7 @@ training_options = option_group(
     ),
     click.option(
         "--dropout",
-        type=click.FloatRange(0, 1, max_open=True),
+        type=FiniteRange(0, 1, max_open=True),
         help="Dropout probability while fine-tuning [the model's own].",
     ),
     click.option(
@@ -114,9 +127,19 @@ adversarial_options = option_group(
         "--adversarial", is_flag=True, help="Fine-tune adversarially (VILLA); adv-imp implies it."
     ),
     click.option("--adv-steps", type=int, help="Ascent steps per training step [3]."),
-    click.option("--adv-lr", type=float, help="Size of each ascent step (L2) [1e-3]."),
-    click.option("--adv-max-norm", type=float, help="Bound on each perturbation's L2 norm [none]."),
-    click.option("--adv-kl", type=float, help="Weight of the clean/perturbed KL term [1.5]."),
+    click.option(
+        "--adv-lr",
+        type=FiniteRange(min=0, min_open=True),
+        help="Size of each ascent step (L2) [1e-3].",
+    ),
+    click.option(
+        "--adv-max-norm",
+        type=FiniteRange(min=0),
+        help="Bound on each perturbation's L2 norm [none].",
+    ),
+    click.option(
+        "--adv-kl", type=FiniteRange(min=0), help="Weight of the clean/perturbed KL term [1.5]."
+    ),
     click.option(
         "--adv-modality",
         type=click.Choice(["text", "image", "both"]),

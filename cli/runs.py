@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -30,29 +31,37 @@ def runs_clean(runs: Path, dry_run: bool, resume_points: bool) -> None:
     and partial cache builds; run folders in use by a running process are left alone."""
     from vl_prune import cleanup
     from vl_prune.home import home
-    from vl_prune.locks import owner
+    from vl_prune.locks import Busy, locked, owner
 
     if runs.exists() and not runs.is_dir():
         raise UserError(f"--runs {runs}: is a file, not a folder")
-    found = cleanup.cache_leftovers(home())
+    freed: list[tuple[cleanup.Leftover, int]] = []
+
+    def take(leftovers: list[cleanup.Leftover]) -> None:
+        for leftover in leftovers:
+            freed.append((leftover, leftover.size))
+            if not dry_run:
+                leftover.remove()
+
+    take(cleanup.cache_leftovers(home()))
     if runs.is_dir():
-        found += cleanup.stale_locks(runs)
-        for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
-            if (user := owner(folder)) is not None:
-                click.echo(f"skipped {folder}: in use by {user}", err=True)
-            elif folder.name == "transfer":
-                found += cleanup.transfer_leftovers(folder)
-            elif (folder / "config.json").is_file():
-                found += cleanup.run_leftovers(folder, resume_points)
-    sizes = [leftover.size for leftover in found]
-    if found:
-        rows = [[str(f.path), _mb(size), f.why] for f, size in zip(found, sizes, strict=True)]
+        take(cleanup.stale_locks(runs))
+        take(cleanup.transfer_leftovers(runs / "transfer") + cleanup.stale_locks(runs / "transfer"))
+        for folder in sorted(p for p in runs.iterdir() if (p / "config.json").is_file()):
+            try:
+                # Held while its leftovers are found and removed: a run starting meanwhile
+                # waits, and none of its files can go.
+                with nullcontext() if dry_run else locked(folder, wait=False):
+                    if dry_run and (user := owner(folder)) is not None:
+                        raise Busy(f"{folder} is in use by {user}")
+                    take(cleanup.run_leftovers(folder, resume_points))
+            except Busy as busy:
+                click.echo(f"skipped: {busy}", err=True)
+    if freed:
+        rows = [[str(leftover.path), _mb(size), leftover.why] for leftover, size in freed]
         click.echo(table(["path", "size", "what"], rows, right=(1,)))
-    if not dry_run:
-        for leftover in found:
-            leftover.remove()
     verb = "would free" if dry_run else "freed"
-    click.echo(f"{verb} {_mb(sum(sizes))} in {len(found)} leftovers")
+    click.echo(f"{verb} {_mb(sum(size for _, size in freed))} in {len(freed)} leftovers")
 
 
 def _mb(size: int) -> str:

@@ -207,7 +207,7 @@ def test_cli_adv_imp_and_adversarial_evaluate(world, theta0, tmp_path):
     [
         (("--adv-steps", "2"), "--adv-steps needs --adversarial"),
         (("--adversarial", "--adv-steps", "0"), "--adv-steps must be at least 1"),
-        (("--adversarial", "--adv-lr", "0"), "--adv-lr must be positive"),
+        (("--adversarial", "--adv-lr", "0"), "'--adv-lr': 0.0 is not in the range x>0"),
         (("--adversarial", "--adv-max-norm", "-1"), "--adv-max-norm"),
         (("--adversarial", "--adv-kl", "-1"), "--adv-kl"),
     ],

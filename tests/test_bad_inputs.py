@@ -880,8 +880,10 @@ ROWS = [
     ),
     Row(
         "resume-saved-by-another-job-size",
-        resume_case(lambda save: (save / "rng_0.safetensors").rename(save / "rng_1.safetensors")),
-        "saved by a job of 2 processes",
+        resume_case(
+            lambda save: shutil.copy(save / "rng_0.safetensors", save / "rng_1.safetensors")
+        ),
+        "saved by a job of 2 processes, not 1; resume with 2",
     ),
     Row(
         "resume-latest-names-a-missing-save",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
+from vl_prune.errors import VLPruneError
 from vl_prune.locks import lock_file, locked, owner
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.uniter import Uniter
@@ -129,20 +131,20 @@ def test_damaged_resume_state_is_refused_in_one_line(inputs, resumable):
     runs, save = resumable
     model = save / "model.safetensors"
     model.write_bytes(model.read_bytes()[:1000])
-    assert_one_line(resume(inputs, runs), "damaged training state", str(save.parent.parent))
+    assert_one_line(resume(inputs, runs), "damaged training state", f"delete {save.parent} to")
 
 
 def test_latest_naming_a_missing_save_is_refused_in_one_line(inputs, resumable):
     runs, save = resumable
     shutil.rmtree(save)
-    assert_one_line(resume(inputs, runs), "step_0000002", "latest")
+    assert_one_line(resume(inputs, runs), "'step_0000002'", f"delete {save.parent} to")
 
 
 def test_a_damaged_metrics_json_is_refused_in_one_line(inputs, resumable):
     runs, _ = resumable
     (metrics,) = runs.glob("*/seed_*/round_00/metrics.json")
     metrics.write_text('{"round": 0, "spars')
-    assert_one_line(resume(inputs, runs), str(metrics), "delete")
+    assert_one_line(resume(inputs, runs), f"{metrics}: damaged", "delete it to train")
 
 
 def test_the_resumed_run_finishes(inputs, resumable):
@@ -233,28 +235,63 @@ def test_concurrent_processes_build_a_cache_entry_once(tmp_path):
 
 
 def test_two_identical_finds_started_together_train_once(inputs, tmp_path):
-    runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "vl_prune_cli.main", *find_args(inputs, runs, "--json")]
-    env = {**ENV, "VL_PRUNE_HOME": str(tmp_path / "home")}
-    pair = [
-        subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    done = [p.communicate(timeout=300) for p in pair]
-    assert [p.returncode for p in pair] == [0, 0], done
-    logs = [stderr for _, stderr in done]
-    trained = [log.count("training at sparsity") for log in logs]
-    assert min(trained) == 0 and max(trained) == 3  # the dense round and two pruned ones
-    waited = logs[trained.index(0)]
-    run = runs / json.loads(done[0][0])["run"]
-    assert f"waiting: {run} is in use by pid" in waited
-    assert waited.count("finished earlier, skipped") == 3
     single = CliRunner().invoke(cli, find_args(inputs, tmp_path / "alone", "--quiet", "--json"))
-    alone = [r["score"] for r in json.loads(single.stdout)["rounds"]]
-    for stdout, _ in done:
-        assert [r["score"] for r in json.loads(stdout)["rounds"]] == alone
+    alone = json.loads(single.stdout)
+    # A third process holds the run folder until both finds wait for it: they meet for sure.
+    run = tmp_path / "runs" / alone["run"]
+    holder = hold(run, 600, tmp_path)
+    command = [sys.executable, "-m", "vl_prune_cli.main", *find_args(inputs, run.parent, "--json")]
+    env = {**ENV, "VL_PRUNE_HOME": str(tmp_path / "home")}
+    logs = [tmp_path / f"find{i}.log" for i in range(2)]
+    pair = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        for log in logs
+    ]
+    deadline = time.monotonic() + 120
+    while not all(
+        f"waiting: {run} is in use by pid {holder.pid}" in log.read_text() for log in logs
+    ):
+        assert all(p.poll() is None for p in pair) and time.monotonic() < deadline
+        time.sleep(0.1)
+    holder.kill()  # killed, not released: its lock goes with it
+    holder.wait()
+    reports = [json.loads(p.communicate(timeout=300)[0]) for p in pair]
+    assert [p.returncode for p in pair] == [0, 0]
+    texts = [log.read_text() for log in logs]
+    trained = [text.count("training at sparsity") for text in texts]
+    assert sorted(trained) == [0, 3]  # one trained the dense round and two pruned ones
+    assert texts[trained.index(0)].count("finished earlier, skipped") == 3
+    for report in reports:
+        assert [r["score"] for r in report["rounds"]] == [r["score"] for r in alone["rounds"]]
+    assert not lock_file(run).exists()
+
+
+def test_a_job_of_several_processes_does_not_wait_for_a_lock(tmp_path, monkeypatch):
+    """Its other ranks could only wait at a barrier, which times out with a traceback."""
+    import accelerate.utils
+
+    import vl_prune.distributed as distributed
+
+    target = tmp_path / "run"
+    holder = hold(target, 60, tmp_path)
+    main = SimpleNamespace(num_processes=2, is_main_process=True)
+    monkeypatch.setattr(distributed, "process_state", lambda: main)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
+    try:
+        with (
+            pytest.raises(
+                VLPruneError,
+                match=rf"{target} is in use by pid {holder.pid} .*"
+                "a job of several processes does not wait",
+            ),
+            distributed.job_lock(target),
+        ):
+            pytest.fail("entered a locked run folder")
+    finally:
+        holder.kill()
+        holder.wait()
+    with distributed.job_lock(target):  # free again: taken at once
+        assert owner(target) is not None
 
 
 def test_runs_clean_frees_leftovers_and_keeps_results(inputs, resumable, tmp_path, monkeypatch):
@@ -285,7 +322,7 @@ def test_runs_clean_frees_leftovers_and_keeps_results(inputs, resumable, tmp_pat
     finally:
         holder.kill()
         holder.wait()
-    assert f"skipped {run}: in use by pid {holder.pid}" in busy.stderr
+    assert f"skipped: {run} is in use by pid {holder.pid}" in busy.stderr
     assert (finished / "checkpoint").exists()
 
     cleaned = CliRunner().invoke(cli, ["runs", "clean", "--runs", str(runs)])

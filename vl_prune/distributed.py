@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 from vl_prune.errors import VLPruneError
@@ -77,3 +79,29 @@ def _alone(function: Callable[..., None], *args: Any) -> None:
         if name in JOB_VARIABLES or name.startswith(LAUNCHER_PREFIXES):
             del os.environ[name]
     function(*args)
+
+
+@contextmanager
+def job_lock(target: Path) -> Iterator[None]:
+    """`target`'s lock (`vl_prune.locks`), held by the job's main process for the block. A
+    one-process job waits for another holder; in a job of several, the other ranks could only
+    wait at a barrier, which times out (30 min on gloo) with a traceback, so a busy target
+    stops every rank at once with one line naming its holder."""
+    from accelerate.utils import broadcast_object_list
+
+    from vl_prune.locks import Busy, locked
+
+    state = process_state()
+    alone = state.num_processes == 1
+    with ExitStack() as held:
+        refused = [None]
+        if state.is_main_process:
+            try:
+                held.enter_context(locked(target, wait=alone))
+            except Busy as busy:
+                refused = [str(busy)]
+        if not alone:
+            broadcast_object_list(refused)
+        if refused[0] is not None:
+            raise VLPruneError(f"{refused[0]}; a job of several processes does not wait")
+        yield

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,8 +69,9 @@ def build_once(final: Path) -> Iterator[bool]:
     """Hold the lock of the cache entry `final` (a file or folder) for the block, which builds
     it if this yields True: it is still missing (another process may have built it while this
     one waited), and what interrupted builds left of it is gone."""
-    # A wait of minutes without a word would look like a hang: the waiting line goes to stderr.
-    with locked(final, log=lambda line: print(line, file=sys.stderr)):
+    # In a multi-process job the other ranks wait at a barrier meanwhile: a wait as long as
+    # another process's build of the same entry (minutes), well within the barrier's timeout.
+    with locked(final):
         if final.exists():
             yield False
         else:

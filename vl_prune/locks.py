@@ -2,11 +2,13 @@
 
 The lock is the kernel's (`flock`), so it dies with its owner: a lock file left by a killed
 process is stale by construction and simply taken (flock reaches NFS as fcntl locks on Linux).
-The file names its owner (pid, host, command, since when) for whoever has to wait.
+The file names its owner (pid, host, command, since when) for whoever has to wait. A lock file
+is only ever unlinked by a process holding its lock, so no two processes can hold one target.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -19,6 +21,13 @@ from pathlib import Path
 
 from vl_prune.errors import VLPruneError
 
+#: flock's answers on a file system that has no locks (some FUSE and CIFS mounts)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+class Busy(VLPruneError):
+    """The target is locked by another process, and the caller chose not to wait."""
+
 
 def lock_file(target: str | os.PathLike) -> Path:
     """Where the lock of `target` (a folder or file, existing or not) lives: beside it, so
@@ -27,15 +36,23 @@ def lock_file(target: str | os.PathLike) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 @contextmanager
 def locked(
-    target: str | os.PathLike, log: Callable[[str], None] = lambda line: None
+    target: str | os.PathLike, wait: bool = True, log: Callable[[str], None] = _stderr
 ) -> Iterator[None]:
-    """Hold `target`'s lock for the block; while another process holds it, say who (through
-    `log`) and wait. Ctrl-C stops the wait."""
+    """Hold `target`'s lock for the block. While another process holds it: say who (through
+    `log`; a wait of hours without a word would look like a hang) and wait, or with
+    `wait=False` raise `Busy` naming it. Ctrl-C stops the wait."""
     path = lock_file(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, Path(target), log)
+    fd = _acquire(path, Path(target), wait, log)
+    if fd is None:
+        yield  # no locks on this file system: warned in `_acquire`
+        return
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)
@@ -43,44 +60,79 @@ def locked(
     finally:
         # Unlinked while still held: a process that opened this file meanwhile finds, once it
         # holds it, that the path names another file (or none) and starts over.
-        path.unlink(missing_ok=True)
+        if _same_file(fd, path):
+            path.unlink(missing_ok=True)
         os.close(fd)
 
 
 def owner(target: str | os.PathLike) -> str | None:
     """Who holds `target`'s lock, in words; None when nobody does (no file, or a stale one)."""
-    path = lock_file(target)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(lock_file(target), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _describe(path)
+        return _describe(lock_file(target))
+    except OSError:
+        return None
     finally:
         os.close(fd)
     return None
 
 
-def _acquire(path: Path, target: Path, log: Callable[[str], None]) -> int:
+def remove_stale(path: Path) -> bool:
+    """Delete the lock file `path` if no process holds it (taking its lock to do so, as a
+    release does); whether it was removed."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        if _same_file(fd, path):
+            path.unlink()
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _acquire(path: Path, target: Path, wait: bool, log: Callable[[str], None]) -> int | None:
+    """An open descriptor of `path` holding its lock; None where the file system has none."""
     said = False
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
-            raise VLPruneError(f"cannot lock {path}: {exc.strerror}") from exc
+            raise VLPruneError(f"cannot lock {target}: {path}: {exc.strerror}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not said:
-                log(f"waiting: {target} is in use by {_describe(path)}")
-                said = True
             try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise Busy(f"{target} is in use by {_describe(path)}") from None
+                if not said:
+                    log(f"waiting: {target} is in use by {_describe(path)}")
+                    said = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in NO_LOCKS:
                 raise
+            log(
+                f"warning: {path.parent} has no file locks ({exc.strerror}): nothing keeps "
+                f"another process out of {target}"
+            )
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
         if _same_file(fd, path):
             return fd
         os.close(fd)  # the holder unlinked it on release: lock the file now at the path
@@ -91,6 +143,10 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno == errno.ESTALE:  # NFS: the file was unlinked on another machine
+            return False
+        raise
 
 
 def _me() -> dict[str, object]:

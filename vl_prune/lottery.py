@@ -18,19 +18,16 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from vl_prune.adversarial import AdversarialSettings
-from vl_prune.checkpoint import read_state_dict, reason
-from vl_prune.cleanup import run_leftovers
-from vl_prune.distributed import process_state
+from vl_prune.checkpoint import reason
+from vl_prune.distributed import job_lock, process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
-from vl_prune.locks import locked
 from vl_prune.pruning import ScorePruning, geometric, linear, prune_to
 from vl_prune.pruning.aliases import MethodAlias, resolve
 from vl_prune.pruning.layout import load_plain_state
@@ -41,6 +38,8 @@ from vl_prune.train import Checkpoints
 
 TICKET = "ticket.safetensors"
 METRICS = "metrics.json"
+#: a round's training state while it trains (see `train.Checkpoints`)
+CHECKPOINT = "checkpoint"
 REWIND = "rewind.safetensors"
 
 
@@ -67,7 +66,7 @@ class Round:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise VLPruneError(
-                f"{path}: damaged ({reason(exc)}); delete {path.parent} to train the round again"
+                f"{path}: damaged ({reason(exc)}); delete it to train the round again"
             ) from exc
 
     def as_json(self) -> dict[str, Any]:
@@ -153,10 +152,8 @@ class Lottery:
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
         state = process_state()
-        with ExitStack() as hold:
-            # One job at a time in a run folder: its main process holds the lock for all.
+        with job_lock(self.folder):  # one job at a time in a run folder
             if state.is_main_process:
-                hold.enter_context(locked(self.folder, log=self.log))
                 self._open_folder()
             state.wait_for_everyone()
             return self._run(keep)
@@ -167,6 +164,8 @@ class Lottery:
         config = self.folder / "config.json"
         if not config.is_file():
             atomic_write(config, json.dumps(self.config, indent=2).encode())
+        from vl_prune.cleanup import run_leftovers  # which reads this module's names
+
         if leftovers := run_leftovers(self.folder):
             size = sum(leftover.size for leftover in leftovers)
             for leftover in leftovers:
@@ -222,7 +221,7 @@ class Lottery:
             own.metadata.pop("created", None)  # a round's ticket is made when it finishes
             own.apply(model.backbone, strict=True)
             if rewound:
-                load_plain_state(model, read_state_dict(self.round_folder(0, seed) / REWIND))
+                load_plain_state(model, _read_rewind(self.round_folder(0, seed) / REWIND))
         self.log(
             f"{named}: training at sparsity {own.sparsity:.1%}"
             + (" (dense)" if r == 0 else "")
@@ -234,7 +233,7 @@ class Lottery:
             description=named,
             seed=seed,
             quiet=self.quiet,
-            checkpoints=Checkpoints(folder / "checkpoint", self.checkpoint_every),
+            checkpoints=Checkpoints(folder / CHECKPOINT, self.checkpoint_every),
             on_step=self._rewind_saver(seed) if r == 0 and self.rewinds else None,
             start=self.settings.rewind_step if rewound else 0,
         )
@@ -251,7 +250,7 @@ class Lottery:
         if state.is_main_process:
             self._ticket(own, seed, r, dense, records, score=score).save(folder / TICKET)
             atomic_write(done, json.dumps(finished.as_json(), indent=2).encode())
-            shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+            shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
         state.wait_for_everyone()
         self.log(f"{named}: {finished.line()}")
         return finished
@@ -372,6 +371,20 @@ class Lottery:
         ticket.save(self.folder / TICKET)
         atomic_write(self.folder / "report.json", json.dumps(report, indent=2).encode())
         curves([report], self.folder / "curve.png")
+
+
+def _read_rewind(path: Path) -> dict[str, Any]:
+    """θ_k as `_rewind_saver` wrote it: read as safetensors whatever the file holds, so nothing
+    in a run folder goes through torch's unpickler."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise VLPruneError(
+            f"{path}: damaged ({reason(exc)}); delete {path.parent} to train from the dense round"
+        ) from exc
 
 
 def _duration(seconds: float) -> str:

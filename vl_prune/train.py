@@ -10,6 +10,7 @@ fine-tuning resumes from its last save (`vl_prune.train_state`).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -159,10 +160,10 @@ class Checkpoints:
             return None
         name = pointer.read_text(errors="replace").strip()
         saved = self.folder / name
-        if not (name.startswith(STEP) and name.removeprefix(STEP).isdigit() and saved.is_dir()):
+        if not (re.fullmatch(rf"{STEP}\d+", name) and saved.is_dir()):
             raise VLPruneError(
                 f"{pointer} names {name!r}, which is no save in {self.folder}; delete "
-                f"{self.folder.parent} to train the round again from its start"
+                f"{self.folder} to train the round again from its start"
             )
         return saved
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vl_prune.errors import VLPruneError
@@ -40,7 +40,7 @@ def save(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: 
         folder.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(folder / MODEL))
+        save_model(accelerator.unwrap_model(model), str(folder / MODEL), force_contiguous=True)
         tensors, rest = _split_optimizer(optimizer.state_dict())
         save_file(tensors, folder / OPTIMIZER, metadata={"state": json.dumps(rest)})
         training = {"scheduler": scheduler.state_dict()}
@@ -61,13 +61,13 @@ def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: 
                 f"{path}: not part of a vl_prune training state (vl_prune never unpickles "
                 f"anything from a run folder); {restart}"
             )
+    # Each process's batches depend on how many there are: only the same count resumes.
+    saved = sum(1 for path in folder.iterdir() if RANK_FILE.fullmatch(path.name))
     own = folder / RNG.format(accelerator.process_index)
-    if not own.is_file():
-        ranks = [int(p.name[4:-12]) for p in folder.iterdir() if RANK_FILE.fullmatch(p.name)]
+    if saved != accelerator.num_processes:
         raise VLPruneError(
-            f"{folder}: holds no random states of process {accelerator.process_index}: it was "
-            f"saved by a job of {1 + max(ranks, default=-1)} processes; resume with as many, "
-            f"or {restart}"
+            f"{folder}: saved by a job of {saved} processes, not {accelerator.num_processes}; "
+            f"resume with {saved}, or {restart}"
         )
     try:
         load_model(accelerator.unwrap_model(model), str(folder / MODEL), device="cpu")
@@ -77,7 +77,9 @@ def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: 
         if accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(training["scaler"])
         _set_random_states(own)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+    except torch.OutOfMemoryError:
+        raise  # the save is fine; the device is full
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VLPruneError(f"{folder}: damaged training state ({first}); {restart}") from exc
 
@@ -96,8 +98,6 @@ def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
 
 
 def _join_optimizer(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as file:
         rest = json.loads(file.metadata()["state"])
     state: dict[int, dict[str, Any]] = {}
@@ -127,8 +127,6 @@ def _random_states() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _set_random_states(path: Path) -> None:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as file:
         rest = file.metadata()
     tensors = load_file(path)

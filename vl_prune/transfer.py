@@ -15,16 +15,14 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from vl_prune import __version__
-from vl_prune.distributed import process_state
+from vl_prune.distributed import job_lock, process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
-from vl_prune.locks import locked
 from vl_prune.lora import check_rank
 from vl_prune.lottery import METRICS, TICKET
 from vl_prune.retrain import Lora, train_mask
@@ -71,7 +69,7 @@ class Transfer:
             check_rank(lora)
         self.experiment = Experiment(settings, log)
         self.folder = Path(runs) / "transfer"
-        self.quiet, self.log = quiet, log
+        self.quiet = quiet
         #: train LoRA adapters of this rank over each masked backbone (the dense model
         #: it is compared with stays fully fine-tuned)
         self.lora = lora
@@ -140,10 +138,7 @@ class Transfer:
         settings = self.experiment.settings
         path = self.folder / f"{settings.backbone}-{settings.task}-{digest}.json"
         state = process_state()
-        with ExitStack() as hold:
-            # One job at a time trains a result: its main process holds the lock for all.
-            if state.is_main_process:
-                hold.enter_context(locked(path, log=self.log))
+        with job_lock(path):  # one job at a time trains a result
             # Every process looks only once the last result is written, so all of them agree
             # on whether to train (one process training alone would hang the job).
             state.wait_for_everyone()
