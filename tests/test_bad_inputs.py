@@ -790,6 +790,11 @@ ROWS = [
     ),
     Row("unknown-command", lambda tmp, src: ["fnd"], "No such command 'fnd'"),
     Row(
+        "answer-vocab-for-nlvr2",
+        data_case("official", None, None, "nlvr2", "--answer-vocab", "ans2label.json"),
+        "--answer-vocab: Nlvr2 chooses among no answers; drop the flag",
+    ),
+    Row(
         "find-out-a-folder",
         data_case("official", None, None, "nlvr2", "--out", "data"),
         "--out data: is a folder",

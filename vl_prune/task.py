@@ -84,6 +84,9 @@ class Task:
     splits: ClassVar[tuple[str, ...]] = ("train", "dev")
     #: the longest text in tokens ([CLS] and [SEP] included): UNITER's max_txt_len
     max_text_len: ClassVar[int] = 60
+    #: whether the task reads `--answer-vocab` (a head choosing among answers); others refuse
+    #: it rather than silently ignore it
+    reads_answer_vocab: ClassVar[bool] = False
     #: fine-tuning settings (TrainSettings fields) for real data, e.g. the published ones;
     #: flags override them (the embedded world's come from its `WorldSplit`)
     recipe: ClassVar[dict[str, Any]] = {}
@@ -93,6 +96,10 @@ class Task:
         if not self.data.is_dir():
             raise VLPruneError(f"{self.data}: no such data folder")
         self.options = options or DataOptions()
+        if self.options.answer_vocab is not None and not self.reads_answer_vocab:
+            raise VLPruneError(
+                f"--answer-vocab: {type(self).__name__} chooses among no answers; drop the flag"
+            )
         #: the tokenizer of texts read already tokenised (a UNITER txt_db's meta.json): the
         #: backbone's vocabulary must be its
         self.text_vocabulary: Vocabulary | None = None

@@ -70,6 +70,7 @@ class Gqa(Task):
     # UNITER ships no GQA config; the paper fine-tunes GQA as VQA: train-vqa-base-4gpu.json,
     # 6000 steps, peak lr 8e-5, 600 warmup steps.
     recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
+    reads_answer_vocab = True
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)

@@ -102,6 +102,7 @@ class Vqa(Task):
     splits = ("train2014", "val2014")
     # UNITER's train-vqa-base-4gpu.json: 6000 steps, peak lr 8e-5, 600 warmup steps.
     recipe: ClassVar[dict] = {"steps": 6000, "lr": 8e-5, "warmup": 0.1, "batch_size": 32}
+    reads_answer_vocab = True
 
     def __init__(self, data: str | Path, options: DataOptions | None = None):
         super().__init__(data, options)
