@@ -161,7 +161,11 @@ def _me() -> dict[str, object]:
 def _describe(path: Path) -> str:
     """The owner a lock file names: "pid 123 on host (vlprune find …, since …)"."""
     try:
-        record = json.loads(path.read_text())
+        for _ in range(10):  # an owner that has just taken the lock writes its record next
+            if text := path.read_text():
+                break
+            time.sleep(0.05)
+        record = json.loads(text)
         return (
             f"pid {record['pid']} on {record['host']} ({record['command']}, since "
             f"{record['since']})"
