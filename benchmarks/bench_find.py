@@ -7,9 +7,13 @@
 2. Peak memory of a training step, each variant in a fresh process.
 3. The wall time of the default job, `vlprune find --model uniter --task nlvr2`, in a fresh
    `$VL_PRUNE_HOME` (first run: world data and θ0 built too) unless --skip-find.
+4. With --pair: the wall time of that job alone and of two of it started together (in one warm
+   home, two run folders, so both train), with the CLI's OpenMP wait settings and with
+   OpenMP's own; `--pair-steps N` shortens each job's fine-tunings to N steps.
 
     python benchmarks/bench_find.py                 # about ten minutes on 2 cores
     python benchmarks/bench_find.py --layers 2 --skip-find   # a quick look
+    python benchmarks/bench_find.py --steps 0 --skip-find --pair --pair-steps 60
 """
 
 from __future__ import annotations
@@ -122,7 +126,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--skip-find", action="store_true")
+    parser.add_argument("--pair", action="store_true", help="one find alone against two at once")
+    parser.add_argument("--pair-steps", type=int, help="fine-tuning steps of --pair's finds")
     args = parser.parse_args()
+    if args.steps:
+        training_steps(args)
+    if not args.skip_find:
+        first_find()
+    if args.pair:
+        pair(args.pair_steps)
+
+
+def training_steps(args: argparse.Namespace) -> None:
+    """Items 1 and 2: a training step's time and peak memory per variant."""
     settings = {
         name: (args.sparsity if sparsity is None else sparsity, by_torch, in_place)
         for name, (sparsity, by_torch, in_place) in VARIANTS.items()
@@ -156,8 +172,9 @@ def main() -> None:
         f"peak memory {peak['vl_prune'] / peak['torch prune']:.3f}x"
     )
 
-    if args.skip_find:
-        return
+
+def first_find() -> None:
+    """Item 3: the default job from a fresh home."""
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "VL_PRUNE_HOME": os.path.join(scratch, "home")}
         start = time.perf_counter()
@@ -171,6 +188,45 @@ def main() -> None:
         )
         wall = time.perf_counter() - start
     print(f"  vlprune find --model uniter --task nlvr2, first run: {wall / 60:.1f} min")
+
+
+def pair(steps: int | None) -> None:
+    """Item 4: one find alone, then two started together, under each OpenMP wait setting."""
+    job = ["find", "--model", "uniter", "--task", "nlvr2", "--quiet"]
+    job += [] if steps is None else ["--steps", str(steps)]
+    with tempfile.TemporaryDirectory() as scratch:
+        home = os.path.join(scratch, "home")
+        _finds(job, home, os.path.join(scratch, "warm"), 1, {})  # world and θ0, built once
+        print(f"vlprune {' '.join(job)}: wall time, warm home (alone | each of two together)")
+        for label, spin in (("vlprune's wait setting", None), ("OpenMP's default", "300000")):
+            extra = {} if spin is None else {"GOMP_SPINCOUNT": spin}
+            runs = os.path.join(scratch, label.split()[0])  # new run folders: nothing skipped
+            (alone,) = _finds(job, home, f"{runs}-alone", 1, extra)
+            together = _finds(job, home, f"{runs}-together", 2, extra)
+            print(
+                f"  {label:24} {alone:6.1f} s | {max(together):6.1f} s  "
+                f"({max(together) / alone:.2f}x)"
+            )
+
+
+def _finds(job: list[str], home: str, runs: str, count: int, extra: dict) -> list[float]:
+    """Wall seconds of `count` copies of `vlprune JOB` started together, each its own runs."""
+    env = {**os.environ, "VL_PRUNE_HOME": home, **extra}
+    env.pop("OMP_WAIT_POLICY", None)
+    if not extra:
+        env.pop("GOMP_SPINCOUNT", None)  # the CLI sets its own
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "vl_prune_cli.main", *job]
+    processes = [
+        subprocess.Popen([*command, "--runs", f"{runs}{i}"], env=env, stdout=subprocess.DEVNULL)
+        for i in range(count)
+    ]
+    walls = []
+    for process in processes:
+        if process.wait() != 0:
+            raise SystemExit(f"vlprune {' '.join(job)} failed")
+        walls.append(time.perf_counter() - start)
+    return walls
 
 
 if __name__ == "__main__":

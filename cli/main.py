@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -43,7 +44,18 @@ for command in (
     cli.add_command(command)
 
 
+#: OpenMP threads (libgomp, torch's on Linux) that wait this many spins before sleeping. By
+#: default they spin ~300,000 times between torch's many small parallel regions, i.e. always:
+#: two jobs on one machine then spend it spinning against each other (a short find on 2
+#: cores: 14 s alone, 240 s each when two ran together). At 5,000: 15-16 s alone, 34 s each
+#: for two together (benchmarks/bench_find.py --pair).
+SPIN_COUNT = "5000"
+
+
 def main() -> None:
+    # Read once, when torch loads OpenMP; the user's own OpenMP wait settings win.
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     cli(prog_name="vlprune")
 
 

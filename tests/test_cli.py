@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 
 import pytest
@@ -119,3 +120,25 @@ def test_debug_shows_the_traceback(tmp_path):
     result = run("--debug", "inspect", str(tmp_path / "nope.safetensors"))
     assert result.exit_code != 0 and result.exception is not None
     assert "no such ticket file" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, "5000"),  # OpenMP's threads sleep soon: jobs sharing the cores do not spin
+        ({"GOMP_SPINCOUNT": "100"}, "100"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, None),  # the user's choice, untouched
+    ],
+)
+def test_the_command_bounds_openmp_spinning_unless_told(monkeypatch, given, expected):
+    import vl_prune_cli.main as entry
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "")  # so that what `main` sets is undone after the test
+        monkeypatch.delenv(name)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    seen = {}
+    monkeypatch.setattr(entry, "cli", lambda **kwargs: seen.update(os.environ))
+    entry.main()
+    assert seen.get("GOMP_SPINCOUNT") == expected
