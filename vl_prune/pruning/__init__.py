@@ -15,6 +15,7 @@ from vl_prune.pruning.methods import (
     GlobalRandom,
     KeepMask,
     LayerwiseMagnitude,
+    NMMagnitude,
     ScorePruning,
 )
 from vl_prune.pruning.schedules import SCHEDULES, geometric, linear
@@ -27,6 +28,7 @@ __all__ = [
     "KeepMask",
     "LayerwiseMagnitude",
     "MethodAlias",
+    "NMMagnitude",
     "ScorePruning",
     "alive_mask",
     "count_pruned",

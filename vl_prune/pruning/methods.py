@@ -212,3 +212,37 @@ class GlobalRandom(ScorePruning):
         counts = rng.multivariate_hypergeometric(alive, k, method="marginals") if alive else []
         seeds = [int(s.generate_state(1)[0]) for s in sequence.spawn(len(alive))]
         return [{"amount": int(n), "seed": s} for n, s in zip(counts, seeds, strict=True)]
+
+
+class NMMagnitude(BoolMaskPruning):
+    """N:M semi-structured pruning (2:4 by default): the N largest |w| of every M in a row stay.
+
+    The M are consecutive weights along a row (the input dimension). 2:4 is the pattern that
+    sparse tensor cores run (`torch.sparse.to_sparse_semi_structured`): exactly half of each
+    tensor goes, so it is cut once, not in rounds. Ties go to the earlier weight."""
+
+    def __init__(self, n: int = 2, m: int = 4):
+        if not 0 < n < m:
+            raise ValueError(f"N:M pruning needs 0 < N < M, not {n}:{m}")
+        self.n, self.m = n, m
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor | None) -> torch.Tensor:
+        if t.dim() < 2 or t.shape[-1] % self.m:
+            raise ValueError(
+                f"{self.n}:{self.m} pruning needs rows of a multiple of {self.m} weights, not "
+                f"a tensor of shape {tuple(t.shape)}"
+            )
+        groups = t.detach().abs().reshape(-1, self.m)
+        if default_mask is not None:  # weights pruned already are the first to stay pruned
+            groups = groups.masked_fill(~default_mask.bool().reshape(-1, self.m), -1.0)
+        order = torch.sort(groups, dim=1, descending=True, stable=True).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order[:, : self.n], True)
+        if default_mask is not None:
+            keep.logical_and_(default_mask.bool().reshape(-1, self.m))
+        return keep.view(t.shape)
+
+    @classmethod
+    def prune_group(cls, parameters: Parameters, n: int = 2, m: int = 4) -> None:
+        """N:M-prune every tensor of the group (each on its own: the pattern is per row)."""
+        for module, name in parameters:
+            cls.apply(module, name, n=n, m=m)
