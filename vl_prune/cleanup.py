@@ -11,11 +11,11 @@ leftover counts only while no process holds the lock of what it belongs to.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from vl_prune.errors import VLPruneError
+from vl_prune.files import remove
 from vl_prune.home import PARTIAL
 from vl_prune.locks import owner, remove_stale
 from vl_prune.lottery import CHECKPOINT, METRICS
@@ -40,10 +40,8 @@ class Leftover:
     def remove(self) -> None:
         if LOCK.fullmatch(self.path.name):
             remove_stale(self.path)  # unless its target was locked since it was found
-        elif self.path.is_dir() and not self.path.is_symlink():
-            shutil.rmtree(self.path, ignore_errors=True)
         else:
-            self.path.unlink(missing_ok=True)
+            remove(self.path)
 
 
 def run_leftovers(folder: Path, resume_points: bool = False) -> list[Leftover]:

@@ -52,3 +52,12 @@ def write_folder(path: str | os.PathLike, build: Callable[[Path], None]) -> Path
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return path
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file, link or folder (with what it holds), if it is there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

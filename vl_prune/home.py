@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from vl_prune.errors import VLPruneError
-from vl_prune.files import write_folder
+from vl_prune.files import remove, write_folder
 from vl_prune.locks import locked
 
 
@@ -90,7 +89,4 @@ def remove_partial(final: Path) -> None:
     for path in final.parent.iterdir() if final.parent.is_dir() else ():
         found = PARTIAL.fullmatch(path.name)
         if found and found["entry"] == final.name:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            remove(path)

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from vl_prune.checkpoint import reason
 from vl_prune.errors import VLPruneError
 
 MODEL = "model.safetensors"
@@ -80,8 +81,7 @@ def load(folder: Path, model: Any, optimizer: Any, scheduler: Any, accelerator: 
     except torch.OutOfMemoryError:
         raise  # the save is fine; the device is full
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VLPruneError(f"{folder}: damaged training state ({first}); {restart}") from exc
+        raise VLPruneError(f"{folder}: damaged training state ({reason(exc)}); {restart}") from exc
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
