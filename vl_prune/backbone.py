@@ -12,12 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from vl_prune.errors import VLPruneError
+
+if TYPE_CHECKING:
+    from vl_prune.pruning.structured import Block
 
 ImageInput = Literal["regions", "pixels"]
 
@@ -217,6 +220,19 @@ class Backbone(nn.Module):
         """The (module, "weight") pairs the paper prunes: every linear weight of the transformer
         layers and the pooler; never embeddings, biases, LayerNorms or heads."""
         raise NotImplementedError
+
+    def structure(self) -> list[Block]:
+        """The attention heads and feed-forward neurons of the prunable layers, each block made
+        with `vl_prune.pruning.structured.heads` or `neurons`: what structured methods cut and
+        `vlprune export --shrink` removes. This default declares none; unstructured methods
+        need nothing of it."""
+        return []
+
+    def transformers_model(self) -> Any:
+        """The `transformers.PreTrainedModel` this backbone is, its config fitting its grown
+        embeddings (`vlprune export --format transformers` saves it); None, this default, for a
+        backbone that is not one."""
+        return None
 
     def ensure_image_types(self, count: int) -> None:
         """Room for `count` image token types (two-image tasks such as NLVR2 use 2), new ones

@@ -31,6 +31,7 @@ from vl_prune.files import atomic_write
 from vl_prune.pruning import ScorePruning, geometric, linear, prune_to
 from vl_prune.pruning.aliases import MethodAlias, resolve
 from vl_prune.pruning.layout import load_plain_state
+from vl_prune.pruning.structured import StructuredMagnitude
 from vl_prune.seeds import Stream, over_seeds, seed_list, seed_of
 from vl_prune.task import VLModel
 from vl_prune.ticket import Ticket
@@ -95,9 +96,12 @@ class Lottery:
         log: Callable[[str], None] = lambda line: None,
     ):
         method, alias = resolve(settings.method)
-        if not (isinstance(method, type) and issubclass(method, ScorePruning)):
+        if not (
+            isinstance(method, type) and issubclass(method, ScorePruning | StructuredMagnitude)
+        ):
             raise VLPruneError(
-                f"method {settings.method!r} is not a ScorePruning method and cannot run rounds"
+                f"method {settings.method!r} is not a ScorePruning or StructuredMagnitude "
+                "method and cannot run rounds"
             )
         implied = alias or MethodAlias(settings.method, "")
         if implied.rewind and settings.rewind_step is None:
@@ -121,6 +125,13 @@ class Lottery:
         self.label = "-".join([settings.method, *(name for name, given in extras if given)])
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
         self.experiment = Experiment(settings, log)
+        #: structured methods cut the heads and neurons the backbone declares
+        self.structured = issubclass(method, StructuredMagnitude)
+        if self.structured and not self.experiment.theta0.structure():
+            raise VLPruneError(
+                f"method {settings.method!r} cuts heads and neurons, and {settings.backbone} "
+                "declares none (Backbone.structure)"
+            )
         total = self.experiment.total
         if settings.schedule == "geometric":
             self.targets = geometric(total, settings.rate, settings.sparsity)
@@ -268,10 +279,11 @@ class Lottery:
                 shutil.rmtree(self.round_folder(later, seed), ignore_errors=True)
         process_state().wait_for_everyone()
         parameters = trained.backbone.prunable()
+        rule = {"structure": trained.backbone.structure()} if self.structured else {}
         for level in levels:
             # The trained model itself is cut: its masks are the next round's ticket.
             choices = seed_of(seed, Stream.PRUNE, level)  # random pruning's
-            prune_to(parameters, self.method, self.targets[level - 1], seed=choices)
+            prune_to(parameters, self.method, self.targets[level - 1], seed=choices, **rule)
             if process_state().is_main_process:
                 cut = Ticket.from_model(trained.backbone, parameters)
                 self.round_folder(level, seed).mkdir(exist_ok=True)

@@ -16,6 +16,7 @@ from transformers import LxmertConfig, LxmertModel, LxmertTokenizerFast
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput
 from vl_prune.hub import from_source
+from vl_prune.pruning.structured import Block, heads, neurons
 from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
@@ -198,6 +199,34 @@ class Lxmert(Backbone):
         layers = [*encoder.layer, *encoder.r_layers, *encoder.x_layers]
         linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
         return [(module, "weight") for module in [*linears, self.lxmert.pooler.dense]]
+
+    def transformers_model(self) -> LxmertModel:
+        """The wrapped model, its config fitting the embeddings as they have grown."""
+        self.lxmert.config.vocab_size = self.lxmert.embeddings.word_embeddings.num_embeddings
+        return self.lxmert
+
+    def structure(self) -> list[Block]:
+        """The heads of every attention block (self-attention of the language, object and
+        cross-modality layers, and the cross-attention both streams share) and the neurons of
+        every feed-forward block."""
+
+        def attention(layer) -> Block:  # LxmertSelfAttentionLayer or LxmertCrossAttentionLayer
+            own = layer.att if hasattr(layer, "att") else layer.self
+            return heads(own.query, own.key, own.value, layer.output.dense, own)
+
+        encoder, blocks = self.lxmert.encoder, []
+        for layer in [*encoder.layer, *encoder.r_layers]:
+            blocks.append(attention(layer.attention))
+            blocks.append(neurons(layer.intermediate.dense, layer.output.dense))
+        for layer in encoder.x_layers:
+            blocks += [
+                attention(layer.visual_attention),
+                attention(layer.lang_self_att),
+                attention(layer.visn_self_att),
+                neurons(layer.lang_inter.dense, layer.lang_output.dense),
+                neurons(layer.visn_inter.dense, layer.visn_output.dense),
+            ]
+        return blocks
 
     def ensure_image_types(self, count: int) -> None:
         """Nothing to do: LXMERT has no image token types; two-image tasks encode each image

@@ -29,6 +29,7 @@ from vl_prune.backbone import (
 from vl_prune.checkpoint import read_state_dict
 from vl_prune.errors import VLPruneError
 from vl_prune.hub import from_hub
+from vl_prune.pruning.structured import Block, heads, neurons
 from vl_prune.tokenizers import beside, local_tokenizer
 from vl_prune.world import embedded_world
 
@@ -296,6 +297,16 @@ class Uniter(Backbone):
                 pairs.append((module, "weight"))
         pairs.append((self.pooler.dense, "weight"))
         return pairs
+
+    def structure(self) -> list[Block]:
+        """Each layer's self-attention heads and feed-forward neurons."""
+        blocks = []
+        for layer in self.encoder.layer:
+            attention = layer.attention
+            own = attention.self
+            blocks.append(heads(own.query, own.key, own.value, attention.output.dense, own))
+            blocks.append(neurons(layer.intermediate.dense, layer.output.dense))
+        return blocks
 
     def ensure_vocabulary(self, count: int) -> None:
         """Room for `count` word ids (UNITER's VCR fine-tuning adds 81 person words)."""

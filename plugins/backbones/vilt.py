@@ -17,6 +17,7 @@ from transformers import BertTokenizerFast, ViltConfig, ViltModel
 
 from vl_prune.backbone import Backbone, Inputs, VLBatch, VLOutput, is_local, with_image_types
 from vl_prune.hub import from_source
+from vl_prune.pruning.structured import Block, heads, neurons
 from vl_prune.world import embedded_world
 from vl_prune_plugins.backbones.hf_checkpoint import (
     check_architecture,
@@ -231,6 +232,23 @@ class Vilt(Backbone):
         intermediate, output) and the pooler; not the patch projection or any embedding."""
         linears = [m for m in self.vilt.encoder.layer.modules() if isinstance(m, nn.Linear)]
         return [(module, "weight") for module in [*linears, self.vilt.pooler.dense]]
+
+    def transformers_model(self) -> ViltModel:
+        """The wrapped model, its config fitting the embeddings as they have grown."""
+        config = self.vilt.config
+        config.vocab_size = self.vilt.embeddings.text_embeddings.word_embeddings.num_embeddings
+        config.modality_type_vocab_size = self.vilt.embeddings.token_type_embeddings.num_embeddings
+        return self.vilt
+
+    def structure(self) -> list[Block]:
+        """Each encoder layer's self-attention heads and feed-forward neurons."""
+        blocks = []
+        for layer in self.vilt.encoder.layer:
+            own = layer.attention.attention
+            output = layer.attention.output.dense
+            blocks.append(heads(own.query, own.key, own.value, output, own))
+            blocks.append(neurons(layer.intermediate.dense, layer.output.dense))
+        return blocks
 
     def ensure_image_types(self, count: int) -> None:
         """Room for `count` image types in the modality type embedding (row 0 is text); new rows
