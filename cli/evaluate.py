@@ -35,6 +35,12 @@ from vl_prune_cli.output import percent, progress
     type=click.Path(path_type=Path),
     help="Score these fine-tuned weights (backbone.* and head.*) instead of training.",
 )
+@click.option(
+    "--save",
+    type=click.Path(path_type=Path),
+    help="Write the trained weights here (.safetensors; backbone.* and head.*, pruned entries "
+    "zero), for `vlprune export --finetuned`.",
+)
 @click.option("--force", is_flag=True, help="Train a ticket found from other weights anyway.")
 @click.option(
     "--lora", type=int, help="Train rank-R LoRA adapters over the frozen masked backbone."
@@ -67,6 +73,7 @@ def evaluate(
     tokenizer: str | None,
     data: str | None,
     finetuned: Path | None,
+    save: Path | None,
     force: bool,
     lora: int | None,
     adapters: Path | None,
@@ -79,6 +86,7 @@ def evaluate(
     """Train a ticket from θ0 on a task and score it (or score fine-tuned weights)."""
     check_names(backbones=backbone, tasks=task)
     new_file("--merge", merge)
+    new_file("--save", save)
     from vl_prune.distributed import process_state
     from vl_prune.retrain import Lora, score_finetuned, ticket_backbone, train_ticket
     from vl_prune.ticket import Ticket
@@ -104,6 +112,8 @@ def evaluate(
         raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
     if finetuned is not None and lora is not None:
         raise UserError("--lora chooses how to train; --finetuned trains nothing")
+    if finetuned is not None and save is not None:
+        raise UserError("--save writes trained weights; --finetuned trains nothing")
     if finetuned is not None and settings.seeds > 1:
         raise UserError("--seeds repeats training; --finetuned trains nothing")
     say = progress(quiet)
@@ -114,7 +124,14 @@ def evaluate(
     else:
         options = None if lora is None else Lora.beside(lora, ticket, task, adapters, merge)
         result = train_ticket(
-            loaded, settings, force=force, quiet=quiet, weights=weights, lora=options, log=say
+            loaded,
+            settings,
+            force=force,
+            quiet=quiet,
+            weights=weights,
+            lora=options,
+            log=say,
+            save=save,
         )
     if not process_state().is_main_process:
         return
@@ -128,6 +145,8 @@ def evaluate(
         + (" (adversarial)" if settings.train.adversarial else "")
         + (f" with LoRA r{result['lora']['rank']}" if "lora" in result else "")
     )
+    if "saved" in result:
+        click.echo(f"weights: {result['saved']}")
     if "lora" in result:
         click.echo(f"adapters: {result['lora']['adapters']}")
         merged = result["lora"].get("merge")

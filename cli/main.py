@@ -12,6 +12,7 @@ from vl_prune_cli.compare import compare
 from vl_prune_cli.data import data
 from vl_prune_cli.errors import Group
 from vl_prune_cli.evaluate import evaluate
+from vl_prune_cli.export import export
 from vl_prune_cli.find import find
 from vl_prune_cli.inspect_ticket import inspect_ticket
 from vl_prune_cli.plot import plot
@@ -35,6 +36,7 @@ for command in (
     data,
     find,
     evaluate,
+    export,
     transfer,
     plot,
     inspect_ticket,

@@ -31,18 +31,26 @@ def train_ticket(
     weights: str = "theta0",
     lora: Lora | None = None,
     log: Callable[[str], None] = lambda line: None,
+    save: Path | None = None,
 ) -> dict[str, Any]:
     """Train a ticket's mask from θ0 (and a fresh head) on `settings.task` and score it, once
     per seed (`settings.seeds`; the result's score is their mean, with `std` and `scores`);
     `weights` "shuffled" starts from θ0 shuffled within each prunable tensor, a file path from
     another pre-trained set (see `vl_prune.baselines`); `lora` trains LoRA adapters over the
-    frozen masked backbone instead of the backbone itself."""
+    frozen masked backbone instead of the backbone itself. `save`: write the trained weights
+    there (`backbone.*` and `head.*`, pruned entries zero), which `vlprune export` takes."""
     check_start(weights)
     if lora is not None and settings.seeds > 1:
         raise VLPruneError("--lora trains one set of adapters: give one seed (drop --seeds)")
+    if save is not None and settings.seeds > 1:
+        raise VLPruneError("--save writes one model's weights: give one seed (drop --seeds)")
+    if save is not None and lora is not None:
+        raise VLPruneError("--save writes the backbone's weights; with --lora use --merge")
     experiment = Experiment(settings, log)
     seeds = seed_list(settings.train.seed, settings.seeds)
-    results = [train_mask(experiment, ticket, force, quiet, weights, lora, seed) for seed in seeds]
+    results = [
+        train_mask(experiment, ticket, force, quiet, weights, lora, seed, save) for seed in seeds
+    ]
     return {**results[0], **over_seeds([r["score"] for r in results]), "seeds": seeds}
 
 
@@ -103,6 +111,7 @@ def train_mask(
     weights: str = "theta0",
     lora: Lora | None = None,
     seed: int | None = None,
+    save: Path | None = None,
 ) -> dict[str, Any]:
     """`train_ticket` on an experiment already set up, for one seed (default: the settings');
     `ticket=None` trains the dense model."""
@@ -129,6 +138,13 @@ def train_mask(
     )
     if lora is not None:
         result["lora"] = _finish_lora(experiment, trained, lora, score)
+    if save is not None:
+        if process_state().is_main_process:
+            from safetensors.torch import save as to_bytes
+
+            atomic_write(save, to_bytes(baked_state(trained)))
+        process_state().wait_for_everyone()
+        result["saved"] = str(save)
     return {
         **_result(ticket, experiment, score),
         "seed": seed,

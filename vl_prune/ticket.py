@@ -195,7 +195,7 @@ class Ticket:
             created=metadata.get("created") or _now(),
         )
         header = {k: v if isinstance(v, str) else _to_json(k, v) for k, v in metadata.items()}
-        packed = {n: _pack(m) for n, m in self.masks.items()}
+        packed = {n: pack_mask(m) for n, m in self.masks.items()}
         return atomic_write(path, save(packed, metadata=header))
 
     @classmethod
@@ -237,7 +237,7 @@ class Ticket:
             shape = shapes[name]
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise VLPruneError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-            masks[name] = _unpack(stored, tuple(shapes[name]), f"{path}: tensor {name!r}")
+            masks[name] = unpack_mask(stored, tuple(shapes[name]), f"{path}: tensor {name!r}")
         if missing := sorted(shapes.keys() - tensors.keys()):
             raise VLPruneError(f"{path}: tensor {missing[0]!r} is listed but not stored")
         return cls(masks, metadata)
@@ -252,12 +252,15 @@ def _to_json(key: str, value: Any) -> str:
     return json.dumps(value, default=plain)
 
 
-def _pack(mask: torch.Tensor) -> torch.Tensor:
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask flattened row-major and packed 8 per byte, most significant bit first."""
     flat = mask.detach().to("cpu", torch.bool).contiguous().reshape(-1).numpy()
     return torch.from_numpy(np.packbits(flat))
 
 
-def _unpack(stored: torch.Tensor, shape: tuple[int, ...], where: str) -> torch.Tensor:
+def unpack_mask(stored: torch.Tensor, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """The bool mask of `shape` that `pack_mask` packed (or a bool tensor as it is); `where`
+    names it in errors."""
     n = math.prod(shape)
     if stored.dtype == torch.bool:
         if tuple(stored.shape) != shape:
