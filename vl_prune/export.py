@@ -189,13 +189,21 @@ def shrunk(backbone: Backbone) -> Backbone:
     return smaller
 
 
-def load(path: str | os.PathLike) -> Exported:
-    """An export read back into a backbone: built from its preset, embeddings grown and
-    blocks narrowed to the file's shapes, its tensors loaded; a compressed bundle's masks are
-    applied in torch's prune layout."""
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether `path` is a file `export` wrote (a safetensors file with its format tag)."""
     from safetensors import safe_open
 
-    from vl_prune.contract import load_checked
+    try:
+        with safe_open(path, framework="pt") as bundle:
+            return (bundle.metadata() or {}).get("format") == FORMAT
+    except Exception:
+        return False
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """An export's tensors as a state dict (a compressed bundle's expanded: pruned entries
+    zero), the masks a compressed bundle carries by tensor name, and the metadata."""
+    from safetensors import safe_open
 
     path = Path(path)
     try:
@@ -211,17 +219,32 @@ def load(path: str | os.PathLike) -> Exported:
     for key, value in stored.items():
         if key.endswith(MASK):
             name = key.removesuffix(MASK)
-            masks[name] = unpack_mask(value, tuple(shapes[name]), f"{path}: tensor {key!r}")
-            dense = torch.zeros(masks[name].shape, dtype=stored[name + KEPT].dtype)
-            dense[masks[name]] = stored[name + KEPT]
-            tensors[name] = dense
+            if name not in shapes or name + KEPT not in stored:
+                raise VLPruneError(f"{path}: mask {key!r} has no shape or no kept values")
+            mask = unpack_mask(value, tuple(shapes[name]), f"{path}: tensor {key!r}")
+            kept = stored[name + KEPT]
+            if kept.numel() != int(mask.sum()):
+                raise VLPruneError(f"{path}: {name + KEPT!r} does not hold one value a kept weight")
+            tensors[name] = torch.zeros(mask.shape, dtype=kept.dtype)
+            tensors[name][mask] = kept
+            masks[name] = mask
         elif not key.endswith(KEPT):
             tensors[key] = value
+    return tensors, masks, metadata
+
+
+def load(path: str | os.PathLike) -> Exported:
+    """An export read back into a backbone: built from its preset, embeddings grown and
+    blocks narrowed to the file's shapes, its tensors loaded; a compressed bundle's masks are
+    applied in torch's prune layout."""
+    from vl_prune.contract import load_checked
+
+    tensors, masks, metadata = read(path)
     head = {k.removeprefix(HEAD): v for k, v in tensors.items() if k.startswith(HEAD)}
     prefix = BACKBONE if head else ""
     state = {k.removeprefix(prefix): v for k, v in tensors.items() if not k.startswith(HEAD)}
     backbone = load_checked("backbones", metadata["backbone"]).build(metadata["preset"])
-    _grow_embeddings(backbone, state, path)
+    _grow_embeddings(backbone, state, Path(path))
     if metadata["layout"] == "shrunk":
         fit_to(backbone, backbone.structure(), state)
     if masks:

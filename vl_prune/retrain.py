@@ -3,6 +3,7 @@ weights (the baselines), with LoRA adapters, or fine-tuned weights scored as the
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.files import atomic_write
 from vl_prune.pruning.layout import baked_state, load_plain_state
+from vl_prune.pruning.shrink import fit_to
 from vl_prune.seeds import Stream, over_seeds, seed_list, seed_of
 from vl_prune.task import VLModel
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
@@ -193,15 +195,36 @@ def score_finetuned(
     settings: FindSettings,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`), with the
-    ticket's mask applied, on the evaluation split; no training."""
+    """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`, or a
+    `vlprune export` of one: a compressed bundle brings its masks, a shrunk model its
+    narrower blocks), with the ticket's mask applied, on the evaluation split; no training."""
+    from vl_prune.export import BACKBONE, is_export, read
+
     experiment = Experiment(settings, log)
     model = experiment.fresh()
+    recorded = None  # the sparsity an export of a ticket records, where no mask says it
+    if is_export(weights):
+        state, masks, metadata = read(weights)
+        if metadata.get("layout") == "shrunk":
+            if ticket is not None:
+                raise VLPruneError(f"{weights}: a shrunk model has no room for a ticket's masks")
+            inner = {k.removeprefix(BACKBONE): v for k, v in state.items()}
+            fit_to(model.backbone, model.backbone.structure(), inner)
+        if masks and ticket is None:
+            ticket = Ticket({k.removeprefix(BACKBONE): m for k, m in masks.items()})
+        recorded = json.loads(metadata.get("sparsity", "null"))
+    else:
+        state = read_state_dict(weights)
     if ticket is not None:
         apply_ticket(ticket, model, force=True)
-    load_plain_state(model, read_state_dict(weights))
+    load_plain_state(model, state)
     score = experiment.score(model)
-    return _result(Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score)
+    result = _result(
+        Ticket.from_model(model.backbone, model.backbone.prunable()), experiment, score
+    )
+    if ticket is None and recorded is not None:
+        result["sparsity"] = recorded
+    return result
 
 
 def apply_ticket(ticket: Ticket, model: VLModel, force: bool) -> bool:
