@@ -156,14 +156,19 @@ class StructuredMagnitude(UnitMask):
         alive = torch.cat([alive_units(b) for b in blocks])
         goal = math.floor(fraction * alive.numel() + 0.5)
         more = max(0, goal - int((~alive).sum()))
-        order = torch.sort(scores.masked_fill(~alive, math.inf), stable=True).indices
+        # Sorted back to front, a stable sort puts the later of two equal units first to go.
+        backwards = scores.masked_fill(~alive, math.inf).flip(0)
+        order = alive.numel() - 1 - torch.sort(backwards, stable=True).indices
         keep = alive.clone()
         keep[order[:more]] = False
         return list(keep.split([b.units for b in blocks]))
 
 
 class LayerwiseStructuredMagnitude(StructuredMagnitude):
-    """Structured, per block: every block loses the same fraction of its heads or neurons."""
+    """Structured, per block: every block loses the same fraction of its heads or neurons.
+
+    Each block rounds to whole units on its own, so a round can miss its target by up to one
+    unit a block."""
 
     @classmethod
     def kept_units(cls, blocks: Sequence[Block], fraction: float) -> list[torch.Tensor]:
