@@ -9,6 +9,7 @@ import click
 
 from vl_prune_cli.errors import UserError
 from vl_prune_cli.options import check_names, new_file, ticket_model_option
+from vl_prune_cli.output import progress
 
 
 @click.command("export")
@@ -91,8 +92,13 @@ def export(
         raise UserError(f"{ticket}: the ticket does not say its backbone: pass --model")
     model, head = pruned_backbone(loaded, name, checkpoint, finetuned, force)
     if layout == "transformers":
-        export_transformers(model, out)
+        export_transformers(model, out, log=progress(False))
         written = {"path": str(out), "format": layout, "bytes": _size(out)}
+        if head:
+            progress(False)(
+                f"the head's {len(head)} tensors are not part of a transformers folder; "
+                "--format plain keeps them"
+            )
     else:
         stored = "shrunk" if shrink else layout
         write(model, name, out, stored, dtype, head, loaded)

@@ -16,7 +16,7 @@ import copy
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,9 +157,14 @@ def export(
     return atomic_write(path, save(stored, metadata=metadata))
 
 
-def export_transformers(backbone: Backbone, folder: str | os.PathLike) -> Path:
+def export_transformers(
+    backbone: Backbone,
+    folder: str | os.PathLike,
+    log: Callable[[str], None] = lambda line: None,
+) -> Path:
     """Write the pruned backbone as a `save_pretrained` folder (pruned entries zero) that
-    `transformers` loads with no vl_prune installed; with the tokenizer where it has one."""
+    `transformers` loads with no vl_prune installed; with its tokenizer where one can be had
+    (offline, a hub tokenizer cannot: `log` says so and the folder has the model only)."""
     model = backbone.transformers_model()
     if model is None:
         raise VLPruneError(
@@ -170,9 +175,14 @@ def export_transformers(backbone: Backbone, folder: str | os.PathLike) -> Path:
     for module, name in pruned_parameters(baked):
         torch.nn.utils.prune.remove(module, name)
 
+    try:
+        tokenizer = backbone.tokenizer
+    except VLPruneError as exc:
+        tokenizer = None
+        log(f"no tokenizer in the folder: {exc}")
+
     def build(partial: Path) -> None:
         baked.save_pretrained(partial, safe_serialization=True)
-        tokenizer = backbone.tokenizer
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(partial)
 
