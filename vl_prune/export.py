@@ -96,7 +96,14 @@ def pruned_backbone(
         ticket.apply(backbone)
     head: dict[str, torch.Tensor] = {}
     if finetuned is not None:
-        state = read_state_dict(finetuned)
+        if is_export(finetuned):
+            state, _, metadata = read(finetuned)
+            if metadata.get("layout") == "shrunk":
+                raise VLPruneError(
+                    f"{finetuned}: a shrunk model; export from the weights it was shrunk from"
+                )
+        else:
+            state = read_state_dict(finetuned)
         if any(key.startswith(BACKBONE) for key in state):
             if stray := [k for k in state if not k.startswith((BACKBONE, HEAD))]:
                 raise VLPruneError(

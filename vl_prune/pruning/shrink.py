@@ -46,7 +46,8 @@ def fit_to(model: nn.Module, structure: Sequence[Block], state: Mapping[str, tor
             raise VLPruneError(f"the shrunk weights have no tensor {name!r}")
         size = state[name].shape[dim]
         units, extra = divmod(size, block.width)
-        if extra or not 0 < units <= block.units:
+        least = 1 if block.kind == HEADS else 0  # as `shrink` leaves them
+        if extra or not least <= units <= block.units:
             raise VLPruneError(
                 f"tensor {name!r}: {size} {'rows' if dim == 0 else 'columns'} are not whole "
                 f"{block.kind} of {block.width} (at most {block.units})"
