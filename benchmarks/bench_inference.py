@@ -14,7 +14,7 @@ Rows, each a copy of one randomly initialised UNITER-base (12 layers, 768 wide, 
 Latency is the median over repeats of one forward at batch 1 and batch 32 (no autograd);
 throughput is examples a second. Every ratio is dense time / row time (above 1: faster).
 
-    python benchmarks/bench_inference.py               # full size, about 5 minutes on 2 cores
+    python benchmarks/bench_inference.py               # full size, about 2 minutes on 2 cores
     python benchmarks/bench_inference.py --layers 2 --repeats 3   # a quick look
 """
 
