@@ -48,8 +48,9 @@ class CSRLinear(nn.Module):
         super().__init__()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            self.weight = linear.weight.detach().to_sparse_csr()
-        self.bias = None if linear.bias is None else linear.bias.detach()
+            self.register_buffer("weight", linear.weight.detach().to_sparse_csr())
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -179,7 +180,7 @@ def main() -> None:
         half = copy.deepcopy(dense).half()
         rows = {name: row.to(device) for name, row in rows.items()}
         rows["dense fp16"] = half.to(device)
-        rows["2:4 fp16"] = two_four(half).to(device)
+        rows["2:4 fp16"] = two_four(half.to(device))
 
     img_dim = dense.img_dim
     probe = batch(2, img_dim, device)

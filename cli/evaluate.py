@@ -87,6 +87,12 @@ def evaluate(
     check_names(backbones=backbone, tasks=task)
     new_file("--merge", merge)
     new_file("--save", save)
+    if save is not None and finetuned is not None:
+        raise UserError("--save writes trained weights; --finetuned trains nothing")
+    if save is not None and lora is not None:
+        raise UserError("--save writes the backbone's weights; with --lora use --merge")
+    if save is not None and training.get("seeds", 1) > 1:
+        raise UserError("--save writes one model's weights: give one seed (drop --seeds)")
     from vl_prune.distributed import process_state
     from vl_prune.retrain import Lora, score_finetuned, ticket_backbone, train_ticket
     from vl_prune.ticket import Ticket
@@ -112,8 +118,6 @@ def evaluate(
         raise UserError(f"{flag} chooses how to train; --finetuned trains nothing")
     if finetuned is not None and lora is not None:
         raise UserError("--lora chooses how to train; --finetuned trains nothing")
-    if finetuned is not None and save is not None:
-        raise UserError("--save writes trained weights; --finetuned trains nothing")
     if finetuned is not None and settings.seeds > 1:
         raise UserError("--seeds repeats training; --finetuned trains nothing")
     say = progress(quiet)

@@ -77,6 +77,8 @@ def export(
             raise UserError("--dtype applies to plain and compressed exports")
         if out.exists():
             raise UserError(f"--out {out}: exists; give a new folder")
+        if not out.absolute().parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.absolute().parent} does not exist")
     else:
         new_file("--out", out)
     if shrink and layout == "compressed":

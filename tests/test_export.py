@@ -133,10 +133,14 @@ def test_export_loads_back_to_the_pruned_outputs(cls, pruning, layout, dtype, tm
     batch = make_batch(model)
     head = head_tensors()
     ticket = Ticket.from_model(model, task="nlvr2", method="imp", score=0.5)
-    path = export(
-        model, registry_name(cls), tmp_path / "x.safetensors", layout, dtype, head, ticket
-    )
-    loaded = load(path)
+    path = tmp_path / "x.safetensors"
+    if (pruning, layout) == ("unstructured", "shrunk"):
+        # Scattered weights leave no whole head or neuron to remove: refused, not a no-op.
+        with pytest.raises(VLPruneError, match="nothing to shrink"):
+            export(model, registry_name(cls), path, layout, dtype, head, ticket)
+        assert not path.exists()
+        return
+    loaded = load(export(model, registry_name(cls), path, layout, dtype, head, ticket))
 
     meta = loaded.metadata
     assert (meta["layout"], meta["dtype"], meta["backbone"]) == (layout, dtype, registry_name(cls))
@@ -475,7 +479,6 @@ def assert_refused(result, *words: str) -> None:
         ([], "plain", "float32"),
         (["--format", "compressed"], "compressed", "float32"),
         (["--format", "compressed", "--dtype", "float16"], "compressed", "float16"),
-        (["--shrink"], "shrunk", "float32"),
     ],
 )
 def test_cli_exports_the_ticket_on_theta0(ticket, theta0, tmp_path, flags, layout, dtype):
@@ -549,6 +552,13 @@ def test_cli_shrinks_a_structured_ticket_to_a_smaller_file_with_its_outputs(
     batch = make_batch(model)
     loaded = load(tmp_path / "shrunk.safetensors").backbone.eval()
     assert max_diff(encode(loaded, batch), encode(model, batch)) <= 1e-5
+
+
+def test_cli_shrink_refuses_a_ticket_without_whole_units(ticket, theta0, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = vlprune("export", ticket, "--checkpoint", theta0, "--out", out, "--shrink")
+    assert_refused(result, "nothing to shrink", "--method structured")
+    assert not out.exists()
 
 
 def test_cli_transformers_format_on_uniter_is_a_one_line_error(ticket, theta0, tmp_path):
@@ -628,8 +638,9 @@ def test_evaluate_refuses_save_with_several_seeds(ticket, theta0, world, tmp_pat
 
 
 def test_evaluate_save_then_export_finetuned_keeps_weights_and_score(
-    ticket, theta0, world, tmp_path, one_thread
+    structured_ticket, theta0, world, tmp_path, one_thread
 ):
+    ticket = structured_ticket  # so that every export, --shrink too, has something to do
     common = ("--task", "nlvr2", "--checkpoint", theta0, "--data", world, "--batch-size", "8")
     saved = tmp_path / "w.safetensors"
     train = ("--ticket", ticket, "--steps", "2", "--save", saved)
@@ -689,3 +700,85 @@ def test_evaluate_save_then_export_finetuned_keeps_weights_and_score(
     # A shrunk model's tensors have no room for the ticket's masks.
     both = ("--ticket", ticket, "--finetuned", exports["shrunk"])
     assert_refused(vlprune("evaluate", *common, *both, "--quiet"), str(exports["shrunk"]), "shrunk")
+
+
+def _damage(path: Path, kind: str) -> None:
+    """Rewrite a compressed uniter export with one kind of damage."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as bundle:
+        meta = dict(bundle.metadata())
+        tensors = {k: bundle.get_tensor(k) for k in bundle.keys()}  # noqa: SIM118
+    name = next(k.removesuffix(":kept") for k in tensors if k.endswith(":kept"))
+    if kind == "shapes-not-json":
+        meta["shapes"] = "{not json"
+    elif kind == "shapes-a-list":
+        meta["shapes"] = "[1, 2]"
+    elif kind == "shape-a-string":
+        meta["shapes"] = json.dumps({**json.loads(meta["shapes"]), name: "big"})
+    elif kind == "no-backbone":
+        del meta["backbone"]
+    elif kind == "unknown-layout":
+        meta["layout"] = "zipped"
+    elif kind == "kept-too-short":
+        tensors[name + ":kept"] = tensors[name + ":kept"][:-1]
+    elif kind == "kept-integers":
+        tensors[name + ":kept"] = tensors[name + ":kept"].to(torch.int32)
+    elif kind == "kept-without-mask":
+        del tensors[name + ":mask"]
+    elif kind == "stray-tensor":
+        tensors["encoder.layer.9.extra.weight"] = torch.zeros(2, 2)
+    save_file(tensors, path, metadata=meta)
+
+
+DAMAGES = [
+    ("shapes-not-json", "'shapes' is not valid JSON"),
+    ("shapes-a-list", "'shapes' is not a JSON object"),
+    ("shape-a-string", "bad shape"),
+    ("no-backbone", "'backbone' is missing"),
+    ("unknown-layout", "unknown layout"),
+    ("kept-too-short", "should hold one float"),
+    ("kept-integers", "should hold one float"),
+    ("kept-without-mask", "lacks its shape, mask or kept values"),
+    ("stray-tensor", "is not part of uniter-tiny"),
+]
+
+
+@pytest.mark.parametrize(("kind", "message"), DAMAGES, ids=[d[0] for d in DAMAGES])
+def test_a_damaged_export_is_one_error_naming_the_file(kind, message, tmp_path):
+    path = export(
+        pruned(Uniter, "unstructured"), "uniter", tmp_path / "x.safetensors", "compressed"
+    )
+    _damage(path, kind)
+    with pytest.raises(VLPruneError, match=message) as raised:
+        load(path)
+    assert str(raised.value).startswith(f"{path}: ")
+
+
+def test_evaluate_refuses_a_damaged_or_headless_export_in_one_line(theta0, world, tmp_path):
+    common = ("--task", "nlvr2", "--checkpoint", theta0, "--data", world, "--quiet")
+    headless = export(pruned(Uniter, "unstructured"), "uniter", tmp_path / "h.safetensors")
+    assert_refused(vlprune("evaluate", *common, "--finetuned", headless), str(headless), "head")
+    damaged = export(
+        pruned(Uniter, "unstructured"),
+        "uniter",
+        tmp_path / "d.safetensors",
+        "compressed",
+        head=head_tensors(),
+    )
+    _damage(damaged, "kept-too-short")
+    assert_refused(vlprune("evaluate", *common, "--finetuned", damaged), str(damaged))
+
+
+def test_export_finetuned_refuses_an_export_of_other_masks(ticket, theta0, tmp_path):
+    model = Uniter.build("tiny", theta0)
+    GlobalMagnitude.prune_group(model.prunable(), amount=0.3)  # not the ticket's 70%
+    other = export(model, "uniter", tmp_path / "other.safetensors", "compressed")
+    args = ("--checkpoint", theta0, "--finetuned", other, "--out", tmp_path / "x.safetensors")
+    assert_refused(vlprune("export", ticket, *args), str(other), "not the ticket's")
+
+
+def test_load_gives_a_model_to_run(tmp_path):
+    path = export(pruned(Uniter, "structured"), "uniter", tmp_path / "x.safetensors", "shrunk")
+    # Eval mode, as transformers' from_pretrained: dropout off, the same outputs every call.
+    assert not load(path).backbone.training

@@ -22,6 +22,7 @@ from vl_prune.experiment import FindSettings
 from vl_prune.lottery import Lottery
 from vl_prune.pruning import KeepMask, count_pruned, prune_to
 from vl_prune.pruning.layout import alive_mask, stored_parameter
+from vl_prune.pruning.schedules import geometric as geometric_schedule
 from vl_prune.pruning.schedules import linear as linear_schedule
 from vl_prune.pruning.shrink import fit_to, shrink
 from vl_prune.pruning.structured import (
@@ -279,6 +280,18 @@ def test_rounds_only_add_cuts_and_land_within_a_unit_of_the_schedule(name):
             for module, _ in parameters:
                 weight = getattr(module, "weight_orig", module.weight)
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+
+
+@pytest.mark.parametrize("method", [StructuredMagnitude, LayerwiseStructuredMagnitude])
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_rounds_never_pass_their_target_on_any_schedule(method, rate):
+    # A round past its target would put the next, small geometric step behind what is already
+    # pruned: prune_to would refuse it after the round had trained.
+    backbone = build(Uniter)
+    parameters = backbone.prunable()
+    for target in geometric_schedule(total_of(parameters), rate, final=0.95):
+        prune_to(parameters, method, target, structure=backbone.structure())
+        assert count_pruned(parameters) <= target
 
 
 def _pruned_and_shrunk(name: str, all_heads_cut: bool):

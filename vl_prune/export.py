@@ -27,7 +27,13 @@ from torch import nn
 from vl_prune.backbone import Backbone
 from vl_prune.errors import VLPruneError
 from vl_prune.files import atomic_write, write_folder
-from vl_prune.pruning.layout import baked_state, load_plain_state, pruned_parameters, refresh
+from vl_prune.pruning.layout import (
+    baked_state,
+    load_plain_state,
+    plain_name,
+    pruned_parameters,
+    refresh,
+)
 from vl_prune.pruning.shrink import fit_to, shrink
 from vl_prune.ticket import (
     FingerprintMismatch,
@@ -97,11 +103,14 @@ def pruned_backbone(
     head: dict[str, torch.Tensor] = {}
     if finetuned is not None:
         if is_export(finetuned):
-            state, _, metadata = read(finetuned)
+            state, masks, metadata = read(finetuned)
             if metadata.get("layout") == "shrunk":
                 raise VLPruneError(
                     f"{finetuned}: a shrunk model; export from the weights it was shrunk from"
                 )
+            theirs = {k.removeprefix(BACKBONE): m for k, m in masks.items()}
+            if any(not torch.equal(m, ticket.masks.get(k, ~m)) for k, m in theirs.items()):
+                raise VLPruneError(f"{finetuned}: its masks are not the ticket's")
         else:
             state = read_state_dict(finetuned)
         if any(key.startswith(BACKBONE) for key in state):
@@ -202,7 +211,12 @@ def shrunk(backbone: Backbone) -> Backbone:
     if not structure:
         raise VLPruneError(f"{backbone.label} declares no heads and neurons to remove")
     smaller = _copy(backbone)
-    shrink(smaller.structure())
+    before = [block.units for block in structure]
+    if shrink(smaller.structure()) == before:
+        raise VLPruneError(
+            "the ticket cuts no whole head or neuron: nothing to shrink (--shrink is for "
+            "structured tickets: find --method structured)"
+        )
     return smaller
 
 
@@ -231,29 +245,54 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, to
         raise VLPruneError(f"{path}: not a readable safetensors export ({exc})") from exc
     if metadata.get("format") != FORMAT:
         raise VLPruneError(f"{path}: not a vl_prune export (no format={FORMAT} in its metadata)")
-    shapes = json.loads(metadata.get("shapes", "{}"))
+    for key in ("layout", "backbone", "preset"):
+        if not metadata.get(key):
+            raise VLPruneError(f"{path}: metadata {key!r} is missing")
+    if metadata["layout"] not in LAYOUTS:
+        raise VLPruneError(f"{path}: unknown layout {metadata['layout']!r}")
+    shapes = _shapes(metadata.get("shapes", "{}"), path)
     tensors, masks = {}, {}
     for key, value in stored.items():
-        if key.endswith(MASK):
-            name = key.removesuffix(MASK)
-            if name not in shapes or name + KEPT not in stored:
-                raise VLPruneError(f"{path}: mask {key!r} has no shape or no kept values")
-            mask = unpack_mask(value, tuple(shapes[name]), f"{path}: tensor {key!r}")
-            kept = stored[name + KEPT]
-            if kept.numel() != int(mask.sum()):
-                raise VLPruneError(f"{path}: {name + KEPT!r} does not hold one value a kept weight")
-            tensors[name] = torch.zeros(mask.shape, dtype=kept.dtype)
-            tensors[name][mask] = kept
-            masks[name] = mask
-        elif not key.endswith(KEPT):
+        name = key.removesuffix(MASK).removesuffix(KEPT)
+        if name == key:
             tensors[key] = value
+            continue
+        if name not in shapes or name + MASK not in stored or name + KEPT not in stored:
+            raise VLPruneError(f"{path}: tensor {key!r} lacks its shape, mask or kept values")
+        if key.endswith(KEPT):
+            continue
+        mask = unpack_mask(value, shapes[name], f"{path}: tensor {key!r}")
+        kept = stored[name + KEPT]
+        if not kept.is_floating_point() or kept.dim() != 1 or kept.numel() != int(mask.sum()):
+            raise VLPruneError(
+                f"{path}: tensor {name + KEPT!r} should hold one float for each of the "
+                f"{int(mask.sum())} weights its mask keeps, found {kept.dtype} of shape "
+                f"{tuple(kept.shape)}"
+            )
+        tensors[name] = torch.zeros(mask.shape, dtype=kept.dtype)
+        tensors[name][mask] = kept
+        masks[name] = mask
     return tensors, masks, metadata
 
 
+def _shapes(text: str, path: Path) -> dict[str, tuple[int, ...]]:
+    """The `shapes` metadata of a compressed bundle: tensor name → shape."""
+    try:
+        shapes = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise VLPruneError(f"{path}: metadata 'shapes' is not valid JSON") from exc
+    if not isinstance(shapes, dict):
+        raise VLPruneError(f"{path}: metadata 'shapes' is not a JSON object")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise VLPruneError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
 def load(path: str | os.PathLike) -> Exported:
-    """An export read back into a backbone: built from its preset, embeddings grown and
-    blocks narrowed to the file's shapes, its tensors loaded; a compressed bundle's masks are
-    applied in torch's prune layout."""
+    """An export read back into a backbone, in eval mode as a model to run: built from its
+    preset, embeddings grown and blocks narrowed to the file's shapes, its tensors loaded in
+    fp32; a compressed bundle's masks are applied in torch's prune layout."""
     from vl_prune.contract import load_checked
 
     tensors, masks, metadata = read(path)
@@ -261,13 +300,19 @@ def load(path: str | os.PathLike) -> Exported:
     prefix = BACKBONE if head else ""
     state = {k.removeprefix(prefix): v for k, v in tensors.items() if not k.startswith(HEAD)}
     backbone = load_checked("backbones", metadata["backbone"]).build(metadata["preset"])
-    _grow_embeddings(backbone, state, Path(path))
-    if metadata["layout"] == "shrunk":
-        fit_to(backbone, backbone.structure(), state)
-    if masks:
-        Ticket({k.removeprefix(prefix): m for k, m in masks.items()}).apply(backbone)
-    load_plain_state(backbone, state)
-    return Exported(backbone, head, metadata)
+    try:
+        _grow_embeddings(backbone, state, Path(path))
+        if metadata["layout"] == "shrunk":
+            fit_to(backbone, backbone.structure(), state)
+        if masks:
+            Ticket({k.removeprefix(prefix): m for k, m in masks.items()}).apply(backbone)
+        known = {plain_name(key) for key in backbone.state_dict()}
+        if stray := sorted(state.keys() - known):
+            raise VLPruneError(f"tensor {stray[0]!r} is not part of {backbone.label}")
+        load_plain_state(backbone, state)
+    except VLPruneError as exc:
+        raise VLPruneError(f"{path}: {exc}") from exc
+    return Exported(backbone.eval(), head, metadata)
 
 
 def _copy(model: nn.Module) -> nn.Module:

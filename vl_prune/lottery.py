@@ -31,7 +31,6 @@ from vl_prune.files import atomic_write
 from vl_prune.pruning import ScorePruning, geometric, linear, prune_to
 from vl_prune.pruning.aliases import MethodAlias, resolve
 from vl_prune.pruning.layout import load_plain_state
-from vl_prune.pruning.structured import StructuredMagnitude
 from vl_prune.seeds import Stream, over_seeds, seed_list, seed_of
 from vl_prune.task import VLModel
 from vl_prune.ticket import Ticket
@@ -96,12 +95,12 @@ class Lottery:
         log: Callable[[str], None] = lambda line: None,
     ):
         method, alias = resolve(settings.method)
-        if not (
-            isinstance(method, type) and issubclass(method, ScorePruning | StructuredMagnitude)
-        ):
+        #: structured methods cut the heads and neurons the backbone declares
+        self.structured = getattr(method, "needs_structure", False) is True
+        if not (isinstance(method, type) and (issubclass(method, ScorePruning) or self.structured)):
             raise VLPruneError(
-                f"method {settings.method!r} is not a ScorePruning or StructuredMagnitude "
-                "method and cannot run rounds"
+                f"method {settings.method!r} is neither a ScorePruning method nor one that "
+                "cuts a backbone's structure (needs_structure), and cannot run rounds"
             )
         implied = alias or MethodAlias(settings.method, "")
         if implied.rewind and settings.rewind_step is None:
@@ -125,8 +124,6 @@ class Lottery:
         self.label = "-".join([settings.method, *(name for name, given in extras if given)])
         self.checkpoint_every, self.quiet, self.log = checkpoint_every, quiet, log
         self.experiment = Experiment(settings, log)
-        #: structured methods cut the heads and neurons the backbone declares
-        self.structured = issubclass(method, StructuredMagnitude)
         if self.structured and not self.experiment.theta0.structure():
             raise VLPruneError(
                 f"method {settings.method!r} cuts heads and neurons, and {settings.backbone} "

@@ -3,7 +3,6 @@ weights (the baselines), with LoRA adapters, or fine-tuned weights scored as the
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -198,13 +197,18 @@ def score_finetuned(
     """Score fine-tuned weights (a VLModel state dict: `backbone.*`, `head.*`, or a
     `vlprune export` of one: a compressed bundle brings its masks, a shrunk model its
     narrower blocks), with the ticket's mask applied, on the evaluation split; no training."""
-    from vl_prune.export import BACKBONE, is_export, read
+    from vl_prune.export import BACKBONE, HEAD, is_export, read
 
     experiment = Experiment(settings, log)
     model = experiment.fresh()
     recorded = None  # the sparsity an export of a ticket records, where no mask says it
     if is_export(weights):
         state, masks, metadata = read(weights)
+        if not any(key.startswith(HEAD) for key in state):
+            raise VLPruneError(
+                f"{weights}: an export without a task head; export the weights `vlprune "
+                "evaluate --save` wrote (export --finetuned) to score them"
+            )
         if metadata.get("layout") == "shrunk":
             if ticket is not None:
                 raise VLPruneError(f"{weights}: a shrunk model has no room for a ticket's masks")
@@ -212,7 +216,10 @@ def score_finetuned(
             fit_to(model.backbone, model.backbone.structure(), inner)
         if masks and ticket is None:
             ticket = Ticket({k.removeprefix(BACKBONE): m for k, m in masks.items()})
-        recorded = json.loads(metadata.get("sparsity", "null"))
+        try:
+            recorded = float(metadata["sparsity"]) if "sparsity" in metadata else None
+        except ValueError as exc:
+            raise VLPruneError(f"{weights}: metadata 'sparsity' is not a number") from exc
     else:
         state = read_state_dict(weights)
     if ticket is not None:

@@ -50,11 +50,12 @@ def count_pruned(parameters: Sequence[tuple[nn.Module, str]]) -> int:
 
 def prune_to(
     parameters: Sequence[tuple[nn.Module, str]],
-    method: type[ScorePruning],
+    method: type[BoolMaskPruning],
     target: int,
     **kwargs,
 ) -> None:
-    """Prune the group until exactly `target` of its original weights are gone (a schedule step)."""
+    """Prune the group until `target` of its original weights are gone (a schedule step):
+    exactly, for `ScorePruning` methods; to whole units short of it, for structured ones."""
     parameters = list(parameters)
     done = count_pruned(parameters)
     if target < done:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -115,8 +116,12 @@ class StructuredMagnitude(UnitMask):
 
     Driven by weight counts like the unstructured methods: a group that should lose `amount`
     more weights has fraction f = (pruned + amount) / (weights in heads and neurons) of its
-    heads and of its neurons cut, rounded to whole units, so a round lands within one unit of
-    its target. Weights outside every block (the pooler) are never cut."""
+    heads and of its neurons cut, rounded down to whole units: a round never passes its target
+    (so the next one's is never behind it, whatever the schedule) and falls short of it by less
+    than one head and one neuron. Weights outside every block (the pooler) are never cut."""
+
+    #: the lottery passes `structure=backbone.structure()` to `prune_group`
+    needs_structure: ClassVar[bool] = True
 
     @classmethod
     def prune_group(
@@ -154,7 +159,7 @@ class StructuredMagnitude(UnitMask):
             return []
         scores = torch.cat([unit_scores(b) for b in blocks])
         alive = torch.cat([alive_units(b) for b in blocks])
-        goal = math.floor(fraction * alive.numel() + 0.5)
+        goal = math.floor(fraction * alive.numel())
         more = max(0, goal - int((~alive).sum()))
         # Sorted back to front, a stable sort puts the later of two equal units first to go.
         backwards = scores.masked_fill(~alive, math.inf).flip(0)
@@ -167,8 +172,8 @@ class StructuredMagnitude(UnitMask):
 class LayerwiseStructuredMagnitude(StructuredMagnitude):
     """Structured, per block: every block loses the same fraction of its heads or neurons.
 
-    Each block rounds to whole units on its own, so a round can miss its target by up to one
-    unit a block."""
+    Each block rounds down to whole units on its own, so a round can fall short of its target
+    by up to one unit a block."""
 
     @classmethod
     def kept_units(cls, blocks: Sequence[Block], fraction: float) -> list[torch.Tensor]:
