@@ -19,20 +19,20 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dense_plateau import dense_scores
 
-from vl_prune import __version__
 from vl_prune.experiment import FindSettings, recipe
 from vl_prune.files import atomic_write
 from vl_prune.lottery import Lottery
 from vl_prune.plots import curves
+from vl_prune.revision import revision
 from vl_prune.seeds import seed_list
 from vl_prune.transfer import Transfer
 
@@ -213,17 +213,29 @@ def machine() -> str:
     return f"a machine with {cores} CPU cores and {gpu}"
 
 
+def trained_by(reports) -> str:
+    """Which code trained the study's rounds, as their tickets record it, with how many each."""
+    from safetensors import safe_open
+
+    versions: Counter[str] = Counter()
+    for report in reports.values():
+        for ticket in Path(report["run"]).glob("seed_*/round_*/ticket.safetensors"):
+            with safe_open(ticket, framework="pt") as bundle:
+                versions[(bundle.metadata() or {}).get("vl_prune_version", "?")] += 1
+    said = ", ".join(f"vl_prune {v} ({n} rounds)" for v, n in sorted(versions.items()))
+    if "+" not in "".join(versions):
+        said += " (before tickets recorded the commit beside the version)"
+    return said
+
+
 def results(study, reports, plateaus, transferred, args, seconds: float) -> str:
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     command = "python benchmarks/study.py" + (" --quick" if args.quick else "")
     trained = sum(r["seconds"] for report in reports.values() for r in report["rounds"])
     lines = [
         "# Results on the embedded world",
         "",
-        f"Made by `{command}` with vl_prune {__version__} at commit {commit or '?'}, on "
-        f"{machine()}: its rounds trained for {trained / 60:.0f} min in "
+        f"Made by `{command}` with vl_prune {revision()}, on {machine()}; its rounds were "
+        f"trained by {trained_by(reports)}, for {trained / 60:.0f} min in "
         f"all (this invocation took {seconds / 60:.0f} min; finished runs are reused). Every "
         "number is the "
         f"mean ± sample std over {SEEDS} seeds (head φ0, data order and dropout; θ0 is the "

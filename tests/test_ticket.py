@@ -7,6 +7,7 @@ import json
 import math
 import os
 import stat
+import subprocess
 import warnings
 from datetime import datetime, timedelta, timezone
 
@@ -19,8 +20,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 import vl_prune
+import vl_prune.revision
 from vl_prune.errors import VLPruneError
 from vl_prune.pruning import GlobalMagnitude
+from vl_prune.revision import revision
 from vl_prune.ticket import FingerprintMismatch, Ticket, current_weights, fingerprint
 
 FORMAT = "vl_prune.ticket/1"
@@ -134,7 +137,7 @@ def test_round_trip_keeps_masks_and_typed_metadata(pruned, tmp_path):
     assert meta["history"] == history
     assert meta["format"] == FORMAT
     assert meta["shapes"] == {n: list(p.shape) for n, p in before.items()}
-    assert meta["vl_prune_version"] == vl_prune.__version__
+    assert meta["vl_prune_version"] == revision()
     created = datetime.fromisoformat(meta["created"])
     assert created.utcoffset() == timedelta(0)
     assert start <= created <= datetime.now(timezone.utc)
@@ -615,3 +618,18 @@ def test_saved_ticket_is_as_readable_as_any_written_file(ticket, tmp_path):
         os.umask(old_umask)
     mode = stat.S_IMODE((tmp_path / "ticket.safetensors").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o644
+
+
+def test_the_version_names_the_commit_from_a_checkout(tmp_path, monkeypatch):
+    # This test runs from the repository (CI clones it): its tickets name the commit.
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert revision().startswith(f"{vl_prune.__version__}+g{head}")
+    # Installed from a release (no .git beside the package): the version alone.
+    monkeypatch.setattr(vl_prune.revision, "_SOURCE", tmp_path)
+    revision.cache_clear()
+    try:
+        assert revision() == vl_prune.__version__
+    finally:
+        revision.cache_clear()

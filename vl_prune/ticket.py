@@ -278,9 +278,9 @@ def unpack_mask(stored: torch.Tensor, shape: tuple[int, ...], where: str) -> tor
 
 
 def _version() -> str:
-    from vl_prune import __version__
+    from vl_prune.revision import revision
 
-    return __version__
+    return revision()
 
 
 def _now() -> str:
