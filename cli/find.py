@@ -31,8 +31,8 @@ from vl_prune_cli.output import percent, progress, table
     "--method",
     default="imp",
     show_default=True,
-    help="Mask rule: imp, random, layerwise, …; or rewind, oneshot, adv-imp: imp run that way "
-    "(see `vlprune list methods`).",
+    help="Mask rule: imp, random, layerwise, structured, …; or rewind, oneshot, adv-imp: imp run "
+    "that way (see `vlprune list methods`).",
 )
 @click.option(
     "--schedule",
