@@ -2,6 +2,8 @@
 
     python benchmarks/study.py            # the whole protocol (hours on 2 CPU cores)
     python benchmarks/study.py --quick    # uniter × nlvr2: imp, oneshot and random
+    python benchmarks/study.py --backbones uniter --tasks nlvr2 vqa --methods imp random
+                                          # any subset of the study's curves
 
 Every curve is a `vlprune find` run with 3 seeds (mean ± std), pruned to 98% so that each shows
 where it breaks, in `--runs` (default runs/study): finished rounds are reused, so an
@@ -177,12 +179,31 @@ def judged(holds: bool, tasks: list[tuple[str, str]], converged: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="uniter × nlvr2 only.")
+    parser.add_argument(
+        "--quick", action="store_true", help="uniter × nlvr2: imp, oneshot, random only."
+    )
+    for kind in ("backbones", "tasks", "methods"):
+        parser.add_argument(
+            f"--{kind}", nargs="+", help=f"Only the study's curves of these {kind}."
+        )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     started = time.perf_counter()
-    study = QUICK if args.quick else FULL
+    study = tuple(
+        c
+        for c in (QUICK if args.quick else FULL)
+        if all(
+            chosen is None or value in chosen
+            for chosen, value in (
+                (args.backbones, c.backbone),
+                (args.tasks, c.task),
+                (args.methods, c.method),
+            )
+        )
+    )
+    if not study:
+        parser.error("no curve of the study has those backbones, tasks and methods")
     reports = {curve: run_curve(curve, args.runs) for curve in study}
     tasks = dict.fromkeys((c.backbone, c.task) for c in study if c.task != "pretrain")
     first = {key: next(reports[c] for c in study if (c.backbone, c.task) == key) for key in tasks}
@@ -197,7 +218,7 @@ def main() -> None:
     for backbone, task in tasks:
         group = [reports[c] for c in study if (c.backbone, c.task) == (backbone, task)]
         curves(group, figures / f"{backbone}-{task}.png")
-    text = results(study, reports, plateaus, transferred, args, time.perf_counter() - started)
+    text = results(study, reports, plateaus, transferred, time.perf_counter() - started)
     atomic_write(args.out / "RESULTS.md", text.encode())
     print(f"wrote {args.out / 'RESULTS.md'} ({time.perf_counter() - started:.0f} s)")
 
@@ -228,8 +249,8 @@ def trained_by(reports) -> str:
     return said
 
 
-def results(study, reports, plateaus, transferred, args, seconds: float) -> str:
-    command = "python benchmarks/study.py" + (" --quick" if args.quick else "")
+def results(study, reports, plateaus, transferred, seconds: float) -> str:
+    command = " ".join(["python benchmarks/study.py", *sys.argv[1:]])
     trained = sum(r["seconds"] for report in reports.values() for r in report["rounds"])
     lines = [
         "# Results on the embedded world",
@@ -246,10 +267,14 @@ def results(study, reports, plateaus, transferred, args, seconds: float) -> str:
         "the means exceeds the hypot of their stds.",
         "",
     ]
-    if args.quick:
+    if len(study) < len(FULL):
+        shown = ", ".join(
+            f"{backbone} × {task}"
+            for backbone, task in dict.fromkeys((c.backbone, c.task) for c in study)
+        )
         lines += [
-            "This is the `--quick` subset (uniter × nlvr2: IMP, one-shot, random): findings that "
-            "need other tasks or backbones are not measured here.",
+            f"This is a subset of the study ({len(study)} of its {len(FULL)} curves: {shown}): "
+            "findings that need other tasks, backbones or methods are not measured here.",
             "",
         ]
     lines += ["## The dense reference", "", "| backbone | task | recipe | dense at the recipe |"]
