@@ -78,6 +78,12 @@ training_options = option_group(
         help="Processes that read and collate batches [0 on CPU, up to 4 per GPU]; "
         "results do not depend on it.",
     ),
+    click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        help="CPU threads that train and evaluate [torch's count]; part of the run's identity "
+        "(CPU sums depend on it). Two 1-thread jobs side by side use 2 cores best.",
+    ),
 )
 
 DEFAULT_BACKBONE = "uniter"

@@ -24,7 +24,14 @@ from vl_prune.pruning import SCHEDULES
 from vl_prune.seeds import Stream, seed_of
 from vl_prune.task import DataOptions, VLModel
 from vl_prune.ticket import current_weights, fingerprint
-from vl_prune.train import Checkpoints, TrainSettings, evaluate, fit, make_accelerator
+from vl_prune.train import (
+    Checkpoints,
+    TrainSettings,
+    cpu_threads,
+    evaluate,
+    fit,
+    make_accelerator,
+)
 from vl_prune.world import embedded_world
 
 
@@ -230,23 +237,27 @@ class Experiment:
             if on_step is not None:
                 on_step(step, accelerator.unwrap_model(prepared))
 
-        fit(
-            prepared,
-            self.task,
-            self.train_examples,
-            settings,
-            accelerator,
-            description=description,
-            quiet=quiet,
-            checkpoints=checkpoints,
-            on_step=step_done,
-            start=start,
-        )
-        score = evaluate(prepared, self.task, self.eval_examples, settings, accelerator)
+        with cpu_threads(settings.threads):
+            fit(
+                prepared,
+                self.task,
+                self.train_examples,
+                settings,
+                accelerator,
+                description=description,
+                quiet=quiet,
+                checkpoints=checkpoints,
+                on_step=step_done,
+                start=start,
+            )
+            score = evaluate(prepared, self.task, self.eval_examples, settings, accelerator)
         return score, accelerator.unwrap_model(prepared)
 
     def score(self, model: VLModel) -> float:
         """`model`'s score on the evaluation split, without training."""
         accelerator = make_accelerator(self.settings.train)
         prepared = accelerator.prepare(model)
-        return evaluate(prepared, self.task, self.eval_examples, self.settings.train, accelerator)
+        with cpu_threads(self.settings.train.threads):
+            return evaluate(
+                prepared, self.task, self.eval_examples, self.settings.train, accelerator
+            )
