@@ -305,16 +305,17 @@ def results(study, reports, plateaus, transferred, seconds: float) -> str:
         once = report["rounds"][0]["scores"]
         twice = check["twice"]["scores"]
         (m1, s1), (m2, s2) = spread(once), spread(twice)
-        converged[backbone, task] = abs(m2 - m1) <= math.hypot(s1, s2) / math.sqrt(2)
+        converged[backbone, task] = m2 - m1 <= math.hypot(s1, s2) / math.sqrt(2)
         lines.append(
             f"| {backbone} | {task} | {check['steps']} steps | {m1:.3f} ± {s1:.3f} | "
             f"{m2:.3f} ± {s2:.3f} | {'yes' if converged[backbone, task] else 'no'} |"
         )
     lines += [
         "",
-        "Converged: dense at twice the recipe's steps within one pooled std of dense at the "
-        'recipe. Where it is not, every "% of dense" below is a percentage of an '
-        "under-trained model, and sparse rounds can climb above it.",
+        "Converged: dense at twice the recipe's steps gains no more than one pooled std on "
+        "dense at the recipe (a loss there is overfitting, not under-training). Where it is "
+        'not, every "% of dense" below is a percentage of an under-trained model, and sparse '
+        "rounds can climb above it.",
         "",
         "## Curves",
         "",
