@@ -9,7 +9,8 @@
    `$VL_PRUNE_HOME` (first run: world data and θ0 built too) unless --skip-find.
 4. With --pair: the wall time of that job alone and of two of it started together (in one warm
    home, two run folders, so both train), with the CLI's OpenMP wait settings and with
-   OpenMP's own; `--pair-steps N` shortens each job's fine-tunings to N steps.
+   OpenMP's own, and two at `--threads 1`; `--pair-steps N` shortens each job's fine-tunings
+   to N steps.
 
     python benchmarks/bench_find.py                 # about ten minutes on 2 cores
     python benchmarks/bench_find.py --layers 2 --skip-find   # a quick look
@@ -198,15 +199,24 @@ def pair(steps: int | None) -> None:
         home = os.path.join(scratch, "home")
         _finds(job, home, os.path.join(scratch, "warm"), 1, {})  # world and θ0, built once
         print(f"vlprune {' '.join(job)}: wall time, warm home (alone | each of two together)")
+        alones = []
         for label, spin in (("vlprune's wait setting", None), ("OpenMP's default", "300000")):
             extra = {} if spin is None else {"GOMP_SPINCOUNT": spin}
             runs = os.path.join(scratch, label.split()[0])  # new run folders: nothing skipped
             (alone,) = _finds(job, home, f"{runs}-alone", 1, extra)
             together = _finds(job, home, f"{runs}-together", 2, extra)
+            alones.append(alone)
             print(
                 f"  {label:24} {alone:6.1f} s | {max(together):6.1f} s  "
                 f"({max(together) / alone:.2f}x)"
             )
+        # Two jobs of one thread each, against one of torch's count alone: the work per second.
+        together = _finds([*job, "--threads", "1"], home, os.path.join(scratch, "t1"), 2, {})
+        print(
+            f"  {'two at --threads 1':24} {alones[0]:6.1f} s | {max(together):6.1f} s  "
+            f"({max(together) / alones[0]:.2f}x; {2 * alones[0] / max(together):.2f}x the work "
+            "of the two one after the other)"
+        )
 
 
 def _finds(job: list[str], home: str, runs: str, count: int, extra: dict) -> list[float]:
