@@ -237,7 +237,7 @@ def main() -> None:
     for backbone, task in tasks:
         group = [reports[c] for c in study if (c.backbone, c.task) == (backbone, task)]
         curves(group, figures / f"{backbone}-{task}.png")
-    text = results(study, reports, plateaus, transferred, time.perf_counter() - started)
+    text = results(study, reports, plateaus, transferred, args.runs, time.perf_counter() - started)
     atomic_write(args.out / "RESULTS.md", text.encode())
     print(f"wrote {args.out / 'RESULTS.md'} ({time.perf_counter() - started:.0f} s)")
 
@@ -253,13 +253,13 @@ def machine() -> str:
     return f"a machine with {cores} CPU cores and {gpu}"
 
 
-def trained_by(reports) -> str:
+def trained_by(reports, runs: Path) -> str:
     """Which code trained the study's rounds, as their tickets record it, with how many each."""
     from safetensors import safe_open
 
     versions: Counter[str] = Counter()
     for report in reports.values():
-        for ticket in Path(report["run"]).glob("seed_*/round_*/ticket.safetensors"):
+        for ticket in (runs / report["run"]).glob("seed_*/round_*/ticket.safetensors"):
             with safe_open(ticket, framework="pt") as bundle:
                 versions[(bundle.metadata() or {}).get("vl_prune_version", "?")] += 1
     said = ", ".join(f"vl_prune {v} ({n} rounds)" for v, n in sorted(versions.items()))
@@ -268,14 +268,14 @@ def trained_by(reports) -> str:
     return said
 
 
-def results(study, reports, plateaus, transferred, seconds: float) -> str:
+def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -> str:
     command = " ".join(["python benchmarks/study.py", *sys.argv[1:]])
     trained = sum(r["seconds"] for report in reports.values() for r in report["rounds"])
     lines = [
         "# Results on the embedded world",
         "",
         f"Made by `{command}` with vl_prune {revision()}, on {machine()}; its rounds were "
-        f"trained by {trained_by(reports)}, for {trained / 60:.0f} min in "
+        f"trained by {trained_by(reports, runs)}, for {trained / 60:.0f} min in "
         f"all (this invocation took {seconds / 60:.0f} min; finished runs are reused). Every "
         "number is the "
         f"mean ± sample std over {SEEDS} seeds (head φ0, data order and dropout; θ0 is the "
