@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     started = time.perf_counter()
+    revision()  # read (and cached) before the study rewrites docs/, which git would call changes
     study = tuple(
         c
         for c in (QUICK if args.quick else FULL)
