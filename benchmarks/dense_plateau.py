@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="Learning rate to test [the world recipe's].")
     parser.add_argument("--batch-size", type=int, help="Batch size to test [the recipe's].")
     parser.add_argument("--dropout", type=float, help="Dropout to test [the recipe's].")
+    parser.add_argument("--threads", type=int, help="CPU threads a run trains on [torch's].")
     args = parser.parse_args()
     changes = {
         name: value
@@ -58,6 +59,7 @@ def main() -> None:
             ("lr", args.lr),
             ("batch_size", args.batch_size),
             ("dropout", args.dropout),
+            ("threads", args.threads),
         )
         if value is not None
     }

@@ -82,7 +82,7 @@ training_options = option_group(
         "--threads",
         type=click.IntRange(min=1),
         help="CPU threads that train and evaluate [torch's count]; part of the run's identity "
-        "(CPU sums depend on it). Two 1-thread jobs side by side use 2 cores best.",
+        "(CPU sums depend on it). Jobs that share a machine do most at one thread each.",
     ),
 )
 

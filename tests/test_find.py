@@ -567,18 +567,22 @@ def test_transfer_refuses_tickets_of_two_backbones(tmp_path, monkeypatch):
 
 
 def test_threads_train_at_their_count_and_name_the_run(world, theta0, tmp_path):
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    base = settings(world, theta0)
-    one = FindSettings(**{**base.__dict__, "train": replace(base.train, threads=1)})
-    experiment = Experiment(one)
-    seen = []
-    experiment.train(
-        experiment.fresh(),
-        "probe",
-        quiet=True,
-        on_step=lambda *_: seen.append(torch.get_num_threads()),
-    )
-    assert set(seen) == {1} and torch.get_num_threads() == 2  # restored after
-    # A set count is part of the identity (CPU sums depend on it); unset, names stay as before.
-    assert Lottery(one, runs=tmp_path).folder != Lottery(base, runs=tmp_path).folder
-    assert "threads" not in base.identity()["train"]
+    try:
+        base = settings(world, theta0)
+        one = FindSettings(**{**base.__dict__, "train": replace(base.train, threads=1)})
+        experiment = Experiment(one)
+        seen = []
+        experiment.train(
+            experiment.fresh(),
+            "probe",
+            quiet=True,
+            on_step=lambda *_: seen.append(torch.get_num_threads()),
+        )
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # restored after
+        # A set count is part of the identity (CPU sums depend on it); unset, names stay.
+        assert Lottery(one, runs=tmp_path).folder != Lottery(base, runs=tmp_path).folder
+        assert "threads" not in base.identity()["train"]
+    finally:
+        torch.set_num_threads(before)

@@ -23,15 +23,18 @@ def revision() -> str:
     if not (_SOURCE / ".git").exists():
         return __version__
     try:
-        commit, changes = (
+        # The checkout must be vl_prune's own (not a project that copied it into its root);
+        # no optional locks: status may run in many processes of one study at once.
+        _, commit, changes = (
             subprocess.run(
-                ["git", "-C", str(_SOURCE), *command],
+                ["git", "--no-optional-locks", "-C", str(_SOURCE), *command],
                 capture_output=True,
                 text=True,
                 timeout=10,
                 check=True,
             ).stdout.strip()
             for command in (
+                ("ls-files", "--error-unmatch", "vl_prune/revision.py"),
                 ("rev-parse", "--short", "HEAD"),
                 ("status", "--porcelain", "--untracked-files=no"),
             )

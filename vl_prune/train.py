@@ -55,8 +55,8 @@ class TrainSettings:
     #: not depend on it, so it is no part of a run's identity
     num_workers: int | None = None
     #: CPU threads that train and evaluate (None: torch's own count). A CPU sums in another
-    #: order on another count, so a set count is part of a run's identity. Two 1-thread runs
-    #: side by side on 2 cores do 1.65× the work of 2-thread runs one after the other.
+    #: order on another count, so a set count is part of a run's identity. Jobs that share a
+    #: machine do most at one thread each (README: `bench_find.py --pair`).
     threads: int | None = None
 
     @classmethod
