@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -52,3 +53,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: the small NLVR2 world split that tests of `find` and its relatives train on
+SMALL_NLVR2 = {"train": 48, "dev": 24}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A small NLVR2 split of the embedded world, written once per test module (a module that
+    needs other sizes defines its own `world`)."""
+    import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
+
+    root = tmp_path_factory.mktemp("nlvr2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nlvr2_world, "WORLD_SIZES", SMALL_NLVR2)
+        nlvr2_world.write(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def theta0(tmp_path_factory) -> Path:
+    """A freshly initialised tiny UNITER (seed 0) as a bare state dict, the layout vl_prune
+    saves θ0 in: no test waits for the embedded θ0 to be pre-trained."""
+    from vl_prune_plugins.backbones.uniter import Uniter
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
+    save_file(Uniter.build("tiny").state_dict(), path)
+    return path

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.adversarial import AdversarialSettings, adversarial_backward
@@ -21,7 +20,6 @@ from vl_prune.pruning import GlobalRandom
 from vl_prune.ticket import Ticket
 from vl_prune.train import TrainSettings, fit, make_accelerator
 from vl_prune_cli.main import cli
-from vl_prune_plugins.backbones.uniter import Uniter
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,6 @@ def world(tmp_path_factory) -> Path:
         patch.setattr(nlvr2_world, "WORLD_SIZES", {"train": 32, "dev": 16})
         nlvr2_world.write(root)
     return root
-
-
-@pytest.fixture(scope="module")
-def theta0(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
-    save_file(Uniter.build("tiny").state_dict(), path)
-    return path
 
 
 def settings(world, theta0, adversarial=None, **overrides) -> FindSettings:

@@ -20,7 +20,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import ViltModel
 
-import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.backbone import Backbone, VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.export import export, export_transformers, load
@@ -37,7 +36,6 @@ SENTENCES = ["two red circles left of a star .", "is there a blue square ?"]
 REGIONS = 7
 KINDS = pytest.mark.parametrize("cls", [Uniter, Lxmert, Vilt], ids=["uniter", "lxmert", "vilt"])
 PRUNINGS = pytest.mark.parametrize("pruning", ["unstructured", "structured"])
-WORLD = {"train": 48, "dev": 24}
 
 
 def registry_name(cls: type[Backbone]) -> str:
@@ -403,25 +401,11 @@ def test_transformers_config_fits_grown_image_types(folders):
 # --- the command ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nlvr2")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2_world, "WORLD_SIZES", WORLD)
-        nlvr2_world.write(root)
-    return root
-
-
 def uniter_checkpoint(path: Path, seed: int) -> Path:
     """A freshly initialised tiny UNITER as a bare state dict."""
     torch.manual_seed(seed)
     save_file(Uniter.build("tiny").state_dict(), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def theta0(tmp_path_factory) -> Path:
-    return uniter_checkpoint(tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors", 0)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import vl_prune_plugins.tasks.nlvr2 as nlvr2
-import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
 from vl_prune.lottery import Lottery
@@ -31,26 +30,6 @@ from vl_prune.ticket import Ticket, current_weights
 from vl_prune.train import TrainSettings
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.uniter import Uniter
-
-WORLD = {"train": 48, "dev": 24}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nlvr2")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2_world, "WORLD_SIZES", WORLD)
-        nlvr2_world.write(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def theta0(tmp_path_factory) -> Path:
-    """A tiny UNITER checkpoint in the original key layout (bare state dict)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
-    save_file(Uniter.build("tiny").state_dict(), path)
-    return path
 
 
 def settings(world, theta0, **overrides) -> FindSettings:

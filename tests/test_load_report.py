@@ -201,15 +201,6 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def theta0(tmp_path_factory) -> Path:
-    """A tiny UNITER θ0 as vl_prune saves one (bare state dict, safetensors)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
-    save_file(Uniter.build("tiny").state_dict(), path)
-    return path
-
-
 def ticket_for(checkpoint: Path, out: Path) -> Path:
     model = Uniter.build(checkpoint=checkpoint)
     found = fingerprint(current_weights(model, model.prunable_names()))

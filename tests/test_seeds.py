@@ -7,15 +7,12 @@ Runs on a small NLVR2 world split and a freshly initialised tiny UNITER saved as
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 import vl_prune.experiment as experiment_module
-import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.data.loader import EpochOrder
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
@@ -26,25 +23,6 @@ from vl_prune.train import TrainSettings
 from vl_prune_cli.main import cli
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.world.theta0 import THETA0, THREADS, file_name, pretrained_tiny
-
-WORLD = {"train": 48, "dev": 24}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nlvr2")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2_world, "WORLD_SIZES", WORLD)
-        nlvr2_world.write(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def theta0(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
-    save_file(Uniter.build("tiny").state_dict(), path)
-    return path
 
 
 def settings(world, theta0, **overrides) -> FindSettings:

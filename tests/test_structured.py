@@ -6,16 +6,13 @@ norm in torch's prune layout, `Backbone.structure` declares them for uniter, lxm
 
 import copy
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import prune
 
-import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune.backbone import VLBatch
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import FindSettings
@@ -41,7 +38,6 @@ from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
 
 BACKBONES = {"uniter": Uniter, "lxmert": Lxmert, "vilt": Vilt}
-WORLD = {"train": 48, "dev": 24}
 
 
 def build(cls, seed: int = 0):
@@ -378,24 +374,7 @@ def test_a_backbone_without_structure_is_refused():
     assert not any(prune.is_pruned(m) for m, _ in backbone.prunable())
 
 
-# The lottery, on test_find.py's world: a small NLVR2 split and a fresh tiny UNITER checkpoint.
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nlvr2")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nlvr2_world, "WORLD_SIZES", WORLD)
-        nlvr2_world.write(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def theta0(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("theta0") / "uniter-tiny.safetensors"
-    save_file(Uniter.build("tiny").state_dict(), path)
-    return path
+# The lottery, on conftest's world: a small NLVR2 split and a fresh tiny UNITER checkpoint.
 
 
 def find_settings(world, theta0) -> FindSettings:
