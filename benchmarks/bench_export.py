@@ -18,7 +18,7 @@ import torch
 
 from vl_prune.export import export
 from vl_prune.pruning import GlobalMagnitude, prune_to
-from vl_prune.pruning.structured import StructuredMagnitude, unit_weights
+from vl_prune.pruning.structured import StructuredMagnitude, block_weights
 from vl_prune_plugins.backbones.uniter import Uniter
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         for fraction in (0.3, 0.5, 0.7):
             pruned = copy.deepcopy(dense)
             structure = pruned.structure()
-            in_blocks = sum(unit_weights(b) * b.units for b in structure)
+            in_blocks = block_weights(structure)
             target = round(fraction * in_blocks)
             prune_to(pruned.prunable(), StructuredMagnitude, target, structure=structure)
             for dtype in ("float32", "float16"):

@@ -35,7 +35,7 @@ from vl_prune.backbone import VLBatch
 from vl_prune.pruning import GlobalMagnitude, NMMagnitude, prune_to
 from vl_prune.pruning.layout import pruned_parameters
 from vl_prune.pruning.shrink import shrink
-from vl_prune.pruning.structured import StructuredMagnitude, unit_weights
+from vl_prune.pruning.structured import StructuredMagnitude, block_weights
 from vl_prune_plugins.backbones.uniter import Uniter
 
 WORDS, REGIONS = 24, 36
@@ -102,7 +102,7 @@ def structured(dense: Uniter, fraction: float) -> tuple[Uniter, Uniter]:
     """The masked and the shrunk model with `fraction` of heads and of neurons cut."""
     masked = copy.deepcopy(dense)
     structure = masked.structure()
-    in_blocks = sum(unit_weights(b) * b.units for b in structure)
+    in_blocks = block_weights(structure)
     prune_to(
         masked.prunable(), StructuredMagnitude, round(fraction * in_blocks), structure=structure
     )

@@ -38,6 +38,7 @@ from vl_prune.pruning.shrink import fit_to, shrink
 from vl_prune.ticket import (
     FingerprintMismatch,
     Ticket,
+    checked_shape,
     current_weights,
     fingerprint,
     pack_mask,
@@ -283,10 +284,9 @@ def _shapes(text: str, path: Path) -> dict[str, tuple[int, ...]]:
         raise VLPruneError(f"{path}: metadata 'shapes' is not valid JSON") from exc
     if not isinstance(shapes, dict):
         raise VLPruneError(f"{path}: metadata 'shapes' is not a JSON object")
-    for name, shape in shapes.items():
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise VLPruneError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-    return {name: tuple(shape) for name, shape in shapes.items()}
+    return {
+        name: checked_shape(shape, f"{path}: tensor {name!r}") for name, shape in shapes.items()
+    }
 
 
 def load(path: str | os.PathLike) -> Exported:

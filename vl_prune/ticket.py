@@ -234,10 +234,8 @@ class Ticket:
         for name, stored in tensors.items():
             if name not in shapes:
                 raise VLPruneError(f"{path}: tensor {name!r} has no shape in the metadata")
-            shape = shapes[name]
-            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-                raise VLPruneError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
-            masks[name] = unpack_mask(stored, tuple(shapes[name]), f"{path}: tensor {name!r}")
+            where = f"{path}: tensor {name!r}"
+            masks[name] = unpack_mask(stored, checked_shape(shapes[name], where), where)
         if missing := sorted(shapes.keys() - tensors.keys()):
             raise VLPruneError(f"{path}: tensor {missing[0]!r} is listed but not stored")
         return cls(masks, metadata)
@@ -250,6 +248,14 @@ def _to_json(key: str, value: Any) -> str:
         raise VLPruneError(f"ticket metadata {key!r}: {type(obj).__name__} is not JSON data")
 
     return json.dumps(value, default=plain)
+
+
+def checked_shape(shape: Any, where: str) -> tuple[int, ...]:
+    """A shape read from JSON metadata: a list of non-negative ints, else an error naming
+    `where`."""
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise VLPruneError(f"{where} has a bad shape {shape!r}")
+    return tuple(shape)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -84,9 +84,9 @@ def alive_units(block: Block) -> torch.Tensor:
     return _per_unit(block, mask, dim).any(1).cpu()
 
 
-def unit_weights(block: Block) -> int:
-    """How many weights one unit holds over all parts."""
-    return sum(current_weight(linear, "weight").numel() for linear, _ in block.parts) // block.units
+def block_weights(structure: Sequence[Block]) -> int:
+    """How many weights the blocks' parts hold: all their heads and neurons together."""
+    return sum(current_weight(linear, "weight").numel() for b in structure for linear, _ in b.parts)
 
 
 class UnitMask(BoolMaskPruning):
@@ -142,8 +142,7 @@ class StructuredMagnitude(UnitMask):
         sizes = [current_weight(*p).numel() for p in parameters]
         alive = sum(n if m is None else count_true(m) for n, m in zip(sizes, masks, strict=True))
         target = sum(sizes) - alive + count_to_prune(amount, alive)
-        in_blocks = sum(unit_weights(b) * b.units for b in structure)
-        fraction = min(1.0, target / in_blocks)
+        fraction = min(1.0, target / block_weights(structure))
         for kind in (HEADS, NEURONS):
             blocks = [b for b in structure if b.kind == kind]
             for block, keep in zip(blocks, cls.kept_units(blocks, fraction), strict=True):
