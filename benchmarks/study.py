@@ -20,6 +20,7 @@ library leaves to plugins, and its verdicts are about this project's world.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -112,15 +113,19 @@ def run_curves(study: tuple[Curve, ...], runs: Path, jobs: int) -> dict[Curve, d
 
 def plateau(report: dict[str, Any], runs: Path) -> dict[str, Any]:
     """Dense at the recipe (the curve's round 0) against dense at twice its steps, kept in
-    `runs` under the curve's run (whose name covers θ0, the data and the recipe) so a resumed
-    study does not train it again."""
+    `runs` under a digest of what decides the dense model (θ0, the data and the recipe, not
+    the pruning method), so a resumed study, or one of other methods, does not train it again."""
     backbone, task = report["backbone"], report["task"]
-    steps = recipe(task, world=True).steps
-    path = runs / f"plateau-{report['run']}-{SEEDS}seeds.json"
+    train = replace(recipe(task, world=True), threads=THREADS)
+    config = json.loads((runs / report["run"] / "config.json").read_text())
+    dense = {key: config[key] for key in ("preset", "data", "weights_fingerprint")}
+    dense.update(train=train.identity(), seeds=SEEDS)
+    digest = hashlib.sha256(json.dumps(dense, sort_keys=True).encode()).hexdigest()[:10]
+    path = runs / f"plateau-{backbone}-{task}-{digest}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    twice, _ = dense_scores(backbone, task, 2 * steps, seed_list(0, SEEDS), threads=THREADS)
-    result = {"steps": steps, "twice": twice}
+    twice, _ = dense_scores(backbone, task, 2 * train.steps, seed_list(0, SEEDS), threads=THREADS)
+    result = {"steps": train.steps, "twice": twice}
     atomic_write(path, json.dumps(result, indent=2).encode())
     return result
 
