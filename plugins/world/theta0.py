@@ -19,7 +19,7 @@ from vl_prune_plugins.world import VERSION
 from vl_prune_plugins.world.vocabulary import words
 
 # Pre-training of the tiny presets' θ0; changing it changes every cached θ0 (and its name).
-# 1,600 steps (about 17 epochs of the captions, ~50 s for uniter on 2 cores): at 400, θ0 knew so
+# 1,600 steps of 32 (about 50 s for uniter on 2 cores, once per home): at 400, θ0 knew so
 # little that every task had to learn the world while fine-tuning, and dense kept climbing for
 # 30 epochs (benchmarks/dense_plateau.py); the paper's premise is a model that already knows it.
 THETA0 = TrainSettings(steps=1600, batch_size=32, lr=1e-3, seed=0)

@@ -44,7 +44,7 @@ def write(out: Path, seed: int = 0) -> None:
 SPLIT = WorldSplit(
     write=write,
     # Dense at its plateau (benchmarks/dense_plateau.py): no dropout, which on 2,000 pairs only
-    # slows training down; batches of 16 keep a round near 17 s on 2 cores; at 1e-3 one seed
+    # slows training down; batches of 16 keep a round near 14 s on 2 cores; at 1e-3 one seed
     # in three diverged when trained twice as long.
     recipe={"steps": 450, "lr": 5e-4, "batch_size": 16, "dropout": 0.0},
     version=VERSION,
