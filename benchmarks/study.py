@@ -158,9 +158,9 @@ def beyond_noise(a: list[float], b: list[float], paired: bool = True) -> bool:
     """a exceeds b by more than the noise. Paired (two methods on one backbone and task): the
     mean of the per-seed differences a_i − b_i exceeds their std. The runs of one seed share
     its head φ0 and data order (and the dense round, but for adversarial training), so pairing
-    takes that shared
-    noise out, where comparing the means against both stds would count it twice. Unpaired
-    (different backbones, nothing shared): the mean difference exceeds the hypot of the stds."""
+    takes that shared noise out, where comparing the means against both stds would count it
+    twice. Unpaired (different backbones, nothing shared): the mean difference exceeds the
+    hypot of the stds."""
     if min(len(a), len(b)) < 2:
         return False  # one seed has no spread to tell noise by
     if paired:

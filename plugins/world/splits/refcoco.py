@@ -68,10 +68,8 @@ def write(out: Path, seed: int = 0) -> None:
 
 SPLIT = WorldSplit(
     write=write,
-    # Dense at its plateau on 2 threads (benchmarks/dense_plateau.py, 3 seeds): 0.816 ± 0.002
-    # at 1,050 steps, 0.809 ± 0.006 at 2,100; 0.40 ± 0.08 at 450 in batches of 16, a plateau
-    # before the climb. On one thread two of three seeds had not climbed by 1,050 (0.735 ±
-    # 0.080, docs/RESULTS.md). About 23 s a round on 2 cores.
+    # Dense at its plateau from the world θ0 (docs/RESULTS.md, 3 seeds, one thread): 0.813 ±
+    # 0.007 at 1,050 steps, 0.814 ± 0.004 at 2,100. About 33 s a round on one thread.
     recipe={"steps": 1050, "lr": 1e-3, "batch_size": 32},
     version=VERSION,
     description="RefCOCO+ refs and instances: appearance-only expressions for one of 3-5 objects",
