@@ -5,13 +5,14 @@
     python benchmarks/study.py --backbones uniter --tasks nlvr2 vqa --methods imp random
                                           # any subset of the study's curves
 
-Every curve is a `vlprune find` run with 3 seeds (mean ± std), pruned to 98% so that each shows
-where it breaks, in `--runs` (default runs/study): finished rounds are reused, so an
-interrupted study goes on where it stopped. Every run trains on one thread, and `--jobs`
-(default 2) curves train side by side: on 2 cores that does about 1.5–1.8× the work of
-2-thread runs in turn, and the results do not depend on --jobs. Alongside, each task's dense
-model is trained at twice the recipe's steps (`dense_plateau.py`) to say whether "% of dense"
-is a percentage of a converged model. Writes docs/RESULTS.md and its figures (docs/figures/).
+Every curve is a `vlprune find` run with 3 seeds (mean ± std), each round halving the weights
+left, to 99.5% so that each shows where it breaks, in `--runs` (default runs/study): finished
+rounds are reused, so an interrupted study goes on where it stopped. Every run trains on one
+thread, and `--jobs` (default 2) curves train side by side: on 2 cores that does about 1.5–1.8×
+the work of 2-thread runs in turn, and the results do not depend on --jobs. Alongside, each
+task's dense model is trained at twice the recipe's steps (`dense_plateau.py`) to say whether "%
+of dense" is a percentage of a converged model. Writes docs/RESULTS.md and its figures
+(docs/figures/).
 
 It is a benchmark, not a `vlprune` command: it names the paper's backbones and tasks, which the
 library leaves to plugins, and its verdicts are about this project's world.
@@ -47,7 +48,12 @@ from vl_prune.transfer import Transfer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = 0.99
-SPARSITY = 0.98
+#: how every curve prunes: each round halves the weights left (50, 75, 87.5, 93.75, 96.9, 98.4,
+#: 99.2, 99.5%): 8 rounds, where the paper's 10% grid to 98% took 10 and RefCOCO+'s IMP still
+#: held 101% of dense at 98%. Fine where curves break, coarse where they all hold.
+SCHEDULE = {"schedule": "geometric", "rate": 0.5, "sparsity": 0.995}
+#: the pre-training curve keeps the paper's grid: its 60% and 70% tickets are transferred
+PRETRAIN_SCHEDULE = {"schedule": "linear", "sparsity": 0.98}
 SEEDS = 3
 #: every run trains on one thread, whatever --jobs: CPU results depend on the thread count, and
 #: two 1-thread runs side by side on 2 cores do 1.5–1.8× the work of 2-thread runs in turn
@@ -83,7 +89,7 @@ def run_curve(curve: Curve, runs: Path) -> dict[str, Any]:
         curve.backbone,
         curve.task,
         method=curve.method,
-        sparsity=SPARSITY,
+        **(PRETRAIN_SCHEDULE if curve.task == "pretrain" else SCHEDULE),
         train=replace(recipe(curve.task, world=True), threads=THREADS),
         seeds=SEEDS,
     )
@@ -146,10 +152,11 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def pct(value: float) -> str:
-    return f"{value:.0%}"
+    """A sparsity as the schedule's rounds name it: 60%, 87.5%, 99.5%."""
+    return f"{value:.1%}".replace(".0%", "%")
 
 
-def mean_std(values: list[float], fmt: str = "{:.0%}") -> str:
+def mean_std(values: list[float], fmt: str = "{:.1%}") -> str:
     mean, std = spread(values)
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
@@ -351,7 +358,7 @@ def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -
         "",
         "## Curves",
         "",
-        f"| backbone | task | method | dense | relaxed sparsity | score at {pct(SPARSITY)} |",
+        "| backbone | task | method | dense | relaxed sparsity | the last round |",
         "|---|---|---|---|---|---|",
     ]
     relaxed = {curve: relaxed_per_seed(reports[curve]) for curve in study}
@@ -362,7 +369,8 @@ def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -
         lines.append(
             f"| {curve.backbone} | {curve.task} | {curve.method} | "
             f"{dense['score']:.3f} ± {dense['std']:.3f} | {mean_std(relaxed[curve])} | "
-            f"{last['score']:.3f} ± {last['std']:.3f} ({last['fraction_of_dense']:.0%}) |"
+            f"{pct(last['sparsity'])}: {last['score']:.3f} ± {last['std']:.3f} "
+            f"({last['fraction_of_dense']:.0%} of dense) |"
         )
     lines += [""]
     for backbone, task in plateaus:
@@ -494,7 +502,7 @@ def known_answers(study, reports, relaxed) -> list[str]:
         breaks = last["fraction_of_dense"] < KEEP
         out.append(
             f"| {curve.backbone} {curve.task} {curve.method}: below {KEEP:.0%} of dense by "
-            f"{pct(SPARSITY)} | {last['fraction_of_dense']:.1%}: "
+            f"{pct(last['sparsity'])} | {last['fraction_of_dense']:.1%}: "
             f"{'holds' if breaks else 'fails'} |"
         )
     return out
