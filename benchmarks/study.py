@@ -38,12 +38,13 @@ from typing import Any
 
 from dense_plateau import dense_scores
 
-from vl_prune.experiment import FindSettings, recipe
+from vl_prune.experiment import Experiment, FindSettings, recipe
 from vl_prune.files import atomic_write
 from vl_prune.lottery import Lottery
 from vl_prune.plots import curves
 from vl_prune.revision import revision
 from vl_prune.seeds import seed_list
+from vl_prune.train import TrainSettings
 from vl_prune.transfer import Transfer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +74,21 @@ class Curve:
     method: str
 
 
+#: the pre-training tasks' IMP curve, whose tickets are transferred to every UNITER task
+PRETRAIN = Curve("uniter", "pretrain", "imp")
 FULL = (
     *(Curve("uniter", task, m) for task in UNITER_TASKS for m in ("imp", "oneshot", "random")),
     *(Curve("uniter", task, "adv-imp") for task in ("vqa", "nlvr2", "snli-ve")),
-    Curve("uniter", "pretrain", "imp"),
+    PRETRAIN,
     *(Curve("lxmert", task, m) for task in ("vqa", "gqa", "nlvr2") for m in ("imp", "random")),
     *(Curve("vilt", task, m) for task in ("vqa", "nlvr2", "retrieval") for m in ("imp", "random")),
 )
 QUICK = tuple(Curve("uniter", "nlvr2", m) for m in ("imp", "oneshot", "random"))
+
+
+def train_recipe(task: str) -> TrainSettings:
+    """The world recipe of `task`, on THREADS threads."""
+    return replace(recipe(task, world=True), threads=THREADS)
 
 
 def run_curve(curve: Curve, runs: Path) -> dict[str, Any]:
@@ -89,14 +97,53 @@ def run_curve(curve: Curve, runs: Path) -> dict[str, Any]:
         curve.backbone,
         curve.task,
         method=curve.method,
-        **(PRETRAIN_SCHEDULE if curve.task == "pretrain" else SCHEDULE),
-        train=replace(recipe(curve.task, world=True), threads=THREADS),
+        **(PRETRAIN_SCHEDULE if curve == PRETRAIN else SCHEDULE),
+        train=train_recipe(curve.task),
         seeds=SEEDS,
     )
     started = time.perf_counter()
     report = Lottery(settings, runs=runs, quiet=True).run(keep=KEEP)
     print(f"{curve}: {time.perf_counter() - started:.0f} s", flush=True)
     return report
+
+
+def plateau(backbone: str, task: str, runs: Path) -> dict[str, Any]:
+    """Dense at twice the recipe's steps over SEEDS seeds (dense at the recipe is every curve's
+    round 0), kept in `runs` under a digest of what decides the dense model (θ0, the data and
+    the recipe, not the pruning method), so a resumed study, or one of other methods, does not
+    train it again."""
+    train = train_recipe(task)
+    experiment = Experiment(FindSettings(backbone, task, train=train))
+    dense = {
+        "preset": experiment.preset,
+        "data": experiment.data_fingerprint,
+        "weights_fingerprint": experiment.fingerprint,
+        "train": train.identity(),
+        "seeds": SEEDS,
+    }
+    digest = hashlib.sha256(json.dumps(dense, sort_keys=True).encode()).hexdigest()[:10]
+    path = runs / f"plateau-{backbone}-{task}-{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    twice, _ = dense_scores(backbone, task, 2 * train.steps, seed_list(0, SEEDS), threads=THREADS)
+    print(f"{backbone} {task} dense at twice the steps: {time.perf_counter() - started:.0f} s")
+    result = {"steps": train.steps, "twice": twice}
+    atomic_write(path, json.dumps(result, indent=2).encode())
+    return result
+
+
+def pretraining_ticket(source: dict[str, Any], sparsity: float, runs: Path) -> Path:
+    """The pre-training curve's ticket (its first seed's) nearest `sparsity`."""
+    r = at_sparsity(source, sparsity)["round"]
+    seed = source["seeds"][0]
+    return runs / source["run"] / f"seed_{seed}" / f"round_{r:02d}" / "ticket.safetensors"
+
+
+def transfer(ticket: Path, task: str, runs: Path) -> float:
+    """The ticket trained on the UNITER `task` with SEEDS seeds: its fraction of dense."""
+    settings = FindSettings("uniter", task, train=train_recipe(task), seeds=SEEDS)
+    return Transfer(settings, runs=runs, quiet=True).run(ticket)["fraction_of_dense"]
 
 
 def one_thread() -> None:
@@ -106,34 +153,33 @@ def one_thread() -> None:
     torch.set_num_threads(THREADS)
 
 
-def run_curves(study: tuple[Curve, ...], runs: Path, jobs: int) -> dict[Curve, dict[str, Any]]:
-    """Every curve's report, `jobs` curves training at a time in their own processes."""
-    if jobs <= 1:
-        return {curve: run_curve(curve, runs) for curve in study}
+def run_study(study: tuple[Curve, ...], runs: Path, jobs: int) -> tuple[dict, dict, dict | None]:
+    """Every curve's report, each task's dense reference check and, with the pre-training
+    curve, its tickets' fraction of dense on each UNITER task (per TRANSFERRED sparsity):
+    `jobs` trainings at a time, each in a process of its own. The checks queue behind the
+    curves, and the transfers behind the pre-training curve, rather than after the last curve.
+    """
     context = multiprocessing.get_context("spawn")  # no torch state forked mid-use
     # As the vlprune command does: OpenMP threads that sleep soon, read when torch loads.
     os.environ.setdefault("GOMP_SPINCOUNT", "5000")
+    tasks = dict.fromkeys((c.backbone, c.task) for c in study if c != PRETRAIN)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=one_thread) as pool:
-        return dict(zip(study, pool.map(run_curve, study, [runs] * len(study)), strict=True))
-
-
-def plateau(report: dict[str, Any], runs: Path) -> dict[str, Any]:
-    """Dense at the recipe (the curve's round 0) against dense at twice its steps, kept in
-    `runs` under a digest of what decides the dense model (θ0, the data and the recipe, not
-    the pruning method), so a resumed study, or one of other methods, does not train it again."""
-    backbone, task = report["backbone"], report["task"]
-    train = replace(recipe(task, world=True), threads=THREADS)
-    config = json.loads((runs / report["run"] / "config.json").read_text())
-    dense = {key: config[key] for key in ("preset", "data", "weights_fingerprint")}
-    dense.update(train=train.identity(), seeds=SEEDS)
-    digest = hashlib.sha256(json.dumps(dense, sort_keys=True).encode()).hexdigest()[:10]
-    path = runs / f"plateau-{backbone}-{task}-{digest}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    twice, _ = dense_scores(backbone, task, 2 * train.steps, seed_list(0, SEEDS), threads=THREADS)
-    result = {"steps": train.steps, "twice": twice}
-    atomic_write(path, json.dumps(result, indent=2).encode())
-    return result
+        curves = {curve: pool.submit(run_curve, curve, runs) for curve in study}
+        checks = {key: pool.submit(plateau, *key, runs) for key in tasks}
+        transferred = None
+        if PRETRAIN in curves:
+            source = curves[PRETRAIN].result()
+            tickets = {pct(s): pretraining_ticket(source, s, runs) for s in TRANSFERRED}
+            transfers = {
+                (name, task): pool.submit(transfer, ticket, task, runs)
+                for name, ticket in tickets.items()
+                for task in UNITER_TASKS
+            }
+            transferred = {
+                name: [transfers[name, task].result() for task in UNITER_TASKS] for name in tickets
+            }
+        reports = {curve: future.result() for curve, future in curves.items()}
+        return reports, {key: future.result() for key, future in checks.items()}, transferred
 
 
 def relaxed_per_seed(report: dict[str, Any]) -> list[float]:
@@ -188,24 +234,6 @@ def at_sparsity(report: dict[str, Any], sparsity: float) -> dict[str, Any]:
     return min(report["rounds"], key=lambda r: abs(r["sparsity"] - sparsity))
 
 
-def transfer_pretraining_tickets(source: dict[str, Any], runs: Path) -> dict[str, list[float]]:
-    """The pre-training ticket (first seed's mask) at each TRANSFERRED sparsity, trained on each
-    UNITER task with SEEDS seeds: its fraction of the task's dense score, per task."""
-    folder = runs / source["run"]
-    out: dict[str, list[float]] = {}
-    for sparsity in TRANSFERRED:
-        r = at_sparsity(source, sparsity)["round"]
-        ticket = folder / f"seed_{source['seeds'][0]}" / f"round_{r:02d}" / "ticket.safetensors"
-        fractions = []
-        for task in UNITER_TASKS:
-            train = replace(recipe(task, world=True), threads=THREADS)
-            settings = FindSettings("uniter", task, train=train, seeds=SEEDS)
-            result = Transfer(settings, runs=runs, quiet=True).run(ticket)
-            fractions.append(result["fraction_of_dense"])
-        out[pct(sparsity)] = fractions
-    return out
-
-
 def judged(holds: bool, tasks: list[tuple[str, str]], converged: dict) -> str:
     """The verdict line: reproduced or not, unless a dense reference it rests on is not
     converged, which makes "% of dense" a percentage of an under-trained model."""
@@ -258,18 +286,10 @@ def main() -> None:
     )
     if not study:
         parser.error("no curve of the study has those backbones, tasks and methods")
-    reports = run_curves(study, args.runs, args.jobs)
-    tasks = dict.fromkeys((c.backbone, c.task) for c in study if c.task != "pretrain")
-    first = {key: next(reports[c] for c in study if (c.backbone, c.task) == key) for key in tasks}
-    plateaus = {key: plateau(first[key], args.runs) for key in tasks}
-    transferred = None
-    if Curve("uniter", "pretrain", "imp") in reports:
-        transferred = transfer_pretraining_tickets(
-            reports[Curve("uniter", "pretrain", "imp")], args.runs
-        )
+    reports, plateaus, transferred = run_study(study, args.runs, args.jobs)
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for backbone, task in tasks:
+    for backbone, task in plateaus:
         group = [reports[c] for c in study if (c.backbone, c.task) == (backbone, task)]
         curves(group, figures / f"{backbone}-{task}.png")
     text = results(study, reports, plateaus, transferred, args.runs, time.perf_counter() - started)
