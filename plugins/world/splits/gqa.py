@@ -53,7 +53,8 @@ def write(out: Path, seed: int = 0) -> None:
 SPLIT = WorldSplit(
     write=write,
     # Not a plateau from the world θ0 (benchmarks/dense_plateau.py, 3 seeds, one thread, dropout
-    # 0): 0.717 ± 0.012 at 900 steps, 0.804 ± 0.014 at 1,800 (34 s a run at 900).
+    # 0): 0.717 ± 0.012 at 900 steps, 0.804 ± 0.014 at 1,800 (34 s a run at 900); at two
+    # threads, 0.851 ± 0.019 at 3,600, 0.883 ± 0.003 at 7,200 (100 s a run at 3,600): still not.
     recipe={"steps": 150, "lr": 1e-3, "batch_size": 32},
     version=VERSION,
     description="GQA balanced questions: eight families of compositional questions",
