@@ -10,10 +10,9 @@ left, to 99.5% (farther where IMP still holds there: FARTHER) so that each shows
 breaks, in `--runs` (default runs/study): finished rounds are reused, so an interrupted study
 goes on where it stopped. Every run trains on one thread, and `--jobs` (default 2) curves train
 side by side: on 2 cores that does about 1.5–1.8× the work of 2-thread runs in turn, and the
-results do not depend on --jobs. Alongside, each
-task's dense model is trained at twice the recipe's steps (`dense_plateau.py`) to say whether "%
-of dense" is a percentage of a converged model. Writes docs/RESULTS.md and its figures
-(docs/figures/).
+results do not depend on --jobs. Alongside, each task's dense model is trained at twice the
+recipe's steps (`dense_plateau.py`) to say whether "% of dense" is a percentage of a converged
+model. Writes docs/RESULTS.md and its figures (docs/figures/).
 
 It is a benchmark, not a `vlprune` command: it names the paper's backbones and tasks, which the
 library leaves to plugins, and its verdicts are about this project's world.
@@ -342,9 +341,10 @@ def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -
     command = shlex.join(["python", "benchmarks/study.py", *sys.argv[1:]])
     trained = sum(r["seconds"] for report in reports.values() for r in report["rounds"])
     tasks = {c.task for c in study}
-    farther = "".join(f", on {t} to {pct(end)}" for t, end in FARTHER.items() if t in tasks)
+    # how the study's curves end beyond SCHEDULE's: the tasks it ran of FARTHER, pre-training
+    ends = "".join(f", on {t} to {pct(end)}" for t, end in FARTHER.items() if t in tasks)
     if PRETRAIN in study:
-        farther += (
+        ends += (
             f" (the pre-training curve: 10% more a round, to {pct(PRETRAIN_SCHEDULE['sparsity'])})"
         )
     lines = [
@@ -355,7 +355,7 @@ def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -
         f"all (this invocation took {seconds / 60:.0f} min; finished runs are reused). Every "
         "number is the "
         f"mean ± sample std over {SEEDS} seeds (head φ0, data order and dropout; θ0 is the "
-        f"world's). Each round halves the weights left, to {pct(SCHEDULE['sparsity'])}{farther}; "
+        f"world's). Each round halves the weights left, to {pct(SCHEDULE['sparsity'])}{ends}; "
         f'"relaxed" sparsity is, for each seed, its sparsest round holding {KEEP:.0%} '
         'of the mean dense score. Two methods on one backbone and task differ "beyond the '
         "noise\" when the mean of their per-seed differences exceeds its std (a seed's runs "
