@@ -244,18 +244,34 @@ def at_sparsity(report: dict[str, Any], sparsity: float) -> dict[str, Any]:
     return min(report["rounds"], key=lambda r: abs(r["sparsity"] - sparsity))
 
 
-def judged(holds: bool, tasks: list[tuple[str, str]], converged: dict) -> str:
-    """The verdict line: reproduced or not, unless a dense reference it rests on is not
-    converged, which makes "% of dense" a percentage of an under-trained model."""
-    open_ = [f"{b} {t}" for b, t in tasks if not converged.get((b, t), False)]
-    as_measured = "would hold" if holds else "would not hold"
-    if open_:
+def judged(holds: bool, keys: list[tuple[str, str]]) -> str:
+    """The verdict line over the (backbone, task) `keys` a finding was judged on: those whose
+    dense reference is converged (`measured`), for elsewhere "% of dense" is a percentage of an
+    under-trained model; `holds` says whether the finding holds on them."""
+    if not keys:
         return (
-            f"- Verdict: not measurable on the world: dense is not converged at the recipe "
-            f'({", ".join(open_)}), so "% of dense" is not the paper\'s quantity (as measured it '
-            f"{as_measured})."
+            "- Verdict: not measurable on the world: no dense reference it rests on is "
+            'converged at the recipe, so "% of dense" is not the paper\'s quantity.'
         )
-    return f"- Verdict: {'reproduced' if holds else 'not reproduced'}."
+    named = ", ".join(f"{b} {t}" for b, t in keys)
+    return f"- Verdict on {named}: {'reproduced' if holds else 'not reproduced'}."
+
+
+def measured(keys: list[tuple[str, str]], converged: dict) -> tuple[list, list[str]]:
+    """The (backbone, task) `keys` whose dense reference is converged, and a line naming the
+    rest and why they are left out of the verdict (none when every one is converged)."""
+    kept = [key for key in dict.fromkeys(keys) if converged.get(key)]
+    left = [key for key in dict.fromkeys(keys) if key not in kept]
+    if not left:
+        return kept, []
+    said = ", ".join(
+        f"{b} {t} ({'not converged' if (b, t) in converged else 'not checked in this study'})"
+        for b, t in left
+    )
+    return kept, [
+        f'- Left out of the verdict, their dense reference being what makes "% of dense" '
+        f"the paper's quantity: {said}."
+    ]
 
 
 def positive(text: str) -> int:
@@ -392,7 +408,7 @@ def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -
         "Converged: dense at twice the recipe's steps gains no more than one pooled std on "
         "dense at the recipe (a loss there is overfitting, not under-training). Where it is "
         'not, every "% of dense" below is a percentage of an under-trained model, and sparse '
-        "rounds can climb above it.",
+        "rounds can climb above it: the findings' verdicts leave such a task out, and say so.",
         "",
         "## Curves",
         "",
@@ -432,11 +448,13 @@ def sparser(first, second, tasks, reports, relaxed, converged) -> list[str]:
         f"{b.backbone} {b.method} {mean_std(relaxed[b])}."
         for task, a, b in pairs
     ]
+    kept, left = measured([(c.backbone, c.task) for _, a, b in pairs for c in (a, b)], converged)
+    pairs = [(t, a, b) for t, a, b in pairs if {(a.backbone, t), (b.backbone, t)} <= set(kept)]
     holds = all(
         beyond_noise(relaxed[a], relaxed[b], paired=a.backbone == b.backbone) for _, a, b in pairs
     )
     used = [(c.backbone, c.task) for _, a, b in pairs for c in (a, b)]
-    return [*out, judged(holds, used, converged)]
+    return [*out, *left, judged(holds, list(dict.fromkeys(used)))]
 
 
 def findings(study, reports, relaxed, converged, transferred) -> list[str]:
@@ -469,8 +487,9 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
             text += f"; random pruning there {rand['score']:.3f} ± {rand['std']:.3f}"
         out.append(text + ".")
     if rows:
-        holds = all(spread(relaxed[c])[0] >= 0.5 for _, c in rows)
-        out.append(judged(holds, [("uniter", t) for t, _ in rows], converged))
+        kept, left = measured([("uniter", t) for t, _ in rows], converged)
+        holds = all(spread(relaxed[c])[0] >= 0.5 for t, c in rows if ("uniter", t) in kept)
+        out += [*left, judged(holds, kept)]
     else:
         out.append("- Not run in this study.")
     out.append("")
@@ -484,16 +503,21 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
     if transferred is None:
         out.append("- Not run in this study.")
     else:
+        kept, left = measured([("uniter", t) for t in UNITER_TASKS], converged)
+        holds = True
         for sparsity, fractions in transferred.items():
+            by_task = dict(zip(UNITER_TASKS, fractions, strict=True))
+            each = ", ".join(f"{t} {f:.1%}" for t, f in by_task.items())
+            over = [f for t, f in by_task.items() if ("uniter", t) in kept]
+            if not over:
+                out.append(f"- {sparsity}: {each}.")
+                continue
+            holds &= statistics.fmean(over) >= PAPER_TRANSFER[sparsity] - TOLERANCE
             out.append(
-                f"- {sparsity}: {statistics.fmean(fractions):.1%} of dense on average over "
-                f"{len(fractions)} tasks (lowest {min(fractions):.1%})."
+                f"- {sparsity}: {statistics.fmean(over):.1%} of dense on average over the "
+                f"{len(over)} tasks judged ({each})."
             )
-        holds = all(
-            statistics.fmean(fractions) >= PAPER_TRANSFER[sparsity] - TOLERANCE
-            for sparsity, fractions in transferred.items()
-        )
-        out.append(judged(holds, [("uniter", t) for t in UNITER_TASKS], converged))
+        out += [*left, judged(holds, kept)]
     out.append("")
 
     # 3. ViLT's tickets are less sparse.
