@@ -74,6 +74,12 @@ from vl_prune_cli.output import percent, progress, table
     show_default=True,
     help="The ticket kept is the sparsest round holding this fraction of dense.",
 )
+@click.option(
+    "--stop-below",
+    type=FiniteRange(0, 1, min_open=True),
+    help="End the schedule after the first round whose mean score falls below this fraction "
+    "of dense (the curve has broken); the run goes on from there without it.",
+)
 @training_options
 @adversarial_options
 @runs_option
@@ -101,6 +107,7 @@ def find(
     rewind_step: int | None,
     one_shot: bool,
     keep: float,
+    stop_below: float | None,
     runs: Path,
     checkpoint_every: int,
     out: Path | None,
@@ -137,7 +144,7 @@ def find(
     say = progress(quiet)
     lottery = Lottery(settings, runs=runs, checkpoint_every=checkpoint_every, quiet=quiet, log=say)
     say(f"run folder: {lottery.folder}")
-    report = lottery.run(keep=keep)
+    report = lottery.run(keep=keep, stop_below=stop_below)
     if not main_process:
         return
     if out is not None:
@@ -159,6 +166,11 @@ def find(
     ]
     metric = report["metric"] + (f" (mean ± std, {len(report['seeds'])} seeds)" if several else "")
     click.echo(table(["round", "sparsity", metric, "of dense"], rows, right=(0, 1, 2, 3)))
+    if report["stopped_early"]:
+        click.echo(
+            f"stopped after round {report['rounds'][-1]['round']}: below --stop-below "
+            f"{stop_below:g} of dense, short of --sparsity {percent(sparsity)}"
+        )
     final = report["final"]
     click.echo(
         f"ticket: {final['ticket']} (round {final['round']}, {percent(final['sparsity'])} sparse, "

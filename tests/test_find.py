@@ -103,6 +103,44 @@ def test_geometric_schedule(world, theta0, tmp_path):
     assert pruned[-1] == round(0.5 * total)
 
 
+def test_stop_below_ends_the_schedule_where_the_mean_curve_breaks(
+    world, theta0, tmp_path, monkeypatch
+):
+    # Real rounds with scripted scores, in the order they train: round by round over the seeds.
+    # Round 1 holds 93.75% on the mean (one seed at 87.5%); round 2 falls to 87.5%.
+    scripted = iter([0.8, 0.8, 0.8, 0.7, 0.8, 0.6])
+    real = Experiment.train
+
+    def train(self, model, *args, **kwargs):
+        _, trained = real(self, model, *args, **kwargs)
+        return next(scripted), trained
+
+    monkeypatch.setattr(Experiment, "train", train)
+    args = cli_args(world, theta0, tmp_path, "--steps", "2", "--sparsity", "0.5", "--seeds", "2")
+    result = CliRunner().invoke(cli, [*args, "--stop-below", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert "stopped after round 2: below --stop-below 0.9 of dense, short of --sparsity 50" in (
+        result.output
+    )
+    (folder,) = tmp_path.iterdir()
+    report = json.loads((folder / "report.json").read_text())
+    assert report["stopped_early"] is True
+    assert [r["scores"] for r in report["rounds"]] == [[0.8, 0.8], [0.8, 0.7], [0.8, 0.6]]
+    assert not list(folder.glob("seed_*/round_03/metrics.json"))
+    finished = {p: p.stat().st_mtime_ns for p in folder.glob("seed_*/round_*/metrics.json")}
+
+    # The same run without it goes on from round 3, keeping the rounds it has.
+    monkeypatch.setattr(Experiment, "train", real)
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["stopped_early"] is False
+    assert [r["sparsity"] for r in report["rounds"]] == pytest.approx(
+        [0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-3
+    )
+    assert report["rounds"][2]["scores"] == [0.8, 0.6]
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
+
+
 def test_random_masks_are_not_magnitude_masks(world, theta0, tmp_path):
     runs = {}
     for method in ("imp", "random"):

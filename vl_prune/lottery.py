@@ -9,13 +9,16 @@ differ in the head φ0, the data order and dropout; θ0 is the same for all. A r
 once its `metrics.json` exists: the same command again skips finished rounds and continues an
 unfinished one from its last checkpoint (open_lth's levels and "skip what is done"); more
 seeds later add to the same folder. The report averages the seeds, and the ticket kept is the
-sparsest round whose mean score holds `keep` of the mean dense score."""
+sparsest round whose mean score holds `keep` of the mean dense score. Rounds run round by round
+over the seeds, so that `stop_below` can end a schedule once the mean curve has broken; that
+ends the rounds run, not the run's identity: the same run without it goes on from there."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -155,16 +158,21 @@ class Lottery:
         """Where round `r` of `seed` (default: the first seed) keeps its ticket and metrics."""
         return self.folder / f"seed_{self.seeds[0] if seed is None else seed}" / f"round_{r:02d}"
 
-    def run(self, keep: float = 0.99) -> dict[str, Any]:
-        """Run (or finish) every round of every seed and write the report, curve and ticket."""
+    def run(self, keep: float = 0.99, stop_below: float | None = None) -> dict[str, Any]:
+        """Run (or finish) the rounds of every seed, round by round, and write the report,
+        curve and ticket. With `stop_below`, the schedule ends after the first round whose mean
+        score falls below that fraction of the mean dense score: the curve has broken there,
+        and sparser rounds would cost as much to show only that."""
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
+        if stop_below is not None and not 0.0 < stop_below <= 1.0:
+            raise VLPruneError(f"--stop-below must be in (0, 1], not {stop_below}")
         state = process_state()
         with job_lock(self.folder):  # one job at a time in a run folder
             if state.is_main_process:
                 self._open_folder()
             state.wait_for_everyone()
-            return self._run(keep)
+            return self._run(keep, stop_below)
 
     def _open_folder(self) -> None:
         """Create the run folder, or clear what a killed run of it left (the lock is held)."""
@@ -180,20 +188,31 @@ class Lottery:
                 leftover.remove()
             self.log(f"removed {len(leftovers)} leftovers of a killed run ({size / 1e6:.1f} MB)")
 
-    def _run(self, keep: float) -> dict[str, Any]:
+    def _run(self, keep: float, stop_below: float | None) -> dict[str, Any]:
         state = process_state()
-        started, histories, ran = time.perf_counter(), {}, []
+        started, ran = time.perf_counter(), []
+        histories: dict[int, list[Round]] = {seed: [] for seed in self.seeds}
         left = len(self.seeds) * (self.rounds + 1)
-        for seed in self.seeds:
-            history: list[Round] = []
-            for r in range(self.rounds + 1):
+        up_to = "up to " if stop_below is not None else ""
+        # Round by round, every seed's, so that the mean curve is known after each round.
+        for r in range(self.rounds + 1):
+            for seed in self.seeds:
+                history = histories[seed]
                 history.append(self._round(seed, r, history))
                 left -= 1
                 if not history[-1].skipped:
                     ran.append(history[-1].seconds)
                     if left:
-                        self.log(f"  about {_duration(left * sum(ran) / len(ran))} left")
-            histories[seed] = history
+                        self.log(f"  {up_to}about {_duration(left * sum(ran) / len(ran))} left")
+            dense = _mean(histories, 0)
+            held = _mean(histories, r) / dense if dense else 0.0
+            if r and stop_below is not None and held < stop_below:
+                if r < self.rounds:
+                    self.log(
+                        f"round {r} holds {held:.1%} of dense, below --stop-below "
+                        f"{stop_below:g}: the schedule ends here"
+                    )
+                break
         report = self._report(histories, keep)
         if state.is_main_process:
             self._write_outputs(report)
@@ -331,7 +350,7 @@ class Lottery:
         """The report users read (report.json, `--json`): plain JSON, each round's score the
         mean over the seeds, with their spread (sample std; 0 for one seed) and each seed's."""
         rounds = []
-        for r in range(self.rounds + 1):
+        for r in range(len(histories[self.seeds[0]])):
             level = [histories[seed][r] for seed in self.seeds]
             rounds.append(
                 {
@@ -357,6 +376,8 @@ class Lottery:
             "dense_score": dense,
             "dense_std": rounds[0]["std"],
             "keep": keep,
+            #: the schedule ended before its last round (`stop_below`)
+            "stopped_early": len(rounds) < self.rounds + 1,
             "rounds": rounds,
             "final": {**final, "ticket": str(self.folder / TICKET), "seed": self.seeds[0]},
         }
@@ -394,6 +415,11 @@ def _read_rewind(path: Path) -> dict[str, Any]:
         raise VLPruneError(
             f"{path}: damaged ({reason(exc)}); delete {path.parent} to train from the dense round"
         ) from exc
+
+
+def _mean(histories: dict[int, list[Round]], r: int) -> float:
+    """The mean score of round `r` over the seeds."""
+    return statistics.fmean(history[r].score for history in histories.values())
 
 
 def _duration(seconds: float) -> str:
