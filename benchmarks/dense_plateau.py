@@ -30,7 +30,7 @@ def dense_scores(
 ) -> tuple[dict, float]:
     """The dense model's scores over `seeds` after `steps` steps of the world recipe (with
     `changes`); seconds a run."""
-    train = replace(recipe(task, world=True), steps=steps, **changes)
+    train = replace(recipe(task, world=True, backbone=backbone), steps=steps, **changes)
     settings = FindSettings(backbone, task, train=train)
     experiment = Experiment(settings)
     started, scores = time.perf_counter(), []
@@ -69,7 +69,7 @@ def main() -> None:
     print("| task | recipe steps | at the recipe | at twice the steps | change | plateau |")
     print("|---|---|---|---|---|---|")
     for task in args.tasks:
-        steps = args.steps or recipe(task, world=True).steps
+        steps = args.steps or recipe(task, world=True, backbone=args.backbone).steps
         once, seconds = dense_scores(args.backbone, task, steps, seeds, **changes)
         twice, _ = dense_scores(args.backbone, task, 2 * steps, seeds, **changes)
         pooled = math.sqrt((once["std"] ** 2 + twice["std"] ** 2) / 2)

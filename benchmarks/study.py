@@ -96,9 +96,9 @@ FULL = (
 QUICK = tuple(Curve("uniter", "nlvr2", m) for m in ("imp", "oneshot", "random"))
 
 
-def train_recipe(task: str) -> TrainSettings:
-    """The world recipe of `task`, on THREADS threads."""
-    return replace(recipe(task, world=True), threads=THREADS)
+def train_recipe(backbone: str, task: str) -> TrainSettings:
+    """The world recipe of `backbone` on `task`, on THREADS threads."""
+    return replace(recipe(task, world=True, backbone=backbone), threads=THREADS)
 
 
 def schedule(task: str) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def run_curve(curve: Curve, runs: Path) -> dict[str, Any]:
         curve.task,
         method=curve.method,
         **(PRETRAIN_SCHEDULE if curve == PRETRAIN else schedule(curve.task)),
-        train=train_recipe(curve.task),
+        train=train_recipe(curve.backbone, curve.task),
         seeds=SEEDS,
     )
     started = time.perf_counter()
@@ -129,7 +129,7 @@ def plateau(backbone: str, task: str, runs: Path) -> dict[str, Any]:
     round 0), kept in `runs` under a digest of what decides the dense model (θ0, the data and
     the recipe, not the pruning method), so a resumed study, or one of other methods, does not
     train it again."""
-    train = train_recipe(task)
+    train = train_recipe(backbone, task)
     experiment = Experiment(FindSettings(backbone, task, train=train))
     dense = {
         "preset": experiment.preset,
@@ -159,7 +159,7 @@ def pretraining_ticket(source: dict[str, Any], sparsity: float, runs: Path) -> P
 
 def transfer(ticket: Path, task: str, runs: Path) -> float:
     """The ticket trained on the UNITER `task` with SEEDS seeds: its fraction of dense."""
-    settings = FindSettings("uniter", task, train=train_recipe(task), seeds=SEEDS)
+    settings = FindSettings("uniter", task, train=train_recipe("uniter", task), seeds=SEEDS)
     return Transfer(settings, runs=runs, quiet=True).run(ticket)["fraction_of_dense"]
 
 

@@ -218,7 +218,7 @@ def find_settings(
     options = DataOptions(**{f.name: training.pop(f.name) for f in fields(DataOptions)})
     adversarial = _adversarial(training, implied)
     given = {k: v for k, v in training.items() if v is not None}
-    train = replace(recipe(task, world=data is None), **given, adversarial=adversarial)
+    train = replace(recipe(task, data is None, backbone), **given, adversarial=adversarial)
     return FindSettings(
         backbone=backbone,
         task=task,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,26 @@ def test_the_world_names_an_unknown_task_and_a_task_without_a_split():
     with pytest.raises(VLPruneError, match=r"^unknown task 'nlvr3'; did you mean 'nlvr2'"):
         world.split("nlvr3")
     assert world.split("nlvr2") is SPLIT and world.recipe("nlvr2") == dict(SPLIT.recipe)
+
+
+def test_a_backbone_gets_its_own_recipe_where_the_split_has_one(monkeypatch):
+    world = embedded_world()
+    own = WorldSplit(
+        write=SPLIT.write,
+        recipe={"steps": 5, "lr": 1e-3},
+        version=1,
+        backbone_recipes={"lxmert": {"steps": 9}},
+    )
+    listed = registry.Plugin("world_splits", "nlvr2", "x:OWN", "own-dist")
+    monkeypatch.setattr(registry, "plugins", lambda kind: [listed])
+    monkeypatch.setattr(registry, "find", lambda kind, name: listed)
+    monkeypatch.setattr(registry.Plugin, "load", lambda self: own)
+    assert world.recipe("nlvr2", "lxmert") == {"steps": 9, "lr": 1e-3}
+    assert world.recipe("nlvr2", "uniter") == world.recipe("nlvr2") == {"steps": 5, "lr": 1e-3}
+    bad = replace(own, backbone_recipes={"lxmert": {"step": 9}})
+    monkeypatch.setattr(registry.Plugin, "load", lambda self: bad)
+    with pytest.raises(VLPruneError, match=r"has lxmert's recipe keys 'step', which are not"):
+        world.recipe("nlvr2", "lxmert")
 
 
 def test_a_world_split_whose_recipe_is_no_training_setting_is_refused(monkeypatch):

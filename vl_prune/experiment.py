@@ -99,10 +99,13 @@ class FindSettings:
         return fields
 
 
-def recipe(task: str, world: bool) -> TrainSettings:
-    """The task's fine-tuning settings for the embedded world or for real data."""
+def recipe(task: str, world: bool, backbone: str | None = None) -> TrainSettings:
+    """The task's fine-tuning settings for the embedded world (`backbone`'s, where the world's
+    split has its own) or for real data."""
     task_class = load_checked("tasks", task)
-    return TrainSettings(**(embedded_world().recipe(task) if world else task_class.recipe))
+    if world:
+        return TrainSettings(**embedded_world().recipe(task, backbone))
+    return TrainSettings(**task_class.recipe)
 
 
 class Experiment:

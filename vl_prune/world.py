@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,6 +35,10 @@ class WorldSplit:
     version: int
     #: one line for `vlprune list world_splits`
     description: str = ""
+    #: a backbone's changes to `recipe`, by its registry name: a tiny model that learns the
+    #: split at another pace needs its own steps to reach its plateau, as real backbones come
+    #: with their own fine-tuning settings
+    backbone_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class World:
@@ -77,11 +81,14 @@ class World:
                 f"world split {task!r} (from {plugin.distribution}) is a {type(split).__name__}, "
                 "not a vl_prune.world.WorldSplit"
             )
-        if unknown := TrainSettings.unknown(split.recipe):
-            raise VLPruneError(
-                f"world split {task!r} (from {plugin.distribution}) has recipe keys "
-                f"{', '.join(map(repr, unknown))}, which are not TrainSettings fields"
-            )
+        recipes = {"recipe": split.recipe}
+        recipes.update((f"{name}'s recipe", r) for name, r in split.backbone_recipes.items())
+        for said, recipe in recipes.items():
+            if unknown := TrainSettings.unknown(recipe):
+                raise VLPruneError(
+                    f"world split {task!r} (from {plugin.distribution}) has {said} keys "
+                    f"{', '.join(map(repr, unknown))}, which are not TrainSettings fields"
+                )
         return split
 
     def data(self, task: str, seed: int = 0) -> Path:
@@ -92,9 +99,10 @@ class World:
         name = f"world/{task}-v{split.version}-seed{seed}"
         return cached_folder(name, lambda out: split.write(out, seed))
 
-    def recipe(self, task: str) -> dict[str, Any]:
-        """How to fine-tune on `task`'s split."""
-        return dict(self.split(task).recipe)
+    def recipe(self, task: str, backbone: str | None = None) -> dict[str, Any]:
+        """How to fine-tune on `task`'s split (`backbone`, a registry name, with its changes)."""
+        split = self.split(task)
+        return {**split.recipe, **split.backbone_recipes.get(backbone, {})}
 
 
 @cache

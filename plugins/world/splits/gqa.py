@@ -55,6 +55,10 @@ SPLIT = WorldSplit(
     # Not a plateau from the world θ0 (benchmarks/dense_plateau.py, 3 seeds, one thread, dropout
     # 0): 0.717 ± 0.012 at 900 steps, 0.804 ± 0.014 at 1,800 (34 s a run at 900); at two
     # threads, 0.851 ± 0.019 at 3,600, 0.883 ± 0.003 at 7,200 (100 s a run at 3,600): still not.
+    # What is slow (seed 0, 3,600 steps, the model's dropout): rel_verify stays at chance
+    # (0.53), same_colour 0.72, and 0.83; the query families are at 0.87-1.00. With 8,000
+    # training questions (seed 0, dropout 0): 0.846 at 1,800, 0.920 at 3,600 (rel_verify
+    # 0.60), still climbing; 20,000: 0.822 at 1,800; lr 2e-3 diverges (0.41 at 1,800).
     recipe={"steps": 150, "lr": 1e-3, "batch_size": 32},
     version=VERSION,
     description="GQA balanced questions: eight families of compositional questions",
