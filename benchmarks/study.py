@@ -41,7 +41,7 @@ from dense_plateau import dense_scores
 
 from vl_prune.experiment import Experiment, FindSettings, recipe
 from vl_prune.files import atomic_write
-from vl_prune.lottery import Lottery
+from vl_prune.lottery import TICKET, Lottery
 from vl_prune.plots import curves
 from vl_prune.revision import revision
 from vl_prune.seeds import seed_list
@@ -361,13 +361,11 @@ def trained_by(reports, runs: Path) -> str:
     versions: Counter[str] = Counter()
     for report in reports.values():
         for seed in report["seeds"]:
-            found = (runs / report["run"] / f"seed_{seed}").glob("round_*/ticket.safetensors")
-            for ticket in found:
+            for r in report["rounds"]:  # the rounds the report reads, not those STOP_BELOW left
+                ticket = runs / report["run"] / f"seed_{seed}" / f"round_{r['round']:02d}" / TICKET
                 with safe_open(ticket, framework="pt") as bundle:
                     versions[(bundle.metadata() or {}).get("vl_prune_version", "?")] += 1
     said = ", ".join(f"vl_prune {v} ({n} rounds)" for v, n in sorted(versions.items()))
-    if not versions:
-        return "code it could not tell (no round tickets found)"
     if "+" not in "".join(versions):
         said += " (before tickets recorded the commit beside the version)"
     return said
