@@ -241,13 +241,10 @@ def beyond_noise(a: list[float], b: list[float], paired: bool = True) -> bool:
 
 
 def shared_rounds(a: dict[str, Any], b: dict[str, Any]) -> set[float]:
-    """The sparsities from 50% to 90% that both curves ran (STOP_BELOW ends broken curves)."""
+    """The sparsities from 50% to 90% that both curves ran (STOP_BELOW ends broken curves); a
+    round's sparsity is its pruned weights over all, a hair off its target for odd counts."""
     ran = [
-        {
-            round(r["sparsity"], 6)
-            for r in report["rounds"]
-            if 0.5 - 1e-9 <= r["sparsity"] <= 0.9 + 1e-9
-        }
+        {round(r["sparsity"], 4) for r in report["rounds"] if 0.5 - 1e-4 <= r["sparsity"] <= 0.9}
         for report in (a, b)
     ]
     return ran[0] & ran[1]
@@ -256,7 +253,7 @@ def shared_rounds(a: dict[str, Any], b: dict[str, Any]) -> set[float]:
 def sparse_mean(report: dict[str, Any], sparsities: set[float]) -> list[float]:
     """Each seed's mean score over its rounds at `sparsities`: how good its masks are where
     pruning matters, with no dense reference in it."""
-    rounds = [r for r in report["rounds"] if round(r["sparsity"], 6) in sparsities]
+    rounds = [r for r in report["rounds"] if round(r["sparsity"], 4) in sparsities]
     return [statistics.fmean(r["scores"][i] for r in rounds) for i in range(len(report["seeds"]))]
 
 

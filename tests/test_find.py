@@ -301,6 +301,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_finished_rounds(
         (("--method", "rewind"), "--rewind-step"),
         (("--steps", "0"), "steps"),
         (("--checkpoint-every", "0"), "--checkpoint-every"),
+        (("--stop-below", "0"), "--stop-below"),
+        (("--stop-below", "0.995"), "--stop-below must be in (0, --keep 0.99]"),
         (("--out", "/nonexistent/folder/t.safetensors"), "--out"),
     ],
 )

@@ -16,6 +16,7 @@ from PIL import Image
 import vl_prune_plugins.world.splits.nlvr2 as nlvr2_world
 from vl_prune import registry
 from vl_prune.errors import VLPruneError
+from vl_prune.experiment import recipe
 from vl_prune.world import WorldSplit, embedded_world
 from vl_prune_plugins.world import language
 from vl_prune_plugins.world.features import region_features
@@ -160,6 +161,9 @@ def test_the_world_names_an_unknown_task_and_a_task_without_a_split():
 
 
 def test_a_backbone_gets_its_own_recipe_where_the_split_has_one(monkeypatch):
+    # The world's NLVR2: lxmert-tiny needs twice uniter-tiny's steps to reach its plateau.
+    assert recipe("nlvr2", world=True, backbone="lxmert").steps == 900
+    assert recipe("nlvr2", world=True, backbone="uniter").steps == SPLIT.recipe["steps"] == 450
     world = embedded_world()
     own = WorldSplit(
         write=SPLIT.write,

@@ -165,8 +165,9 @@ class Lottery:
         and sparser rounds would cost as much to show only that."""
         if not 0.0 < keep <= 1.0:
             raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
-        if stop_below is not None and not 0.0 < stop_below <= 1.0:
-            raise VLPruneError(f"--stop-below must be in (0, 1], not {stop_below}")
+        if stop_below is not None and not 0.0 < stop_below <= keep:
+            # above --keep it would end schedules at rounds that still hold the ticket
+            raise VLPruneError(f"--stop-below must be in (0, --keep {keep:g}], not {stop_below}")
         state = process_state()
         with job_lock(self.folder):  # one job at a time in a run folder
             if state.is_main_process:
@@ -205,7 +206,7 @@ class Lottery:
                     if left:
                         self.log(f"  {up_to}about {_duration(left * sum(ran) / len(ran))} left")
             dense = _mean(histories, 0)
-            held = _mean(histories, r) / dense if dense else 0.0
+            held = _mean(histories, r) / dense if dense > 0 else 1.0  # nothing to fall from
             if r and stop_below is not None and held < stop_below:
                 if r < self.rounds:
                     self.log(
