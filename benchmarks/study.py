@@ -277,8 +277,9 @@ def judged(holds: bool, keys: list[tuple[str, str]]) -> str:
 def measured(keys: list[tuple[str, str]], converged: dict) -> tuple[list, list[str]]:
     """The (backbone, task) `keys` whose dense reference is converged, and a line naming the
     rest and why they are left out of the verdict (none when every one is converged)."""
-    kept = [key for key in dict.fromkeys(keys) if converged.get(key)]
-    left = [key for key in dict.fromkeys(keys) if key not in kept]
+    unique = list(dict.fromkeys(keys))
+    kept = [key for key in unique if converged.get(key)]
+    left = [key for key in unique if key not in kept]
     if not left:
         return kept, []
     said = ", ".join(
@@ -583,17 +584,18 @@ def known_answers(study, reports, relaxed) -> list[str]:
                 f"the noise) | {' / '.join(mean_std(r) for r in ordered)}: "
                 f"{'holds' if holds else 'fails'} |"
             )
-            pairs = [(reports[a], reports[b]) for a, b in ((imp, one), (one, rand))]
-            compared = [(shared_rounds(a, b), a, b) for a, b in pairs]
-            sparse = [[sparse_mean(r, at) for r in (a, b)] for at, a, b in compared]
-            holds = all(beyond_noise(*scores) for scores in sparse)
-            said = [
-                f"{first} {mean_std(x, '{:.3f}')}, {second} {mean_std(y, '{:.3f}')} at "
-                f"{', '.join(pct(s) for s in sorted(at))}"
-                for (first, second), (at, _, _), (x, y) in zip(
-                    (("IMP", "one-shot"), ("one-shot", "random")), compared, sparse, strict=True
+            holds, said = True, []
+            for (first, a), (second, b) in (
+                (("IMP", imp), ("one-shot", one)),
+                (("one-shot", one), ("random", rand)),
+            ):
+                at = shared_rounds(reports[a], reports[b])
+                x, y = sparse_mean(reports[a], at), sparse_mean(reports[b], at)
+                holds &= beyond_noise(x, y)
+                said.append(
+                    f"{first} {mean_std(x, '{:.3f}')}, {second} {mean_std(y, '{:.3f}')} at "
+                    f"{', '.join(pct(s) for s in sorted(at))}"
                 )
-            ]
             out.append(
                 f"| {backbone} {task}: mean score of the rounds from 50% to 90% both ran, "
                 f"IMP > one-shot > random beyond the noise | {'; '.join(said)}: "
