@@ -4,6 +4,7 @@
     python benchmarks/study.py --quick    # uniter × nlvr2: imp, oneshot and random
     python benchmarks/study.py --backbones uniter --tasks nlvr2 vqa --methods imp random
                                           # any subset of the study's curves
+    python benchmarks/study.py --finished # trains nothing: the curves finished so far
 
 Every curve is a `vlprune find` run with 3 seeds (mean ± std), each round halving the weights
 left, to 99.5% (farther where IMP still holds there: FARTHER) so that each shows where it
@@ -106,8 +107,9 @@ def schedule(task: str) -> dict[str, Any]:
     return {**SCHEDULE, "sparsity": FARTHER.get(task, SCHEDULE["sparsity"])}
 
 
-def run_curve(curve: Curve, runs: Path) -> dict[str, Any]:
-    """The curve's report: its run, with every seed, finished (or found finished)."""
+def run_curve(curve: Curve, runs: Path, train: bool = True) -> dict[str, Any] | None:
+    """The curve's report: its run, with every seed, finished (or found finished); without
+    `train`, None unless it is finished."""
     settings = FindSettings(
         curve.backbone,
         curve.task,
@@ -116,19 +118,22 @@ def run_curve(curve: Curve, runs: Path) -> dict[str, Any]:
         train=train_recipe(curve.backbone, curve.task),
         seeds=SEEDS,
     )
-    started = time.perf_counter()
     # The pre-training curve runs its whole schedule: its 60% and 70% tickets are transferred.
     stop_below = None if curve == PRETRAIN else STOP_BELOW
-    report = Lottery(settings, runs=runs, quiet=True).run(keep=KEEP, stop_below=stop_below)
+    lottery = Lottery(settings, runs=runs, quiet=True)
+    if not train:
+        return lottery.finished(keep=KEEP, stop_below=stop_below)
+    started = time.perf_counter()
+    report = lottery.run(keep=KEEP, stop_below=stop_below)
     print(f"{curve}: {time.perf_counter() - started:.0f} s", flush=True)
     return report
 
 
-def plateau(backbone: str, task: str, runs: Path) -> dict[str, Any]:
+def plateau(backbone: str, task: str, runs: Path, train: bool = True) -> dict[str, Any] | None:
     """Dense at twice the recipe's steps over SEEDS seeds (dense at the recipe is every curve's
     round 0), kept in `runs` under a digest of what decides the dense model (θ0, the data and
     the recipe, not the pruning method), so a resumed study, or one of other methods, does not
-    train it again."""
+    train it again; without `train`, None unless it is kept there."""
     train = train_recipe(backbone, task)
     experiment = Experiment(FindSettings(backbone, task, train=train))
     dense = {
@@ -142,6 +147,8 @@ def plateau(backbone: str, task: str, runs: Path) -> dict[str, Any]:
     path = runs / f"plateau-{backbone}-{task}-{digest}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if not train:
+        return None
     started = time.perf_counter()
     twice, _ = dense_scores(backbone, task, 2 * train.steps, seed_list(0, SEEDS), threads=THREADS)
     print(f"{backbone} {task} dense at twice the steps: {time.perf_counter() - started:.0f} s")
@@ -197,6 +204,16 @@ def run_study(study: tuple[Curve, ...], runs: Path, jobs: int) -> tuple[dict, di
             }
         reports = {curve: future.result() for curve, future in curves.items()}
         return reports, {key: future.result() for key, future in checks.items()}, transferred
+
+
+def read_study(study: tuple[Curve, ...], runs: Path) -> tuple[dict, dict, None]:
+    """What `run_study` gives for the curves of `study` already finished in `runs`, training
+    nothing: their reports, and their tasks' dense checks (None where not run yet); no
+    transfers, which are trained only with the pre-training curve."""
+    one_thread()
+    reports = {c: report for c in study if (report := run_curve(c, runs, train=False))}
+    tasks = dict.fromkeys((c.backbone, c.task) for c in reports if c != PRETRAIN)
+    return reports, {key: plateau(*key, runs, train=False) for key in tasks}, None
 
 
 def relaxed_per_seed(report: dict[str, Any]) -> list[float]:
@@ -311,6 +328,11 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=positive, default=2, help="Curves trained side by side (one thread each)."
     )
+    parser.add_argument(
+        "--finished",
+        action="store_true",
+        help="Train nothing: write RESULTS.md from the curves finished in --runs, naming the rest.",
+    )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
@@ -330,13 +352,21 @@ def main() -> None:
     )
     if not study:
         parser.error("no curve of the study has those backbones, tasks and methods")
-    reports, plateaus, transferred = run_study(study, args.runs, args.jobs)
+    if args.finished:
+        reports, plateaus, transferred = read_study(study, args.runs)
+    else:
+        reports, plateaus, transferred = run_study(study, args.runs, args.jobs)
+    unfinished = [c for c in study if c not in reports]
+    study = tuple(c for c in study if c in reports)
+    if not study:
+        sys.exit(f"study.py: none of these curves is finished in {args.runs}")
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for backbone, task in plateaus:
         group = [reports[c] for c in study if (c.backbone, c.task) == (backbone, task)]
         curves(group, figures / f"{backbone}-{task}.png")
-    text = results(study, reports, plateaus, transferred, args.runs, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    text = results(study, unfinished, reports, plateaus, transferred, args.runs, seconds)
     atomic_write(args.out / "RESULTS.md", text.encode())
     print(f"wrote {args.out / 'RESULTS.md'} ({time.perf_counter() - started:.0f} s)")
 
@@ -369,7 +399,7 @@ def trained_by(reports, runs: Path) -> str:
     return said
 
 
-def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -> str:
+def results(study, unfinished, reports, plateaus, transferred, runs: Path, seconds: float) -> str:
     command = shlex.join(["python", "benchmarks/study.py", *sys.argv[1:]])
     trained = sum(r["seconds"] for report in reports.values() for r in report["rounds"])
     tasks = {c.task for c in study}
@@ -407,15 +437,24 @@ def results(study, reports, plateaus, transferred, runs: Path, seconds: float) -
             "findings that need other tasks, backbones or methods are not measured here.",
             "",
         ]
+    if unfinished:
+        named = ", ".join(f"{c.backbone} {c.task} {c.method}" for c in unfinished)
+        lines += [f"Chosen but not finished yet, so left out: {named}.", ""]
     lines += ["## The dense reference", "", "| backbone | task | recipe | dense at the recipe |"]
     lines[-1] += " dense at twice the steps | converged |"
     lines.append("|---|---|---|---|---|---|")
     converged = {}
     for (backbone, task), check in plateaus.items():
         report = next(reports[c] for c in study if (c.backbone, c.task) == (backbone, task))
-        once = report["rounds"][0]["scores"]
-        twice = check["twice"]["scores"]
-        (m1, s1), (m2, s2) = spread(once), spread(twice)
+        m1, s1 = spread(report["rounds"][0]["scores"])
+        if check is None:  # --finished, before the study trained it
+            steps = train_recipe(backbone, task).steps
+            lines.append(
+                f"| {backbone} | {task} | {steps} steps | {m1:.3f} ± {s1:.3f} | not run yet | "
+                "not checked |"
+            )
+            continue
+        m2, s2 = spread(check["twice"]["scores"])
         converged[backbone, task] = m2 - m1 <= math.hypot(s1, s2) / math.sqrt(2)
         lines.append(
             f"| {backbone} | {task} | {check['steps']} steps | {m1:.3f} ± {s1:.3f} | "
@@ -524,7 +563,9 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
         "70% pre-training tickets keep 98% and 96% of dense on average over the tasks.",
         "",
     ]
-    if transferred is None:
+    if transferred is None and PRETRAIN in reports:  # --finished
+        out.append("- Its tickets' transfers are trained by the study without --finished.")
+    elif transferred is None:
         out.append("- Not run in this study.")
     else:
         kept, left = measured([("uniter", t) for t in UNITER_TASKS], converged)

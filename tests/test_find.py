@@ -141,6 +141,31 @@ def test_stop_below_ends_the_schedule_where_the_mean_curve_breaks(
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
 
 
+def test_finished_reads_the_report_of_finished_rounds_and_trains_nothing(
+    world, theta0, tmp_path, monkeypatch
+):
+    lottery = Lottery(settings(world, theta0, steps=2, sparsity=0.5, seeds=2), runs=tmp_path)
+    assert lottery.finished() is None  # nothing trained yet
+    scripted = iter([0.8, 0.8, 0.8, 0.7, 0.8, 0.6])  # round 2 falls to 87.5% of dense
+    real = Experiment.train
+
+    def train(self, model, *args, **kwargs):
+        _, trained = real(self, model, *args, **kwargs)
+        return next(scripted), trained
+
+    monkeypatch.setattr(Experiment, "train", train)
+    report = lottery.run(stop_below=0.9)
+    del report["seconds"]  # this invocation's, not the run's
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("finished() trained a round")
+
+    monkeypatch.setattr(Experiment, "train", refuse)
+    assert lottery.finished(stop_below=0.9) == report
+    assert lottery.finished(stop_below=0.8) is None  # that schedule goes on to round 3
+    assert lottery.finished() is None
+
+
 def test_random_masks_are_not_magnitude_masks(world, theta0, tmp_path):
     runs = {}
     for method in ("imp", "random"):

@@ -163,17 +163,28 @@ class Lottery:
         curve and ticket. With `stop_below`, the schedule ends after the first round whose mean
         score falls below that fraction of the mean dense score: the curve has broken there,
         and sparser rounds would cost as much to show only that."""
-        if not 0.0 < keep <= 1.0:
-            raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
-        if stop_below is not None and not 0.0 < stop_below <= keep:
-            # above --keep it would end schedules at rounds that still hold the ticket
-            raise VLPruneError(f"--stop-below must be in (0, --keep {keep:g}], not {stop_below}")
+        _check(keep, stop_below)
         state = process_state()
         with job_lock(self.folder):  # one job at a time in a run folder
             if state.is_main_process:
                 self._open_folder()
             state.wait_for_everyone()
             return self._run(keep, stop_below)
+
+    def finished(self, keep: float = 0.99, stop_below: float | None = None) -> dict | None:
+        """The report `run` with these settings would give, read from the run's finished
+        rounds without training any; None while a round it needs is unfinished."""
+        _check(keep, stop_below)
+        histories: dict[int, list[Round]] = {seed: [] for seed in self.seeds}
+        for r in range(self.rounds + 1):
+            for seed in self.seeds:
+                done = self.round_folder(r, seed) / METRICS
+                if not done.is_file():
+                    return None
+                histories[seed].append(Round.read(done))
+            if _broken(histories, r, stop_below):
+                break
+        return self._report(histories, keep)
 
     def _open_folder(self) -> None:
         """Create the run folder, or clear what a killed run of it left (the lock is held)."""
@@ -205,13 +216,11 @@ class Lottery:
                     ran.append(history[-1].seconds)
                     if left:
                         self.log(f"  {up_to}about {_duration(left * sum(ran) / len(ran))} left")
-            dense = _mean(histories, 0)
-            held = _mean(histories, r) / dense if dense > 0 else 1.0  # nothing to fall from
-            if r and stop_below is not None and held < stop_below:
+            if _broken(histories, r, stop_below):
                 if r < self.rounds:
                     self.log(
-                        f"round {r} holds {held:.1%} of dense, below --stop-below "
-                        f"{stop_below:g}: the schedule ends here"
+                        f"round {r} holds {_held(histories, r):.1%} of dense, below "
+                        f"--stop-below {stop_below:g}: the schedule ends here"
                     )
                 break
         report = self._report(histories, keep)
@@ -416,6 +425,25 @@ def _read_rewind(path: Path) -> dict[str, Any]:
         raise VLPruneError(
             f"{path}: damaged ({reason(exc)}); delete {path.parent} to train from the dense round"
         ) from exc
+
+
+def _check(keep: float, stop_below: float | None) -> None:
+    if not 0.0 < keep <= 1.0:
+        raise VLPruneError(f"--keep must be in (0, 1], not {keep}")
+    if stop_below is not None and not 0.0 < stop_below <= keep:
+        # above --keep it would end schedules at rounds that still hold the ticket
+        raise VLPruneError(f"--stop-below must be in (0, --keep {keep:g}], not {stop_below}")
+
+
+def _broken(histories: dict[int, list[Round]], r: int, stop_below: float | None) -> bool:
+    """Whether the schedule ends after round `r`: its mean fell below `stop_below` of dense."""
+    return bool(r) and stop_below is not None and _held(histories, r) < stop_below
+
+
+def _held(histories: dict[int, list[Round]], r: int) -> float:
+    """Round `r`'s mean score as a fraction of the mean dense score."""
+    dense = _mean(histories, 0)
+    return _mean(histories, r) / dense if dense > 0 else 1.0  # nothing to fall from
 
 
 def _mean(histories: dict[int, list[Round]], r: int) -> float:
