@@ -191,3 +191,22 @@ def test_a_world_split_whose_recipe_is_no_training_setting_is_refused(monkeypatc
     monkeypatch.setattr(registry.Plugin, "load", lambda self: bad)
     with pytest.raises(VLPruneError, match=r"^world split 'nlvr2' \(from bad-dist\) has recipe "):
         embedded_world().recipe("nlvr2")
+
+
+@pytest.mark.parametrize(
+    ("changes", "fault"),
+    [
+        ({"recipe": [("steps", 5)]}, "has recipe of type list, not a mapping of TrainSettings"),
+        ({"backbone_recipes": {"lxmert": 900}}, "has lxmert's recipe of type int, not a mapping"),
+        ({"backbone_recipes": [("lxmert", {})]}, "has backbone_recipes of type list, not a map"),
+    ],
+)
+def test_a_world_split_whose_recipes_are_no_mappings_is_named(monkeypatch, changes, fault):
+    bad = replace(WorldSplit(write=SPLIT.write, recipe={"steps": 5}, version=1), **changes)
+    listed = registry.Plugin("world_splits", "nlvr2", "x:BAD", "bad-dist")
+    monkeypatch.setattr(registry, "plugins", lambda kind: [listed])
+    monkeypatch.setattr(registry, "find", lambda kind, name: listed)
+    monkeypatch.setattr(registry.Plugin, "load", lambda self: bad)
+    with pytest.raises(VLPruneError, match=r"^world split 'nlvr2' \(from bad-dist\) ") as caught:
+        embedded_world().recipe("nlvr2", "lxmert")
+    assert fault in str(caught.value)

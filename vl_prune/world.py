@@ -81,13 +81,24 @@ class World:
                 f"world split {task!r} (from {plugin.distribution}) is a {type(split).__name__}, "
                 "not a vl_prune.world.WorldSplit"
             )
+        where = f"world split {task!r} (from {plugin.distribution})"
+        if not isinstance(split.backbone_recipes, Mapping):
+            raise VLPruneError(
+                f"{where} has backbone_recipes of type {type(split.backbone_recipes).__name__}, "
+                "not a mapping of backbone names to recipes"
+            )
         recipes = {"recipe": split.recipe}
         recipes.update((f"{name}'s recipe", r) for name, r in split.backbone_recipes.items())
         for said, recipe in recipes.items():
+            if not isinstance(recipe, Mapping):
+                raise VLPruneError(
+                    f"{where} has {said} of type {type(recipe).__name__}, not a mapping of "
+                    "TrainSettings fields"
+                )
             if unknown := TrainSettings.unknown(recipe):
                 raise VLPruneError(
-                    f"world split {task!r} (from {plugin.distribution}) has {said} keys "
-                    f"{', '.join(map(repr, unknown))}, which are not TrainSettings fields"
+                    f"{where} has {said} keys {', '.join(map(repr, unknown))}, which are not "
+                    "TrainSettings fields"
                 )
         return split
 
