@@ -499,7 +499,7 @@ def sparser(first, second, tasks, reports, relaxed, converged) -> list[str]:
     pairs = [(t, Curve(first[0], t, first[1]), Curve(second[0], t, second[1])) for t in tasks]
     pairs = [(t, a, b) for t, a, b in pairs if a in reports and b in reports]
     if not pairs:
-        return ["- Not run in this study."]
+        return [f"- {' '.join(first)} against {' '.join(second)}: not run in this study."]
     out = [
         f"- {task}: {a.backbone} {a.method} {mean_std(relaxed[a])}, "
         f"{b.backbone} {b.method} {mean_std(relaxed[b])}."
@@ -592,6 +592,7 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
         "",
     ]
     out += sparser(("uniter", "imp"), ("vilt", "imp"), ("vqa", "nlvr2", "retrieval"), **state)
+    out += sparser(("lxmert", "imp"), ("vilt", "imp"), ("vqa", "nlvr2"), **state)
     out.append("")
 
     # 4. Adversarial training finds sparser tickets.
