@@ -241,20 +241,25 @@ def mean_std(values: list[float], fmt: str = "{:.1%}") -> str:
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
+def difference(a: list[float], b: list[float], paired: bool = True) -> tuple[float, float]:
+    """How far a is above b, and the noise to measure that against. Paired (two methods on
+    one backbone and task): the mean and std of the per-seed differences a_i − b_i. The runs of
+    one seed share its head φ0 and data order (and the dense round, but for adversarial
+    training), so pairing takes that shared noise out, where comparing the means against both
+    stds would count it twice. Unpaired (different backbones, nothing shared): the difference
+    of the means, against the hypot of the stds."""
+    if paired:
+        return spread([x - y for x, y in zip(a, b, strict=True)])
+    (ma, sa), (mb, sb) = spread(a), spread(b)
+    return ma - mb, math.hypot(sa, sb)
+
+
 def beyond_noise(a: list[float], b: list[float], paired: bool = True) -> bool:
-    """a exceeds b by more than the noise. Paired (two methods on one backbone and task): the
-    mean of the per-seed differences a_i − b_i exceeds their std. The runs of one seed share
-    its head φ0 and data order (and the dense round, but for adversarial training), so pairing
-    takes that shared noise out, where comparing the means against both stds would count it
-    twice. Unpaired (different backbones, nothing shared): the mean difference exceeds the
-    hypot of the stds."""
+    """a exceeds b by more than the noise (`difference`)."""
     if min(len(a), len(b)) < 2:
         return False  # one seed has no spread to tell noise by
-    if paired:
-        mean, std = spread([x - y for x, y in zip(a, b, strict=True)])
-        return mean > std
-    (ma, sa), (mb, sb) = spread(a), spread(b)
-    return ma - mb > math.hypot(sa, sb)
+    mean, noise = difference(a, b, paired)
+    return mean > noise
 
 
 def shared_rounds(a: dict[str, Any], b: dict[str, Any]) -> set[float]:
@@ -500,11 +505,16 @@ def sparser(first, second, tasks, reports, relaxed, converged) -> list[str]:
     pairs = [(t, a, b) for t, a, b in pairs if a in reports and b in reports]
     if not pairs:
         return [f"- {' '.join(first)} against {' '.join(second)}: not run in this study."]
-    out = [
-        f"- {task}: {a.backbone} {a.method} {mean_std(relaxed[a])}, "
-        f"{b.backbone} {b.method} {mean_std(relaxed[b])}."
-        for task, a, b in pairs
-    ]
+    out = []
+    for task, a, b in pairs:
+        paired = a.backbone == b.backbone
+        mean, noise = difference(relaxed[a], relaxed[b], paired)
+        beyond = "beyond" if beyond_noise(relaxed[a], relaxed[b], paired) else "within"
+        out.append(
+            f"- {task}: {a.backbone} {a.method} {mean_std(relaxed[a])}, {b.backbone} "
+            f"{b.method} {mean_std(relaxed[b])}; the difference{' per seed' * paired} "
+            f"{mean:+.1%} against a noise of {noise:.1%} ({beyond} it)."
+        )
     kept, left = measured([(c.backbone, c.task) for _, a, b in pairs for c in (a, b)], converged)
     pairs = [(t, a, b) for t, a, b in pairs if {(a.backbone, t), (b.backbone, t)} <= set(kept)]
     holds = all(
