@@ -13,9 +13,11 @@ import torch
 import uniter_release as ur
 from PIL import Image
 
+from vl_prune.backbone import Inputs
 from vl_prune.data.inputs import ImageStore, encode
 from vl_prune.data.regions import FeatureCache
 from vl_prune.errors import VLPruneError
+from vl_prune.tokenizers import local_tokenizer
 from vl_prune_plugins.backbones.lxmert import Lxmert
 from vl_prune_plugins.backbones.uniter import Uniter
 from vl_prune_plugins.backbones.vilt import Vilt
@@ -239,6 +241,47 @@ def test_features_of_the_wrong_width_are_a_clear_error(tmp_path, uniter):
     )
     with pytest.raises(VLPruneError, match=r"'wide' are 2048-d; .*tiny reads 64-d"):
         encode(["a star"], ["wide"], uniter, ImageStore(tmp_path))
+
+
+# --- texts through the backbone's tokenizer -------------------------------------------------------
+
+WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cube", "is", "left", "##s"]
+
+
+@pytest.mark.parametrize("tokenizer", ["world", "wordpiece", "wordpiece, padded left"])
+def test_texts_are_tokenised_as_the_tokenizers_own_batch_call_gives(tmp_path, uniter, tokenizer):
+    # Each distinct text is tokenised once and kept; the batch must still be, bit for bit, what
+    # the tokenizer's own padded batch call gives: ids, mask and token types.
+    if tokenizer == "world":
+        texts, pairs = ["a red cube", "the small blue sphere is left of it", "a red cube"], None
+        known = uniter.tokenizer
+    else:
+        (tmp_path / "vocab.txt").write_text("\n".join(WORDPIECE) + "\n")
+        known = local_tokenizer(tmp_path / "vocab.txt", lowercase=True)
+        known.padding_side = "left" if "left" in tokenizer else "right"
+        texts = ["a red cube", "cubes is left", "a red cube", "red " * 30]
+        pairs = ["is left", "a", "is left", "cube"]
+    write_npz(tmp_path, "img", region_dump(4, seed=0))
+    inputs = Inputs(uniter.label, "regions", lambda: known, img_dim=IMG_DIM)
+    for max_length in (60, 6):
+        expected = known(
+            texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        for _ in range(2):  # tokenised, then from what was kept
+            batch = encode(
+                texts,
+                ["img"] * len(texts),
+                inputs,
+                ImageStore(tmp_path),
+                pairs=pairs,
+                max_length=max_length,
+            )
+            assert torch.equal(batch.input_ids, expected["input_ids"])
+            assert torch.equal(batch.attention_mask, expected["attention_mask"])
+            if "token_type_ids" in expected:
+                assert torch.equal(batch.token_type_ids, expected["token_type_ids"])
+            else:
+                assert batch.token_type_ids is None
 
 
 # --- token ids from a txt_db ----------------------------------------------------------------------

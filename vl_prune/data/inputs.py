@@ -12,8 +12,10 @@ already framed by [CLS] and [SEP].
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,19 +176,9 @@ def encode(
             vocab_size += new_words
         batch = _token_ids(texts, pairs, max_length, vocab_size)
     else:
-        tokens = backbone.tokenizer(
-            list(texts),
-            list(pairs) if pairs is not None else None,
-            padding=True,
-            truncation=True,
-            max_length=min(max_length, backbone.tokenizer.model_max_length),
-            return_tensors="pt",
-        )
-        batch = VLBatch(
-            input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
-            token_type_ids=tokens.get("token_type_ids"),
-        )
+        tokenizer = backbone.tokenizer
+        max_length = min(max_length, tokenizer.model_max_length)
+        batch = _tokenized(tokenizer, texts, pairs, max_length)
         _check_ids(batch.input_ids, getattr(backbone, "vocab_size", None), "the tokenizer's")
     batch.image_type = image_type
     if backbone.image_input == "regions":
@@ -213,6 +205,66 @@ def encode(
         )
         batch.pixel_values, batch.pixel_mask = pixels["pixel_values"], pixels["pixel_mask"]
     return batch
+
+
+#: each tokenizer's tokens of the texts it was given, by (text, pair, max_length): every epoch,
+#: and every round of a lottery, tokenises the same texts, and the tokenizer's own batch call
+#: cost a tenth of a world training step on one thread
+_TOKENS: weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, list[int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+#: texts kept a tokenizer, the first kept dropped beyond it (tens of MB of short token lists)
+TOKENS_KEPT = 1 << 17
+
+
+def _tokenized(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int
+) -> VLBatch:
+    """What `tokenizer(texts, pairs, padding=True, truncation=True, max_length=…)` gives, each
+    distinct text tokenised once: the rows it pads are the tokens it gives each text alone."""
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase) or tokenizer.pad_token_id is None:
+        # A plugin's own tokenizer, or one that cannot pad (its call says so): as it is called.
+        tokens = tokenizer(
+            list(texts),
+            list(pairs) if pairs is not None else None,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        return VLBatch(tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
+    kept = _TOKENS.setdefault(tokenizer, {})
+    keys = [(text, pair, max_length) for text, pair in _zip(texts, pairs)]
+    if new := list(dict.fromkeys(key for key in keys if key not in kept)):
+        given = tokenizer(
+            [text for text, _, _ in new],
+            [pair for _, pair, _ in new] if pairs is not None else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        for i, key in enumerate(new):
+            kept[key] = {
+                name: given[name][i] for name in ("input_ids", "token_type_ids") if name in given
+            }
+        while len(kept) > TOKENS_KEPT:
+            del kept[next(iter(kept))]
+    rows = [kept[key] for key in keys]
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    types = None
+    if "token_type_ids" in rows[0]:
+        types = torch.full((len(rows), width), tokenizer.pad_token_type_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        span = slice(width - n, width) if tokenizer.padding_side == "left" else slice(0, n)
+        ids[i, span] = torch.tensor(row["input_ids"], dtype=torch.long)
+        mask[i, span] = 1
+        if types is not None:
+            types[i, span] = torch.tensor(row["token_type_ids"], dtype=torch.long)
+    return VLBatch(input_ids=ids, attention_mask=mask, token_type_ids=types)
 
 
 def _token_ids(
