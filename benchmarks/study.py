@@ -107,9 +107,9 @@ def schedule(task: str) -> dict[str, Any]:
     return {**SCHEDULE, "sparsity": FARTHER.get(task, SCHEDULE["sparsity"])}
 
 
-def run_curve(curve: Curve, runs: Path, train: bool = True) -> dict[str, Any] | None:
-    """The curve's report: its run, with every seed, finished (or found finished); without
-    `train`, None unless it is finished."""
+def run_curve(curve: Curve, runs: Path, only_finished: bool = False) -> dict[str, Any] | None:
+    """The curve's report: its run, with every seed, finished (or found finished); with
+    `only_finished`, None unless it is finished, and nothing trained."""
     settings = FindSettings(
         curve.backbone,
         curve.task,
@@ -121,7 +121,7 @@ def run_curve(curve: Curve, runs: Path, train: bool = True) -> dict[str, Any] | 
     # The pre-training curve runs its whole schedule: its 60% and 70% tickets are transferred.
     stop_below = None if curve == PRETRAIN else STOP_BELOW
     lottery = Lottery(settings, runs=runs, quiet=True)
-    if not train:
+    if only_finished:
         return lottery.finished(keep=KEEP, stop_below=stop_below)
     started = time.perf_counter()
     report = lottery.run(keep=KEEP, stop_below=stop_below)
@@ -129,11 +129,13 @@ def run_curve(curve: Curve, runs: Path, train: bool = True) -> dict[str, Any] | 
     return report
 
 
-def plateau(backbone: str, task: str, runs: Path, train: bool = True) -> dict[str, Any] | None:
+def plateau(
+    backbone: str, task: str, runs: Path, only_finished: bool = False
+) -> dict[str, Any] | None:
     """Dense at twice the recipe's steps over SEEDS seeds (dense at the recipe is every curve's
     round 0), kept in `runs` under a digest of what decides the dense model (θ0, the data and
     the recipe, not the pruning method), so a resumed study, or one of other methods, does not
-    train it again; without `train`, None unless it is kept there."""
+    train it again; with `only_finished`, None unless it is kept there."""
     train = train_recipe(backbone, task)
     experiment = Experiment(FindSettings(backbone, task, train=train))
     dense = {
@@ -147,7 +149,7 @@ def plateau(backbone: str, task: str, runs: Path, train: bool = True) -> dict[st
     path = runs / f"plateau-{backbone}-{task}-{digest}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    if not train:
+    if only_finished:
         return None
     started = time.perf_counter()
     twice, _ = dense_scores(backbone, task, 2 * train.steps, seed_list(0, SEEDS), threads=THREADS)
@@ -211,9 +213,9 @@ def read_study(study: tuple[Curve, ...], runs: Path) -> tuple[dict, dict, None]:
     nothing: their reports, and their tasks' dense checks (None where not run yet); no
     transfers, which are trained only with the pre-training curve."""
     one_thread()
-    reports = {c: report for c in study if (report := run_curve(c, runs, train=False))}
+    reports = {c: report for c in study if (report := run_curve(c, runs, only_finished=True))}
     tasks = dict.fromkeys((c.backbone, c.task) for c in reports if c != PRETRAIN)
-    return reports, {key: plateau(*key, runs, train=False) for key in tasks}, None
+    return reports, {key: plateau(*key, runs, only_finished=True) for key in tasks}, None
 
 
 def relaxed_per_seed(report: dict[str, Any]) -> list[float]:
@@ -296,6 +298,14 @@ def judged(holds: bool, keys: list[tuple[str, str]]) -> str:
     return f"- Verdict on {named}: {'reproduced' if holds else 'not reproduced'}."
 
 
+#: why a task is left out of a verdict, by its entry in `converged`
+CHECK_STATE = {
+    False: "not converged",
+    None: "not checked yet",
+    "absent": "not checked in this study",
+}
+
+
 def measured(keys: list[tuple[str, str]], converged: dict) -> tuple[list, list[str]]:
     """The (backbone, task) `keys` whose dense reference is converged, and a line naming the
     rest and why they are left out of the verdict (none when every one is converged)."""
@@ -304,10 +314,7 @@ def measured(keys: list[tuple[str, str]], converged: dict) -> tuple[list, list[s
     left = [key for key in unique if key not in kept]
     if not left:
         return kept, []
-    said = ", ".join(
-        f"{b} {t} ({'not converged' if (b, t) in converged else 'not checked in this study'})"
-        for b, t in left
-    )
+    said = ", ".join(f"{b} {t} ({CHECK_STATE[converged.get((b, t), 'absent')]})" for b, t in left)
     return kept, [
         f'- Left out of the verdict, their dense reference being what makes "% of dense" '
         f"the paper's quantity: {said}."
@@ -336,7 +343,8 @@ def main() -> None:
     parser.add_argument(
         "--finished",
         action="store_true",
-        help="Train nothing: write RESULTS.md from the curves finished in --runs, naming the rest.",
+        help="Train no round: write RESULTS.md from the curves finished in --runs, naming the "
+        "rest (the world and θ0 are built if the home lacks them: run names depend on them).",
     )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -453,6 +461,7 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
         report = next(reports[c] for c in study if (c.backbone, c.task) == (backbone, task))
         m1, s1 = spread(report["rounds"][0]["scores"])
         if check is None:  # --finished, before the study trained it
+            converged[backbone, task] = None
             steps = train_recipe(backbone, task).steps
             lines.append(
                 f"| {backbone} | {task} | {steps} steps | {m1:.3f} ± {s1:.3f} | not run yet | "
@@ -512,7 +521,7 @@ def sparser(first, second, tasks, reports, relaxed, converged) -> list[str]:
         beyond = "beyond" if beyond_noise(relaxed[a], relaxed[b], paired) else "within"
         out.append(
             f"- {task}: {a.backbone} {a.method} {mean_std(relaxed[a])}, {b.backbone} "
-            f"{b.method} {mean_std(relaxed[b])}; the difference{' per seed' * paired} "
+            f"{b.method} {mean_std(relaxed[b])}; the difference{' per seed' if paired else ''} "
             f"{mean:+.1%} against a noise of {noise:.1%} ({beyond} it)."
         )
     kept, left = measured([(c.backbone, c.task) for _, a, b in pairs for c in (a, b)], converged)
@@ -574,7 +583,7 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
         "",
     ]
     if transferred is None and PRETRAIN in reports:  # --finished
-        out.append("- Its tickets' transfers are trained by the study without --finished.")
+        out.append("- The pre-training curve is finished; --finished does not read its transfers.")
     elif transferred is None:
         out.append("- Not run in this study.")
     else:

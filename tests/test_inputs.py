@@ -13,6 +13,7 @@ import torch
 import uniter_release as ur
 from PIL import Image
 
+import vl_prune.data.inputs as inputs_module
 from vl_prune.backbone import Inputs
 from vl_prune.data.inputs import ImageStore, encode
 from vl_prune.data.regions import FeatureCache
@@ -263,7 +264,11 @@ def test_texts_are_tokenised_as_the_tokenizers_own_batch_call_gives(tmp_path, un
         pairs = ["is left", "a", "is left", "cube"]
     write_npz(tmp_path, "img", region_dump(4, seed=0))
     inputs = Inputs(uniter.label, "regions", lambda: known, img_dim=IMG_DIM)
-    for max_length in (60, 6):
+    settings = [(60, "right"), (6, "right")]
+    if tokenizer != "world":  # the world's tokenizer is the module's: left as it is
+        settings.append((6, "left"))
+    for max_length, cut_side in settings:
+        known.truncation_side = cut_side
         expected = known(
             texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
@@ -282,6 +287,21 @@ def test_texts_are_tokenised_as_the_tokenizers_own_batch_call_gives(tmp_path, un
                 assert torch.equal(batch.token_type_ids, expected["token_type_ids"])
             else:
                 assert batch.token_type_ids is None
+
+
+def test_kept_tokens_keep_to_their_bound_and_every_batch_gets_all_its_texts(
+    tmp_path, uniter, monkeypatch
+):
+    monkeypatch.setattr(inputs_module, "TOKENS_KEPT", 2)
+    write_npz(tmp_path, "img", region_dump(4, seed=0))
+    known = uniter.tokenizer
+    for texts in (["a red cube", "a blue cube"], ["a red cube", "the red sphere", "a cube"]):
+        # the second batch has a kept text, and more new ones than the bound leaves room for
+        batch = encode(texts, ["img"] * len(texts), uniter, ImageStore(tmp_path))
+        expected = known(texts, padding=True, truncation=True, max_length=60, return_tensors="pt")
+        assert torch.equal(batch.input_ids, expected["input_ids"])
+        assert torch.equal(batch.attention_mask, expected["attention_mask"])
+        assert len(inputs_module._TOKENS[known]) <= 2
 
 
 # --- token ids from a txt_db ----------------------------------------------------------------------

@@ -171,7 +171,9 @@ class Lottery:
             state.wait_for_everyone()
             return self._run(keep, stop_below)
 
-    def finished(self, keep: float = 0.99, stop_below: float | None = None) -> dict | None:
+    def finished(
+        self, keep: float = 0.99, stop_below: float | None = None
+    ) -> dict[str, Any] | None:
         """The report `run` with these settings would give, read from the run's finished
         rounds without training any; None while a round it needs is unfinished."""
         _check(keep, stop_below)

@@ -207,14 +207,13 @@ def encode(
     return batch
 
 
-#: each tokenizer's tokens of the texts it was given, by (text, pair, max_length): every epoch,
-#: and every round of a lottery, tokenises the same texts, and the tokenizer's own batch call
-#: cost a tenth of a world training step on one thread
-_TOKENS: weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, list[int]]]] = (
-    weakref.WeakKeyDictionary()
-)
-#: texts kept a tokenizer, the first kept dropped beyond it (tens of MB of short token lists)
-TOKENS_KEPT = 1 << 17
+#: each tokenizer's tokens of the texts it was given: every epoch tokenises the same texts again
+#: (and, with no loader workers, the CPU default, every round of a lottery), and the tokenizer's
+#: own batch call cost a tenth of a world training step on one thread
+_TOKENS: weakref.WeakKeyDictionary[Any, dict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+#: texts kept a tokenizer, the first kept dropped beyond it: each is one small tensor of its ids
+#: (and token types), a few hundred bytes, so some tens of MB a process at most
+TOKENS_KEPT = 1 << 16
 
 
 def _tokenized(
@@ -224,8 +223,11 @@ def _tokenized(
     distinct text tokenised once: the rows it pads are the tokens it gives each text alone."""
     from transformers import PreTrainedTokenizerBase
 
-    if not isinstance(tokenizer, PreTrainedTokenizerBase) or tokenizer.pad_token_id is None:
-        # A plugin's own tokenizer, or one that cannot pad (its call says so): as it is called.
+    side = getattr(tokenizer, "padding_side", None)
+    if not (isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer.pad_token_id is not None):
+        side = None
+    if side not in ("left", "right"):
+        # A plugin's own tokenizer, or one that cannot pad (its call says why): as it is called.
         tokens = tokenizer(
             list(texts),
             list(pairs) if pairs is not None else None,
@@ -236,34 +238,36 @@ def _tokenized(
         )
         return VLBatch(tokens["input_ids"], tokens["attention_mask"], tokens.get("token_type_ids"))
     kept = _TOKENS.setdefault(tokenizer, {})
-    keys = [(text, pair, max_length) for text, pair in _zip(texts, pairs)]
-    if new := list(dict.fromkeys(key for key in keys if key not in kept)):
+    # Added words and the truncation side change a text's tokens, as the length does.
+    state = (max_length, tokenizer.truncation_side, len(tokenizer))
+    keys = [(text, pair, state) for text, pair in _zip(texts, pairs)]
+    rows = {key: kept[key] for key in keys if key in kept}
+    if new := [key for key in dict.fromkeys(keys) if key not in rows]:
         given = tokenizer(
             [text for text, _, _ in new],
             [pair for _, pair, _ in new] if pairs is not None else None,
             truncation=True,
             max_length=max_length,
         )
+        names = [name for name in ("input_ids", "token_type_ids") if name in given]
         for i, key in enumerate(new):
-            kept[key] = {
-                name: given[name][i] for name in ("input_ids", "token_type_ids") if name in given
-            }
+            rows[key] = kept[key] = torch.tensor([given[name][i] for name in names])
         while len(kept) > TOKENS_KEPT:
             del kept[next(iter(kept))]
-    rows = [kept[key] for key in keys]
-    width = max(len(row["input_ids"]) for row in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    width = max(rows[key].shape[1] for key in keys)
+    ids = torch.full((len(keys), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(keys), width), dtype=torch.long)
     types = None
-    if "token_type_ids" in rows[0]:
-        types = torch.full((len(rows), width), tokenizer.pad_token_type_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        span = slice(width - n, width) if tokenizer.padding_side == "left" else slice(0, n)
-        ids[i, span] = torch.tensor(row["input_ids"], dtype=torch.long)
+    if rows[keys[0]].shape[0] == 2:
+        types = torch.full((len(keys), width), tokenizer.pad_token_type_id, dtype=torch.long)
+    for i, key in enumerate(keys):
+        row = rows[key]
+        n = row.shape[1]
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[i, span] = row[0]
         mask[i, span] = 1
         if types is not None:
-            types[i, span] = torch.tensor(row["token_type_ids"], dtype=torch.long)
+            types[i, span] = row[1]
     return VLBatch(input_ids=ids, attention_mask=mask, token_type_ids=types)
 
 
