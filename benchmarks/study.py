@@ -535,11 +535,15 @@ def sparser(first, second, tasks, reports, relaxed, converged) -> list[str]:
     for task, a, b in pairs:
         paired = a.backbone == b.backbone
         mean, noise = difference(relaxed[a], relaxed[b], paired)
-        beyond = "beyond" if beyond_noise(relaxed[a], relaxed[b], paired) else "within"
+        where = "within the noise"
+        if beyond_noise(relaxed[a], relaxed[b], paired):
+            where = "above it beyond the noise"
+        elif beyond_noise(relaxed[b], relaxed[a], paired):
+            where = "below it beyond the noise"
         out.append(
             f"- {task}: {a.backbone} {a.method} {mean_std(relaxed[a])}, {b.backbone} "
             f"{b.method} {mean_std(relaxed[b])}; the difference{' per seed' if paired else ''} "
-            f"{mean:+.1%} against a noise of {noise:.1%} ({beyond} it)."
+            f"{mean:+.1%} against a noise of {noise:.1%}: {where}."
         )
     kept, left = measured([(c.backbone, c.task) for _, a, b in pairs for c in (a, b)], converged)
     pairs = [(t, a, b) for t, a, b in pairs if {(a.backbone, t), (b.backbone, t)} <= set(kept)]
