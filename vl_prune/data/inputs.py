@@ -254,11 +254,11 @@ def _tokenized(
             rows[key] = kept[key] = torch.tensor([given[name][i] for name in names])
         while len(kept) > TOKENS_KEPT:
             del kept[next(iter(kept))]
-    width = max(rows[key].shape[1] for key in keys)
+    width = max((rows[key].shape[1] for key in keys), default=0)
     ids = torch.full((len(keys), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(keys), width), dtype=torch.long)
     types = None
-    if rows[keys[0]].shape[0] == 2:
+    if keys and rows[keys[0]].shape[0] == 2:  # ids, then token types
         types = torch.full((len(keys), width), tokenizer.pad_token_type_id, dtype=torch.long)
     for i, key in enumerate(keys):
         row = rows[key]
