@@ -4,7 +4,7 @@
     python benchmarks/study.py --quick    # uniter × nlvr2: imp, oneshot and random
     python benchmarks/study.py --backbones uniter --tasks nlvr2 vqa --methods imp random
                                           # any subset of the study's curves
-    python benchmarks/study.py --finished # trains nothing: the curves finished so far
+    python benchmarks/study.py --finished # trains no round: the curves finished so far
 
 Every curve is a `vlprune find` run with 3 seeds (mean ± std), each round halving the weights
 left, to 99.5% (farther where IMP still holds there: FARTHER) so that each shows where it
