@@ -163,6 +163,7 @@ def merge_lora(model: PeftModel, batch: TaskBatch | None = None) -> tuple[VLMode
         layers[name] = layer_dropped / layer_total if layer_total else 0.0
         merged += 1
         pruned += mask is not None
+    _keep_trained_copies(model)
     plain = model.unload()
     plain.requires_grad_(True)
     report = MergeReport(merged, pruned, dropped / total if total else 0.0, layers)
@@ -171,6 +172,18 @@ def merge_lora(model: PeftModel, batch: TaskBatch | None = None) -> tuple[VLMode
         report.max_change = float(change.max())
         report.mean_change = float(change.mean())
     return plain, report
+
+
+def _keep_trained_copies(model: PeftModel) -> None:
+    """Copy each trained module (the head, `modules_to_save`) into the module it wraps: peft
+    0.22's `unload` gives back the wrapped original, peft before it the trained copy."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for wrapper in model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            (adapter,) = (a for a in wrapper.active_adapters if a in wrapper.modules_to_save)
+            trained = wrapper.modules_to_save[adapter].state_dict()
+            wrapper.original_module.load_state_dict(trained)
 
 
 def lora_ticket(model: nn.Module) -> Ticket:
