@@ -9,7 +9,8 @@
 Every curve is a `vlprune find` run with 3 seeds (mean ± std), each round halving the weights
 left, to 99.5% (farther where IMP still holds there: FARTHER) so that each shows where it
 breaks, and ending once it has (its mean below STOP_BELOW of dense), in `--runs` (default
-runs/study): finished rounds are reused, so an interrupted study goes on where it stopped. Every
+runs/study): finished rounds are reused, so an interrupted study goes on where it stopped, and
+a task's curves and transfers train each seed's dense round once (`vl_prune.dense`). Every
 run trains on one thread, and `--jobs` (default 2) curves train side by side: on 2 cores that
 does about 1.5–1.8× the work of 2-thread runs in turn, and the results do not depend on --jobs.
 Alongside, each task's dense model is trained at twice the recipe's steps (`dense_plateau.py`)
@@ -94,6 +95,9 @@ FULL = (
     *(Curve("lxmert", task, m) for task in ("vqa", "gqa", "nlvr2") for m in ("imp", "random")),
     *(Curve("vilt", task, m) for task in ("vqa", "nlvr2", "retrieval") for m in ("imp", "random")),
 )
+#: the order curves are trained in, method by method: a task's baselines start once its IMP
+#: curve has trained the dense rounds they share (`vl_prune.dense`), not beside it, waiting
+TRAINING_ORDER = ("imp", "adv-imp", "oneshot", "random")
 QUICK = tuple(Curve("uniter", "nlvr2", m) for m in ("imp", "oneshot", "random"))
 
 
@@ -190,7 +194,8 @@ def run_study(study: tuple[Curve, ...], runs: Path, jobs: int) -> tuple[dict, di
     os.environ.setdefault("GOMP_SPINCOUNT", "5000")
     tasks = dict.fromkeys((c.backbone, c.task) for c in study if c != PRETRAIN)
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=one_thread) as pool:
-        curves = {curve: pool.submit(run_curve, curve, runs) for curve in study}
+        order = sorted(study, key=lambda curve: TRAINING_ORDER.index(curve.method))
+        curves = {curve: pool.submit(run_curve, curve, runs) for curve in order}
         checks = {key: pool.submit(plateau, *key, runs) for key in tasks}
         transferred = None
         if PRETRAIN in curves:

@@ -47,7 +47,11 @@ def runs_clean(runs: Path, dry_run: bool, resume_points: bool) -> None:
     if runs.is_dir():
         take(cleanup.stale_locks(runs))
         take(cleanup.transfer_leftovers(runs / "transfer") + cleanup.stale_locks(runs / "transfer"))
-        for folder in sorted(p for p in runs.iterdir() if (p / "config.json").is_file()):
+        take(cleanup.stale_locks(runs / "dense"))
+        # Shared dense rounds (runs/dense/) are laid out as runs of one round.
+        shared = (runs / "dense").iterdir() if (runs / "dense").is_dir() else ()
+        candidates = [*runs.iterdir(), *shared]
+        for folder in sorted(p for p in candidates if (p / "config.json").is_file()):
             try:
                 # Held while its leftovers are found and removed: a run starting meanwhile
                 # waits, and none of its files can go.

@@ -30,7 +30,8 @@ SCRIPT = Path(distributed_find.__file__)
 #: what a save of the training state writes on every rank, rank 1 included: that rank's
 #: random generator states (rank 0 makes the save's folder)
 RANK1_SAVE_STATE = [
-    ("save_file", r"seed_\d+/round_\d\d/checkpoint/step_\d{7}/rng_1\.safetensors"),
+    # in the run's rounds, and in the dense rounds it shares (runs/dense/<name>/)
+    ("save_file", r"(dense/)?[^/]+/seed_\d+/round_\d\d/checkpoint/step_\d{7}/rng_1\.safetensors"),
 ]
 
 
@@ -88,7 +89,7 @@ def job(tmp_path_factory):
     log.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, f"the job failed; every rank's output is in {log}"
     records = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
-    (run,) = runs.iterdir()
+    (run,) = runs.glob("uniter-nlvr2-*")
     expected = fingerprint(current_weights(reference, reference.prunable_names()))
     return {"ranks": records, "run": run, "home": home, "theta0_fingerprint": expected}
 
@@ -131,7 +132,7 @@ def test_only_rank0_writes_run_files_except_its_own_save_state_files(job):
     saves = {path for event, path in rank1 if event == "save_file"}
     assert saves, "rank 1 saved no random states: no save_state ran with two ranks"
     for event, path in rank1:
-        name = relative(path, run)
+        name = relative(path, run.parent)
         assert name is not None and any(
             event == allowed and re.fullmatch(pattern, name)
             for allowed, pattern in RANK1_SAVE_STATE

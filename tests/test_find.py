@@ -122,7 +122,7 @@ def test_stop_below_ends_the_schedule_where_the_mean_curve_breaks(
     assert "stopped after round 2: below --stop-below 0.9 of dense, short of --sparsity 50" in (
         result.output
     )
-    (folder,) = tmp_path.iterdir()
+    (folder,) = tmp_path.glob("uniter-nlvr2-*")
     report = json.loads((folder / "report.json").read_text())
     assert report["stopped_early"] is True
     assert [r["scores"] for r in report["rounds"]] == [[0.8, 0.8], [0.8, 0.7], [0.8, 0.6]]
@@ -282,7 +282,7 @@ def test_resume_after_sigkill_skips_finished_rounds_and_matches(world, theta0, t
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert (seed / "round_00" / "metrics.json").stat().st_mtime_ns == finished
     assert not list(run.rglob("checkpoint")) and not list(run.rglob("*.tmp"))
-    (reference,) = (tmp_path / "a").iterdir()
+    (reference,) = (tmp_path / "a").glob("uniter-nlvr2-*")
     assert reference.name == run.name
     for mine, theirs in zip(round_tickets(run), round_tickets(reference), strict=True):
         assert mine.masks.keys() == theirs.masks.keys()
@@ -387,7 +387,7 @@ def test_find_cli_then_evaluate_and_plot(world, theta0, tmp_path):
     assert result["sparsity"] == pytest.approx(0.2, abs=1e-3)
     assert 0.0 <= result["score"] <= 1.0
 
-    runs = sorted((tmp_path / "runs").iterdir())
+    runs = sorted((tmp_path / "runs").glob("uniter-nlvr2-*"))
     plotted = runner.invoke(cli, ["plot", *map(str, runs), "--out", str(tmp_path / "c.png")])
     assert plotted.exit_code == 0, plotted.output
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

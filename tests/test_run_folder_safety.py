@@ -297,9 +297,11 @@ def test_a_job_of_several_processes_does_not_wait_for_a_lock(tmp_path, monkeypat
 def test_runs_clean_frees_leftovers_and_keeps_results(inputs, resumable, tmp_path, monkeypatch):
     runs, save = resumable
     monkeypatch.setenv("VL_PRUNE_HOME", str(tmp_path / "home"))
-    (run,) = (p for p in runs.iterdir() if p.is_dir())
+    (run,) = runs.glob("uniter-nlvr2-*")
     (finished,) = run.glob("seed_*/round_00")
     shutil.copytree(save.parent, finished / "checkpoint")  # killed before its deletion
+    (dense,) = runs.glob("dense/uniter-nlvr2-*/seed_*/round_00")  # the run's shared dense round
+    shutil.copytree(save.parent, dense / "checkpoint")
     temporary = finished / ".metrics.json.ab12cd34.tmp"
     temporary.write_text("{")
     partial = tmp_path / "home" / "world" / ".nlvr2-v3-seed0.zz99yy88"
@@ -307,7 +309,7 @@ def test_runs_clean_frees_leftovers_and_keeps_results(inputs, resumable, tmp_pat
     stale = tmp_path / "home" / "theta0" / ".uniter-tiny-0.safetensors.lock"
     stale.parent.mkdir()
     stale.write_text("{}")
-    leftovers = [finished / "checkpoint", temporary, partial, stale]
+    leftovers = [finished / "checkpoint", dense / "checkpoint", temporary, partial, stale]
 
     listed = CliRunner().invoke(cli, ["runs", "clean", "--runs", str(runs), "--dry-run"])
     assert listed.exit_code == 0, listed.output
@@ -329,6 +331,7 @@ def test_runs_clean_frees_leftovers_and_keeps_results(inputs, resumable, tmp_pat
     assert cleaned.exit_code == 0, cleaned.output
     assert not any(path.exists() for path in leftovers)
     assert (finished / "metrics.json").is_file() and (finished / "ticket.safetensors").is_file()
+    assert (dense / "metrics.json").is_file() and (dense / "weights.safetensors").is_file()
     assert save.is_dir()
     assert "freed" in cleaned.stdout
 

@@ -102,7 +102,7 @@ def test_find_cli_prints_mean_and_std_over_seeds(world, theta0, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "(mean ± std, 2 seeds)" in result.output
-    (run,) = tmp_path.iterdir()
+    (run,) = tmp_path.glob("uniter-nlvr2-*")
     assert sorted(p.name for p in run.glob("seed_*")) == ["seed_3", "seed_4"]
     refused = CliRunner().invoke(cli, [*args, "--seeds", "0"])
     assert refused.exit_code == 2 and "'--seeds': 0 is not in the range x>=1" in refused.output

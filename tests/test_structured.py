@@ -435,7 +435,7 @@ def test_find_cli_runs_method_structured(world, theta0, tmp_path, one_thread):
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    (run,) = tmp_path.iterdir()
+    (run,) = tmp_path.glob("uniter-nlvr2-*")
     assert "-structured-" in run.name
     final = Ticket.load(run / "ticket.safetensors")
     assert final.metadata["method"] == "structured"

@@ -27,6 +27,7 @@ from typing import Any
 
 from vl_prune.adversarial import AdversarialSettings
 from vl_prune.checkpoint import reason
+from vl_prune.dense import CHECKPOINT, METRICS, DenseRounds
 from vl_prune.distributed import job_lock, process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
@@ -40,9 +41,6 @@ from vl_prune.ticket import Ticket
 from vl_prune.train import Checkpoints
 
 TICKET = "ticket.safetensors"
-METRICS = "metrics.json"
-#: a round's training state while it trains (see `train.Checkpoints`)
-CHECKPOINT = "checkpoint"
 REWIND = "rewind.safetensors"
 
 
@@ -148,6 +146,9 @@ class Lottery:
         digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
         name = f"{settings.backbone}-{settings.task}-{self.label}-{digest[:10]}"
         self.folder = Path(runs) / name
+        #: the dense rounds this run shares with the others of its task and training; a
+        #: rewinding run trains its own, as it saves θ_k while training it
+        self.dense = DenseRounds(self.experiment, runs, checkpoint_every, log)
 
     @property
     def rounds(self) -> int:
@@ -245,6 +246,35 @@ class Lottery:
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
+        started = time.perf_counter()
+        if r == 0 and not self.rewinds:
+            self.log(f"{named}: training at sparsity 0.0% (dense)")
+            score, trained = self.dense.train(seed, named, self.quiet)
+            own = Ticket.from_model(trained.backbone, trained.backbone.prunable())
+        else:
+            own, score, trained = self._train(seed, r, named)
+        dense = score if r == 0 else history[0].score
+        finished = Round(
+            round=r,
+            sparsity=own.sparsity,
+            score=score,
+            fraction_of_dense=score / dense if dense else 0.0,
+            seconds=round(time.perf_counter() - started, 1),
+        )
+        records = [h.record() for h in [*history, finished]]
+        self._cut(seed, r, trained, dense, records)
+        if state.is_main_process:
+            self._ticket(own, seed, r, dense, records, score=score).save(folder / TICKET)
+            atomic_write(done, json.dumps(finished.as_json(), indent=2).encode())
+            shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
+        state.wait_for_everyone()
+        self.log(f"{named}: {finished.line()}")
+        return finished
+
+    def _train(self, seed: int, r: int, named: str) -> tuple[Ticket, float, VLModel]:
+        """Train round `r` of `seed` in its own folder (a rewinding run's dense round too, which
+        saves θ_k as it trains): its mask, score and trained model."""
+        folder = self.round_folder(r, seed)
         model = self.experiment.fresh(seed)
         rewound = r > 0 and self.rewinds
         if r == 0:
@@ -266,7 +296,6 @@ class Lottery:
             + (" (dense)" if r == 0 else "")
             + (f" from step {self.settings.rewind_step}" if rewound else "")
         )
-        started = time.perf_counter()
         score, trained = self.experiment.train(
             model,
             description=named,
@@ -276,23 +305,7 @@ class Lottery:
             on_step=self._rewind_saver(seed) if r == 0 and self.rewinds else None,
             start=self.settings.rewind_step if rewound else 0,
         )
-        dense = score if r == 0 else history[0].score
-        finished = Round(
-            round=r,
-            sparsity=own.sparsity,
-            score=score,
-            fraction_of_dense=score / dense if dense else 0.0,
-            seconds=round(time.perf_counter() - started, 1),
-        )
-        records = [h.record() for h in [*history, finished]]
-        self._cut(seed, r, trained, dense, records)
-        if state.is_main_process:
-            self._ticket(own, seed, r, dense, records, score=score).save(folder / TICKET)
-            atomic_write(done, json.dumps(finished.as_json(), indent=2).encode())
-            shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
-        state.wait_for_everyone()
-        self.log(f"{named}: {finished.line()}")
-        return finished
+        return own, score, trained
 
     def _cut(self, seed: int, r: int, trained: VLModel, dense: float, records: list[dict]) -> None:
         """Write the masks that round r's trained weights give the rounds after it: the next

@@ -2,10 +2,10 @@
 φ0) and scored against that task's dense score — the paper's transfer tables.
 
 Every result is kept in `<runs>/transfer/` (beside `find`'s run folders), one per seed, keyed
-by what decides it (the ticket's bytes, or the dense model, the seed, and the target's
-settings, data, θ0, process count and vl_prune version), so the dense score of a task is
-trained once per backbone, preset, data and seed, and a table that was interrupted goes on from
-the cells it had finished. A cell's score is the mean over the seeds (`settings.seeds`), with
+by what decides it (the ticket's bytes, the seed, and the target's settings, data, θ0, process
+count and vl_prune version), so a table that was interrupted goes on from the cells it had
+finished. The dense model of a task is trained once per seed and shared with `find`'s runs
+(`vl_prune.dense`). A cell's score is the mean over the seeds (`settings.seeds`), with
 their std and each seed's score.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vl_prune import __version__
+from vl_prune.dense import DenseRounds, training_identity
 from vl_prune.distributed import job_lock, process_state
 from vl_prune.errors import VLPruneError
 from vl_prune.experiment import Experiment, FindSettings
@@ -28,9 +29,6 @@ from vl_prune.lottery import METRICS, TICKET
 from vl_prune.retrain import Lora, train_mask
 from vl_prune.seeds import over_seeds, seed_list
 from vl_prune.ticket import Ticket
-
-# The fields of FindSettings that only steer `find`'s rounds, not one fine-tuning.
-_ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step", "one_shot")
 
 
 def ticket_paths(sources: Iterable[str | Path]) -> list[Path]:
@@ -73,30 +71,18 @@ class Transfer:
         #: train LoRA adapters of this rank over each masked backbone (the dense model
         #: it is compared with stays fully fine-tuned)
         self.lora = lora
-        target = {k: v for k, v in settings.identity().items() if k not in _ROUND_FIELDS}
-        del target["train"]["seed"]  # a result is kept per seed
         self.seeds = seed_list(settings.train.seed, settings.seeds)
-        self.target = {
-            **target,
-            "preset": self.experiment.preset,
-            "data": self.experiment.data_fingerprint,
-            "weights_fingerprint": self.experiment.fingerprint,
-            # --batch-size is per process: another process count is another training
-            "processes": process_state().num_processes,
-            "vl_prune": __version__,
-        }
+        # A result is kept per seed.
+        self.target = {**training_identity(self.experiment), "vl_prune": __version__}
+        self.dense = DenseRounds(self.experiment, runs, log=log)
 
     def dense_score(self) -> dict[str, Any]:
         """The dense model's score on the target task over the seeds (`over_seeds`), each seed
-        trained once and cached."""
-        results = [
-            self._cached(
-                {"dense": True, "seed": seed},
-                lambda _, seed=seed: train_mask(self.experiment, None, quiet=self.quiet, seed=seed),
-            )
-            for seed in self.seeds
-        ]
-        return over_seeds([r["score"] for r in results])
+        trained once, and shared with `find`'s runs on the task (`vl_prune.dense`)."""
+        task = self.experiment.settings.task
+        return over_seeds(
+            [self.dense.train(seed, f"dense on {task}", self.quiet)[0] for seed in self.seeds]
+        )
 
     def run(self, path: Path, force: bool = False) -> dict[str, Any]:
         """Train the ticket at `path` on the target task; its score, the dense score and the

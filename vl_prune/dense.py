@@ -1,0 +1,143 @@
+"""Each seed's dense model of a task, fine-tuned once per runs folder and read by every run that
+starts from it.
+
+`find`'s runs that differ only in how they prune (IMP, one-shot, random, their schedules) train
+the same dense round, and `transfer` scores its tickets against the same fine-tuning: each is
+trained once, in `runs/dense/<backbone>-<task>-<digest>/`, the digest taken over what decides
+it (the settings but the pruning ones and the seed, the preset, the data, θ0 and the process
+count). The folder is laid out as a run with only its dense round (`seed_<s>/round_00/`): its
+weights, `metrics.json` once finished, and its training state while it trains, so a killed
+training resumes and `vlprune runs clean` treats it as it treats a run's rounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vl_prune.checkpoint import reason
+from vl_prune.distributed import job_lock, process_state
+from vl_prune.errors import VLPruneError
+from vl_prune.experiment import Experiment
+from vl_prune.files import atomic_write
+from vl_prune.pruning.layout import load_plain_state
+from vl_prune.task import VLModel
+from vl_prune.train import Checkpoints
+
+#: the settings that only steer `find`'s rounds, not one fine-tuning
+ROUND_FIELDS = ("method", "schedule", "rate", "sparsity", "rewind_step", "one_shot")
+METRICS = "metrics.json"
+CHECKPOINT = "checkpoint"
+WEIGHTS = "weights.safetensors"
+
+
+def training_identity(experiment: Experiment) -> dict[str, Any]:
+    """What decides one fine-tuning of `experiment` but its seed."""
+    settings = experiment.settings
+    identity = {k: v for k, v in settings.identity().items() if k not in ROUND_FIELDS}
+    del identity["train"]["seed"]
+    return {
+        **identity,
+        "preset": experiment.preset,
+        "data": experiment.data_fingerprint,
+        "weights_fingerprint": experiment.fingerprint,
+        # --batch-size is per process: another process count is another training
+        "processes": process_state().num_processes,
+    }
+
+
+class DenseRounds:
+    """The dense rounds of one task and training, one per seed, under `runs/dense/`."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        runs: str | Path = "runs",
+        checkpoint_every: int = 50,
+        log: Callable[[str], None] = lambda line: None,
+    ):
+        self.experiment, self.checkpoint_every, self.log = experiment, checkpoint_every, log
+        self.config = training_identity(experiment)
+        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        settings = experiment.settings
+        self.folder = Path(runs) / "dense" / f"{settings.backbone}-{settings.task}-{digest[:10]}"
+
+    def round_folder(self, seed: int) -> Path:
+        return self.folder / f"seed_{seed}" / "round_00"
+
+    def train(self, seed: int, description: str, quiet: bool = False) -> tuple[float, VLModel]:
+        """Seed `seed`'s dense model fine-tuned and its score: trained here, or read where an
+        earlier run trained it."""
+        folder = self.round_folder(seed)
+        state = process_state()
+        with job_lock(self.folder):  # one job at a time trains a task's dense rounds
+            # Every process looks only once the last round is written, so all of them agree
+            # on whether to train (one process training alone would hang the job).
+            state.wait_for_everyone()
+            model = self.experiment.fresh(seed)
+            if (folder / METRICS).is_file():
+                score = self._read(folder, model)
+                self.log(f"{description}: the dense model is trained already ({self.folder})")
+                return score, model
+            if state.is_main_process:
+                self._open_folder()
+                folder.mkdir(parents=True, exist_ok=True)
+            state.wait_for_everyone()
+            started = time.perf_counter()
+            score, trained = self.experiment.train(
+                model,
+                description,
+                seed=seed,
+                quiet=quiet,
+                checkpoints=Checkpoints(folder / CHECKPOINT, self.checkpoint_every),
+            )
+            if state.is_main_process:
+                from safetensors.torch import save
+
+                # Cloned: tied tensors would be refused, and GPU ones are copied out.
+                weights = {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}
+                atomic_write(folder / WEIGHTS, save(weights))
+                seconds = round(time.perf_counter() - started, 1)
+                record = {"score": score, "seconds": seconds}
+                atomic_write(folder / METRICS, json.dumps(record, indent=2).encode())
+                shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
+            state.wait_for_everyone()
+            return score, trained
+
+    def _read(self, folder: Path, model: VLModel) -> float:
+        """A finished dense round's score, its weights loaded into `model`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        metrics = folder / METRICS
+        try:
+            score = json.loads(metrics.read_text())["score"]
+            if not isinstance(score, (int, float)):
+                raise TypeError(f"score is {score!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VLPruneError(
+                f"{metrics}: damaged ({reason(exc)}); delete {folder} to train it again"
+            ) from exc
+        try:
+            load_plain_state(model, load_file(folder / WEIGHTS))
+        except (OSError, SafetensorError, VLPruneError) as exc:
+            raise VLPruneError(
+                f"{folder / WEIGHTS}: damaged ({reason(exc)}); delete {folder} to train it again"
+            ) from exc
+        return float(score)
+
+    def _open_folder(self) -> None:
+        """Create the folder, or clear what a killed training left (the lock is held)."""
+        from vl_prune.cleanup import run_leftovers
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "config.json"
+        if not config.is_file():
+            atomic_write(config, json.dumps(self.config, indent=2).encode())
+        for leftover in run_leftovers(self.folder):
+            leftover.remove()
