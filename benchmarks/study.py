@@ -95,8 +95,9 @@ FULL = (
     *(Curve("lxmert", task, m) for task in ("vqa", "gqa", "nlvr2") for m in ("imp", "random")),
     *(Curve("vilt", task, m) for task in ("vqa", "nlvr2", "retrieval") for m in ("imp", "random")),
 )
-#: the order curves are trained in, method by method: a task's baselines start once its IMP
-#: curve has trained the dense rounds they share (`vl_prune.dense`), not beside it, waiting
+#: the order curves are trained in, method by method: where other curves can run meanwhile, a
+#: task's baselines start after its IMP curve has trained the dense rounds they share
+#: (`vl_prune.dense`), not beside it, waiting for them
 TRAINING_ORDER = ("imp", "adv-imp", "oneshot", "random")
 QUICK = tuple(Curve("uniter", "nlvr2", m) for m in ("imp", "oneshot", "random"))
 

@@ -92,6 +92,20 @@ def test_transfer_scores_against_the_dense_model_find_trained(world, theta0, tmp
     assert len(started) == 2
 
 
+def test_a_finished_dense_round_is_read_without_its_lock(world, theta0, tmp_path, monkeypatch):
+    """A job of several processes does not wait for a lock: it must not need one to read."""
+    import vl_prune.dense
+
+    Lottery(settings(world, theta0, seeds=1), runs=tmp_path).run()
+
+    def refused(target):
+        raise AssertionError(f"took the lock of {target}")
+
+    monkeypatch.setattr(vl_prune.dense, "job_lock", refused)
+    report = Lottery(settings(world, theta0, method="random", seeds=1), runs=tmp_path).run()
+    assert report["rounds"][0]["seconds"] == 0.0  # read, not trained
+
+
 def test_a_rewinding_run_trains_its_own_dense_round(world, theta0, tmp_path, monkeypatch):
     Lottery(settings(world, theta0, sparsity=0.2), runs=tmp_path).run()
     started = trainings(monkeypatch)

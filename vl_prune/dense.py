@@ -70,47 +70,62 @@ class DenseRounds:
     def round_folder(self, seed: int) -> Path:
         return self.folder / f"seed_{seed}" / "round_00"
 
-    def train(self, seed: int, description: str, quiet: bool = False) -> tuple[float, VLModel]:
-        """Seed `seed`'s dense model fine-tuned and its score: trained here, or read where an
-        earlier run trained it."""
+    def train(
+        self, seed: int, description: str, quiet: bool = False
+    ) -> tuple[float, VLModel, float]:
+        """Seed `seed`'s dense model fine-tuned, its score, and the seconds spent training it:
+        trained here, or read (0 seconds) where an earlier run trained it. A finished round is
+        read without the folder's lock, so a job of several processes, which does not wait for
+        a lock, reads it while another job trains another seed."""
         folder = self.round_folder(seed)
+        if self._finished(folder):
+            return self._read(folder, seed, description)
         state = process_state()
         with job_lock(self.folder):  # one job at a time trains a task's dense rounds
-            # Every process looks only once the last round is written, so all of them agree
-            # on whether to train (one process training alone would hang the job).
-            state.wait_for_everyone()
-            model = self.experiment.fresh(seed)
-            if (folder / METRICS).is_file():
-                score = self._read(folder, model)
-                self.log(f"{description}: the dense model is trained already ({self.folder})")
-                return score, model
+            if self._finished(folder):  # trained while this job waited
+                return self._read(folder, seed, description)
             if state.is_main_process:
                 self._open_folder()
                 folder.mkdir(parents=True, exist_ok=True)
             state.wait_for_everyone()
+            self.log(f"{description}: training at sparsity 0.0% (dense)")
             started = time.perf_counter()
             score, trained = self.experiment.train(
-                model,
+                self.experiment.fresh(seed),
                 description,
                 seed=seed,
                 quiet=quiet,
                 checkpoints=Checkpoints(folder / CHECKPOINT, self.checkpoint_every),
             )
+            seconds = round(time.perf_counter() - started, 1)
             if state.is_main_process:
                 from safetensors.torch import save
 
                 # Cloned: tied tensors would be refused, and GPU ones are copied out.
                 weights = {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}
+                # The weights first: a round is finished once its metrics.json exists.
                 atomic_write(folder / WEIGHTS, save(weights))
-                seconds = round(time.perf_counter() - started, 1)
                 record = {"score": score, "seconds": seconds}
                 atomic_write(folder / METRICS, json.dumps(record, indent=2).encode())
                 shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
             state.wait_for_everyone()
-            return score, trained
+            return score, trained, seconds
 
-    def _read(self, folder: Path, model: VLModel) -> float:
-        """A finished dense round's score, its weights loaded into `model`."""
+    def _finished(self, folder: Path) -> bool:
+        """Whether the round is finished, as the main process sees it: every process of a job
+        takes the same path (one process training alone would hang the job)."""
+        from accelerate.utils import broadcast_object_list
+
+        state = process_state()
+        seen = [(folder / METRICS).is_file()]
+        if state.num_processes > 1:
+            broadcast_object_list(seen)
+        return seen[0]
+
+    def _read(self, folder: Path, seed: int, description: str) -> tuple[float, VLModel, float]:
+        """A finished round: its score, and `seed`'s fresh model holding its weights, where and
+        as training leaves it (on the job's device, in eval mode: random masks are drawn on the
+        weights' device)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -123,13 +138,15 @@ class DenseRounds:
             raise VLPruneError(
                 f"{metrics}: damaged ({reason(exc)}); delete {folder} to train it again"
             ) from exc
+        model = self.experiment.fresh(seed)
         try:
             load_plain_state(model, load_file(folder / WEIGHTS))
         except (OSError, SafetensorError, VLPruneError) as exc:
             raise VLPruneError(
                 f"{folder / WEIGHTS}: damaged ({reason(exc)}); delete {folder} to train it again"
             ) from exc
-        return float(score)
+        self.log(f"{description}: the dense model trained earlier, read from {folder}")
+        return float(score), model.to(process_state().device).eval(), 0.0
 
     def _open_folder(self) -> None:
         """Create the folder, or clear what a killed training left (the lock is held)."""

@@ -181,9 +181,12 @@ def _keep_trained_copies(model: PeftModel) -> None:
 
     for wrapper in model.modules():
         if isinstance(wrapper, ModulesToSaveWrapper):
-            (adapter,) = (a for a in wrapper.active_adapters if a in wrapper.modules_to_save)
-            trained = wrapper.modules_to_save[adapter].state_dict()
-            wrapper.original_module.load_state_dict(trained)
+            # peft lets one active adapter at most hold a wrapper's trained copy; with none
+            # (adapters disabled), the wrapper is left as peft unloads it.
+            active = [a for a in wrapper.active_adapters if a in wrapper.modules_to_save]
+            if active:
+                trained = wrapper.modules_to_save[active[0]].state_dict()
+                wrapper.original_module.load_state_dict(trained)
 
 
 def lora_ticket(model: nn.Module) -> Ticket:

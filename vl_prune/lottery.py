@@ -246,20 +246,20 @@ class Lottery:
         if state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
-        started = time.perf_counter()
         if r == 0 and not self.rewinds:
-            self.log(f"{named}: training at sparsity 0.0% (dense)")
-            score, trained = self.dense.train(seed, named, self.quiet)
+            score, trained, seconds = self.dense.train(seed, named, self.quiet)
             own = Ticket.from_model(trained.backbone, trained.backbone.prunable())
         else:
+            started = time.perf_counter()
             own, score, trained = self._train(seed, r, named)
+            seconds = round(time.perf_counter() - started, 1)
         dense = score if r == 0 else history[0].score
         finished = Round(
             round=r,
             sparsity=own.sparsity,
             score=score,
             fraction_of_dense=score / dense if dense else 0.0,
-            seconds=round(time.perf_counter() - started, 1),
+            seconds=seconds,
         )
         records = [h.record() for h in [*history, finished]]
         self._cut(seed, r, trained, dense, records)
