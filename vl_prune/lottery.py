@@ -3,7 +3,8 @@ in a resumable run folder.
 
 A run lives in `runs/<backbone>-<task>-<method>-<hash>/`, the hash taken over everything that
 decides its results but the seed; each seed's rounds in its `seed_<s>/`. Round 0 fine-tunes the
-dense model from (θ0, φ0); round r trains the mask that the method cut for it from the reset
+dense model from (θ0, φ0), once for every run of the task that prunes from it
+(`vl_prune.dense`); round r trains the mask that the method cut for it from the reset
 weights (θ0 and φ0, or θ_k and φ_k when rewinding, trained from step k to the end). Seeds
 differ in the head φ0, the data order and dropout; θ0 is the same for all. A round is finished
 once its `metrics.json` exists: the same command again skips finished rounds and continues an
