@@ -72,7 +72,7 @@ class Transfer:
         #: it is compared with stays fully fine-tuned)
         self.lora = lora
         self.seeds = seed_list(settings.train.seed, settings.seeds)
-        # A result is kept per seed.
+        # No seed in it: a result is kept per seed.
         self.target = {**training_identity(self.experiment), "vl_prune": __version__}
         self.dense = DenseRounds(self.experiment, runs, log=log)
 
