@@ -10,15 +10,18 @@ leftover counts only while no process holds the lock of what it belongs to.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from vl_prune.dense import CHECKPOINT, METRICS
 from vl_prune.errors import VLPruneError
-from vl_prune.files import remove
+from vl_prune.files import atomic_write, remove
 from vl_prune.home import PARTIAL
 from vl_prune.locks import owner, remove_stale
-from vl_prune.lottery import CHECKPOINT, METRICS
 from vl_prune.train import Checkpoints
 
 #: `atomic_write`'s temporary files: `.<target>.<8 random characters>.tmp`
@@ -62,6 +65,21 @@ def run_leftovers(folder: Path, resume_points: bool = False) -> list[Leftover]:
                 stale = []
             found += [Leftover(p, "save older than the latest") for p in sorted(stale)]
     return found
+
+
+def open_run_folder(
+    folder: Path, config: dict[str, Any], log: Callable[[str], None] = lambda line: None
+) -> None:
+    """Create a run folder with its config.json, or clear what a killed run of it left (the
+    caller holds its lock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.json").is_file():
+        atomic_write(folder / "config.json", json.dumps(config, indent=2).encode())
+    if leftovers := run_leftovers(folder):
+        size = sum(leftover.size for leftover in leftovers)
+        for leftover in leftovers:
+            leftover.remove()
+        log(f"removed {len(leftovers)} leftovers of a killed run ({size / 1e6:.1f} MB)")
 
 
 def transfer_leftovers(folder: Path) -> list[Leftover]:

@@ -85,7 +85,9 @@ class DenseRounds:
             if self._finished(folder):  # trained while this job waited
                 return self._read(folder, seed, description)
             if state.is_main_process:
-                self._open_folder()
+                from vl_prune.cleanup import open_run_folder  # which reads this module's names
+
+                open_run_folder(self.folder, self.config, self.log)
                 folder.mkdir(parents=True, exist_ok=True)
             state.wait_for_everyone()
             self.log(f"{description}: training at sparsity 0.0% (dense)")
@@ -147,14 +149,3 @@ class DenseRounds:
             ) from exc
         self.log(f"{description}: the dense model trained earlier, read from {folder}")
         return float(score), model.to(process_state().device).eval(), 0.0
-
-    def _open_folder(self) -> None:
-        """Create the folder, or clear what a killed training left (the lock is held)."""
-        from vl_prune.cleanup import run_leftovers
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = self.folder / "config.json"
-        if not config.is_file():
-            atomic_write(config, json.dumps(self.config, indent=2).encode())
-        for leftover in run_leftovers(self.folder):
-            leftover.remove()

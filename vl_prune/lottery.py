@@ -28,6 +28,7 @@ from typing import Any
 
 from vl_prune.adversarial import AdversarialSettings
 from vl_prune.checkpoint import reason
+from vl_prune.cleanup import open_run_folder
 from vl_prune.dense import CHECKPOINT, METRICS, DenseRounds
 from vl_prune.distributed import job_lock, process_state
 from vl_prune.errors import VLPruneError
@@ -169,7 +170,7 @@ class Lottery:
         state = process_state()
         with job_lock(self.folder):  # one job at a time in a run folder
             if state.is_main_process:
-                self._open_folder()
+                open_run_folder(self.folder, self.config, self.log)
             state.wait_for_everyone()
             return self._run(keep, stop_below)
 
@@ -189,20 +190,6 @@ class Lottery:
             if _broken(histories, r, stop_below):
                 break
         return self._report(histories, keep)
-
-    def _open_folder(self) -> None:
-        """Create the run folder, or clear what a killed run of it left (the lock is held)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = self.folder / "config.json"
-        if not config.is_file():
-            atomic_write(config, json.dumps(self.config, indent=2).encode())
-        from vl_prune.cleanup import run_leftovers  # which reads this module's names
-
-        if leftovers := run_leftovers(self.folder):
-            size = sum(leftover.size for leftover in leftovers)
-            for leftover in leftovers:
-                leftover.remove()
-            self.log(f"removed {len(leftovers)} leftovers of a killed run ({size / 1e6:.1f} MB)")
 
     def _run(self, keep: float, stop_below: float | None) -> dict[str, Any]:
         state = process_state()
