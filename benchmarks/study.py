@@ -65,7 +65,8 @@ SCHEDULE = {"schedule": "geometric", "rate": 0.5, "sparsity": 0.995}
 FARTHER = {"snli-ve": 0.998, "refcoco+": 0.999}
 #: a curve ends after the first round whose mean falls below this fraction of dense: it has
 #: broken there, and the rounds after it would only show it broken (36% of the training time of
-#: uniter's vqa, nlvr2, snli-ve and refcoco+ curves; 45-78% of each random curve's)
+#: uniter's vqa, nlvr2, snli-ve and refcoco+ curves, at the snli-ve and refcoco+ recipes then;
+#: 45-78% of each random curve's)
 STOP_BELOW = 0.9
 #: the pre-training curve keeps the paper's grid: its 60% and 70% tickets are transferred
 PRETRAIN_SCHEDULE = {"schedule": "linear", "sparsity": 0.98}
@@ -78,14 +79,21 @@ TRANSFERRED = (0.6, 0.7)
 #: the paper's average fraction of dense for those tickets, and how far below it still counts
 PAPER_TRANSFER = {"60%": 0.98, "70%": 0.96}
 TOLERANCE = 0.03
-UNITER_TASKS = ("vqa", "gqa", "vcr", "snli-ve", "refcoco+", "retrieval", "nlvr2")
+#: the paper's fine-tuning tasks of each backbone
+PAPER_TASKS = {
+    "uniter": ("vqa", "gqa", "vcr", "snli-ve", "refcoco+", "retrieval", "nlvr2"),
+    "lxmert": ("vqa", "gqa", "nlvr2"),
+    "vilt": ("vqa", "nlvr2", "retrieval"),
+}
 #: tasks where the world's dense uniter-tiny reaches no plateau within steps a round can afford
 #: (their split files give the measurements: VCR's Q→AR climbs from 0.20 at 300 steps to 0.35 at
 #: 600, retrieval's mean recall still from 0.89 at 1,200 to 0.93 at 2,400): every "% of dense"
 #: there is a percentage of an under-trained model, which no verdict reads, so the study checks
 #: their dense reference, for RESULTS.md to show it, and trains no curve or transfer on them
 UNCONVERGED = ("vcr", "retrieval")
-CURVE_TASKS = tuple(task for task in UNITER_TASKS if task not in UNCONVERGED)
+#: each backbone's tasks with curves, and those UNCONVERGED leaves a dense check only
+CURVE_TASKS = {b: tuple(t for t in ts if t not in UNCONVERGED) for b, ts in PAPER_TASKS.items()}
+DENSE_ONLY = {b: tuple(t for t in ts if t in UNCONVERGED) for b, ts in PAPER_TASKS.items()}
 
 
 @dataclass(frozen=True)
@@ -95,18 +103,23 @@ class Curve:
     method: str
 
 
-#: the pre-training tasks' IMP curve, whose tickets are transferred to every UNITER task
+#: the pre-training tasks' IMP curve, whose tickets are transferred to each of uniter's
+#: CURVE_TASKS
 PRETRAIN = Curve("uniter", "pretrain", "imp")
+#: where adv-imp runs: not vqa, where four passes a step on its 1,800-step recipe would be a
+#: seventh of the study
+ADV_TASKS = ("nlvr2", "snli-ve")
 FULL = (
-    *(Curve("uniter", task, m) for task in CURVE_TASKS for m in ("imp", "oneshot", "random")),
-    # Not vqa: four passes a step on its 1,800-step recipe would be a seventh of the study.
-    *(Curve("uniter", task, "adv-imp") for task in ("nlvr2", "snli-ve")),
+    *(Curve("uniter", t, m) for t in CURVE_TASKS["uniter"] for m in ("imp", "oneshot", "random")),
+    *(Curve("uniter", task, "adv-imp") for task in ADV_TASKS),
     PRETRAIN,
-    *(Curve("lxmert", task, m) for task in ("vqa", "gqa", "nlvr2") for m in ("imp", "random")),
-    *(Curve("vilt", task, m) for task in ("vqa", "nlvr2") for m in ("imp", "random")),
+    *(
+        Curve(b, t, m)
+        for b in ("lxmert", "vilt")
+        for t in CURVE_TASKS[b]
+        for m in ("imp", "random")
+    ),
 )
-#: the paper's tasks of each backbone that UNCONVERGED leaves without curves: dense checks only
-DENSE_ONLY = (("uniter", "vcr"), ("uniter", "retrieval"), ("vilt", "retrieval"))
 #: the order curves are trained in, method by method: where other curves can run meanwhile, a
 #: task's baselines start after its IMP curve has trained the dense rounds they share
 #: (`vl_prune.dense`), not beside it, waiting for them
@@ -153,7 +166,7 @@ def plateau(
     round 0; a DENSE_ONLY task, with no curve, trains it here too), kept in `runs` under a
     digest of what decides the dense model (θ0, the data and the recipe, not the pruning
     method), so a resumed study, or one of other methods, does not train it again; with
-    `only_finished`, None unless it is kept there."""
+    `only_finished`, None unless all of it is kept there."""
     train = train_recipe(backbone, task)
     experiment = Experiment(FindSettings(backbone, task, train=train))
     dense = {
@@ -167,7 +180,7 @@ def plateau(
     path = runs / f"plateau-{backbone}-{task}-{digest}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"steps": train.steps}
     wanted = {"twice": 2 * train.steps}
-    if (backbone, task) in DENSE_ONLY:
+    if task in DENSE_ONLY[backbone]:
         wanted["once"] = train.steps
     missing = {key: steps for key, steps in wanted.items() if key not in result}
     if missing and only_finished:
@@ -205,7 +218,7 @@ def run_study(
 ) -> tuple[dict, dict, dict | None]:
     """Every curve's report, the dense reference check of each of their tasks and of
     `dense_only`'s and, with the pre-training curve, its tickets' fraction of dense on each of
-    CURVE_TASKS (per TRANSFERRED sparsity):
+    uniter's CURVE_TASKS (per TRANSFERRED sparsity):
     `jobs` trainings at a time, each in a process of its own. The checks queue behind the
     curves, and the transfers behind the pre-training curve, rather than after the last curve.
     """
@@ -224,10 +237,11 @@ def run_study(
             transfers = {
                 (name, task): pool.submit(transfer, ticket, task, runs)
                 for name, ticket in tickets.items()
-                for task in CURVE_TASKS
+                for task in CURVE_TASKS["uniter"]
             }
             transferred = {
-                name: [transfers[name, task].result() for task in CURVE_TASKS] for name in tickets
+                name: [transfers[name, task].result() for task in CURVE_TASKS["uniter"]]
+                for name in tickets
             }
         reports = {curve: future.result() for curve, future in curves.items()}
         return reports, {key: future.result() for key, future in checks.items()}, transferred
@@ -274,12 +288,9 @@ def pct(value: float) -> str:
     return f"{value:.1%}".replace(".0%", "%")
 
 
-def scores(values: list[float] | None) -> str:
+def dense_scores_of(values: list[float] | None) -> str:
     """A dense reference's seeds as mean ± std, or that it is not trained yet."""
-    if not values:
-        return "not run yet"
-    mean, std = spread(values)
-    return f"{mean:.3f} ± {std:.3f}"
+    return mean_std(values, "{:.3f}") if values else "not run yet"
 
 
 def mean_std(values: list[float], fmt: str = "{:.1%}") -> str:
@@ -409,15 +420,17 @@ def main() -> None:
     )
     if not study:
         parser.error(
-            "no curve of the study has those backbones, tasks and methods (the study checks "
-            f"the dense reference of {', '.join(UNCONVERGED)}, alongside curves, and trains "
-            "no curve there)"
+            "no curve of the study has those backbones, tasks and methods (it trains none on "
+            f"{', '.join(UNCONVERGED)}, only checks their dense reference alongside curves: "
+            "benchmarks/dense_plateau.py checks it alone)"
         )
+    # The dense checks of the tasks with no curve go with any of the study's curves of the
+    # same backbones and tasks, whatever their method, as the checks of the other tasks do.
     dense_only = tuple(
         (backbone, task)
-        for backbone, task in DENSE_ONLY
+        for backbone, tasks in DENSE_ONLY.items()
+        for task in tasks
         if not args.quick
-        and args.methods is None
         and (args.backbones is None or backbone in args.backbones)
         and (args.tasks is None or task in args.tasks)
     )
@@ -431,9 +444,9 @@ def main() -> None:
         sys.exit(f"study.py: none of these curves is finished in {args.runs}")
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for backbone, task in plateaus:
-        if group := [reports[c] for c in study if (c.backbone, c.task) == (backbone, task)]:
-            curves(group, figures / f"{backbone}-{task}.png")
+    for backbone, task in dict.fromkeys((c.backbone, c.task) for c in study):
+        group = [reports[c] for c in study if (c.backbone, c.task) == (backbone, task)]
+        curves(group, figures / f"{backbone}-{task}.png")
     seconds = time.perf_counter() - started
     text = results(study, unfinished, reports, plateaus, transferred, args.runs, seconds)
     atomic_write(args.out / "RESULTS.md", text.encode())
@@ -485,7 +498,8 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
         f"trained by {trained_by(reports, runs)}, for {trained / 60:.0f} min in "
         f"all (this invocation took {seconds / 60:.0f} min; finished runs are reused). Every "
         "number is the "
-        f"mean ± sample std over {SEEDS} seeds (head φ0, data order and dropout; θ0 is the "
+        f"mean ± sample std over {SEEDS} seeds (head φ0, data order and dropout where the "
+        "recipe has it; θ0 is the "
         f"world's). Each round halves the weights left, to {pct(SCHEDULE['sparsity'])}{ends}, "
         f"a curve ending after the first round whose mean falls below {STOP_BELOW:.0%} of "
         "dense; "
@@ -514,26 +528,36 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
     lines.append("|---|---|---|---|---|---|---|")
     converged = {}
     for (backbone, task), check in plateaus.items():
-        report = next((reports[c] for c in study if (c.backbone, c.task) == (backbone, task)), None)
-        # Dense at the recipe is every curve's round 0; a task with no curve has its own.
-        once = (
-            check and check["once"]["scores"] if report is None else report["rounds"][0]["scores"]
-        )
-        twice = check and check["twice"]["scores"]
+        if task in DENSE_ONLY[backbone]:
+            once = check["once"]["scores"] if check else None
+        else:
+            # Dense at the recipe: round 0 of any curve but adv-imp's, trained adversarially.
+            report = next(
+                (
+                    reports[c]
+                    for c in study
+                    if (c.backbone, c.task) == (backbone, task) and c.method != "adv-imp"
+                ),
+                None,
+            )
+            once = report["rounds"][0]["scores"] if report else None
+        twice = check["twice"]["scores"] if check else None
         converged[backbone, task] = None  # --finished, before the study trained the check
         if once and twice:
             (m1, s1), (m2, s2) = spread(once), spread(twice)
             converged[backbone, task] = m2 - m1 <= math.hypot(s1, s2) / math.sqrt(2)
         imp = reports.get(Curve(backbone, task, "imp"))
         above = climb(imp) if imp is not None else None
-        said = "no curve" if report is None else "no IMP curve" if imp is None else "no"
+        said = "no IMP curve" if imp is None else "no"
+        if task in DENSE_ONLY[backbone]:
+            said = "no curve"
         if above is not None:
             said = f"{above['score']:.3f} ± {above['std']:.3f} at {pct(above['sparsity'])}"
         verdict = {True: "yes", False: "no", None: "not checked"}[converged[backbone, task]]
         steps = train_recipe(backbone, task).steps
         lines.append(
-            f"| {backbone} | {task} | {steps} steps | {scores(once)} | {scores(twice)} | {said} "
-            f"| {verdict} |"
+            f"| {backbone} | {task} | {steps} steps | {dense_scores_of(once)} | "
+            f"{dense_scores_of(twice)} | {said} | {verdict} |"
         )
     lines += [
         "",
@@ -547,14 +571,15 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
         'recipe is not the best for the dense model; read "% of dense" there with care.',
         "",
     ]
-    if checked_only := [key for key in plateaus if key in DENSE_ONLY]:
+    checked_only = [(b, t) for b, t in plateaus if t in DENSE_ONLY[b]]
+    if checked_only:
         named = ", ".join(f"{b} {t}" for b, t in checked_only)
         lines += [
-            f"No curve: {named}. On these tasks the world's dense uniter-tiny was measured to "
-            "reach no plateau within the steps a round can afford (the split files give the "
-            'numbers), so "% of dense" there would be a percentage of an under-trained model, '
-            "which no verdict reads: the study checks their dense reference and trains no "
-            "curve or transfer on them.",
+            f"No curve: {named}. The world recipes of {' and '.join(UNCONVERGED)} were measured "
+            "on uniter-tiny to reach no plateau within the steps a round can afford (the split "
+            'files give the numbers), so "% of dense" there would be a percentage of an '
+            "under-trained model, which no verdict reads: the study checks their dense "
+            "reference and trains no curve or transfer on them.",
             "",
         ]
     lines += [
@@ -575,9 +600,8 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
             f"({last['fraction_of_dense']:.0%} of dense) |"
         )
     lines += [""]
-    for backbone, task in plateaus:
-        if (backbone, task) not in checked_only:
-            lines.append(f"![{backbone} {task}](figures/{backbone}-{task}.png)")
+    for backbone, task in dict.fromkeys((c.backbone, c.task) for c in study):
+        lines.append(f"![{backbone} {task}](figures/{backbone}-{task}.png)")
     lines += ["", "## The paper's findings", ""]
     lines += findings(study, reports, relaxed, converged, transferred)
     lines += ["", "## Known-answer checks", ""]
@@ -669,10 +693,10 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
     elif transferred is None:
         out.append("- Not run in this study.")
     else:
-        kept, left = measured([("uniter", t) for t in CURVE_TASKS], converged)
+        kept, left = measured([("uniter", t) for t in CURVE_TASKS["uniter"]], converged)
         holds = True
         for sparsity, fractions in transferred.items():
-            by_task = dict(zip(CURVE_TASKS, fractions, strict=True))
+            by_task = dict(zip(CURVE_TASKS["uniter"], fractions, strict=True))
             each = ", ".join(f"{t} {f:.1%}" for t, f in by_task.items())
             over = [f for t, f in by_task.items() if ("uniter", t) in kept]
             if not over:
@@ -692,13 +716,14 @@ def findings(study, reports, relaxed, converged, transferred) -> list[str]:
         "LXMERT).",
         "",
     ]
-    out += sparser(("uniter", "imp"), ("vilt", "imp"), ("vqa", "nlvr2", "retrieval"), **state)
-    out += sparser(("lxmert", "imp"), ("vilt", "imp"), ("vqa", "nlvr2"), **state)
+    out += sparser(("uniter", "imp"), ("vilt", "imp"), CURVE_TASKS["vilt"], **state)
+    shared = [t for t in CURVE_TASKS["lxmert"] if t in CURVE_TASKS["vilt"]]
+    out += sparser(("lxmert", "imp"), ("vilt", "imp"), shared, **state)
     out.append("")
 
     # 4. Adversarial training finds sparser tickets.
     out += ["**4. Adversarial training (VILLA) finds sparser winning tickets.**", ""]
-    out += sparser(("uniter", "adv-imp"), ("uniter", "imp"), UNITER_TASKS, **state)
+    out += sparser(("uniter", "adv-imp"), ("uniter", "imp"), ADV_TASKS, **state)
     return out
 
 
