@@ -529,7 +529,7 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
     converged = {}
     for (backbone, task), check in plateaus.items():
         if task in DENSE_ONLY[backbone]:
-            once = check["once"]["scores"] if check else None
+            once, said = check["once"]["scores"] if check else None, "no curve"
         else:
             # Dense at the recipe: round 0 of any curve but adv-imp's, trained adversarially.
             report = next(
@@ -541,18 +541,16 @@ def results(study, unfinished, reports, plateaus, transferred, runs: Path, secon
                 None,
             )
             once = report["rounds"][0]["scores"] if report else None
+            imp = reports.get(Curve(backbone, task, "imp"))
+            above = climb(imp) if imp is not None else None
+            said = "no IMP curve" if imp is None else "no"
+            if above is not None:
+                said = f"{above['score']:.3f} ± {above['std']:.3f} at {pct(above['sparsity'])}"
         twice = check["twice"]["scores"] if check else None
         converged[backbone, task] = None  # --finished, before the study trained the check
         if once and twice:
             (m1, s1), (m2, s2) = spread(once), spread(twice)
             converged[backbone, task] = m2 - m1 <= math.hypot(s1, s2) / math.sqrt(2)
-        imp = reports.get(Curve(backbone, task, "imp"))
-        above = climb(imp) if imp is not None else None
-        said = "no IMP curve" if imp is None else "no"
-        if task in DENSE_ONLY[backbone]:
-            said = "no curve"
-        if above is not None:
-            said = f"{above['score']:.3f} ± {above['std']:.3f} at {pct(above['sparsity'])}"
         verdict = {True: "yes", False: "no", None: "not checked"}[converged[backbone, task]]
         steps = train_recipe(backbone, task).steps
         lines.append(

@@ -59,8 +59,8 @@ SPLIT = WorldSplit(
     write=write,
     # Dense at its plateau from the world θ0 (benchmarks/dense_plateau.py, 3 seeds, one thread,
     # chance 1/3): 0.754 ± 0.035 at 200 steps, 0.998 ± 0.003 at 400, 0.999 ± 0.001 at 800 (19 s
-    # a run at 400). Dropout 0, as for vqa: with the model's dropout it took twice the steps,
-    # each a third dearer (0.944 ± 0.060 at 400 steps, 0.999 ± 0.001 at 800).
+    # a run at 400). Dropout 0, as for vqa: with the model's dropout it took twice the steps
+    # (0.944 ± 0.060 at 400 steps, 0.999 ± 0.001 at 800; 43 s a run at 800).
     recipe={"steps": 400, "lr": 1e-3, "batch_size": 32, "dropout": 0.0},
     version=VERSION,
     description="SNLI-VE JSON lines: hypotheses each image leaves true, false or open",
